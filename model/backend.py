@@ -1,0 +1,80 @@
+"""The model's backend table: the one place where fast ops enter the model.
+
+The model calls every swappable op through `model.ops`, an `Ops` instance whose fields default to the plain PyTorch
+references below. `dz_kernels.apply_` (or a user) replaces fields; nothing else in the model changes. The reference
+functions are the correctness oracles of the kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention import attention_blockwise
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Wan's RMSNorm: normalized in fp32, cast back, then scaled by the weight. x [..., C], weight [C]."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by per-token angles, in fp32.
+
+    x [B, L, H, D]; cos, sin [L, D/2] (fp32). Returns x's dtype.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def qk_norm_rope(q, k, wq, wk, eps, cos, sin, num_heads):
+    """RMSNorm of q and k over the full hidden size, then RoPE per head. q, k [B, L, C] -> [B, L, H, D]."""
+    q = rms_norm(q, wq, eps).unflatten(-1, (num_heads, -1))
+    k = rms_norm(k, wk, eps).unflatten(-1, (num_heads, -1))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def layernorm_modulate(x, shift, scale, eps):
+    """LayerNorm without affine (fp32), then x * (1 + scale) + shift. x [B, L, C]; shift, scale [B, L or 1, C]."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+    return y * (1 + scale) + shift
+
+
+def gated_residual(x, y, gate):
+    """x + gate * y."""
+    return x + gate * y
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def cross_attention(q, k, v):
+    """Unmasked attention of q [B, Lq, H, D] over k, v [B, Lk, H, D]."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return o.transpose(1, 2)
+
+
+@dataclass
+class Ops:
+    """Swappable ops. Each field keeps the signature of its reference."""
+    attention: Callable = attention_blockwise            # (q, k, v, layout, scale) -> [B, Lq, H, D]
+    cross_attention: Callable = cross_attention          # (q, k, v) -> [B, Lq, H, D]
+    qk_norm_rope: Callable = qk_norm_rope                # (q, k, wq, wk, eps, cos, sin, H) -> q, k [B, L, H, D]
+    rms_norm: Callable = rms_norm                        # (x, weight, eps)
+    layernorm_modulate: Callable = layernorm_modulate    # (x, shift, scale, eps)
+    gated_residual: Callable = gated_residual            # (x, y, gate)
+    gelu_tanh: Callable = gelu_tanh                      # (x)
+
+    def replace(self, **kw) -> "Ops":
+        return dataclasses.replace(self, **kw)
+
+
+REFERENCE_OPS = Ops()

@@ -1,0 +1,117 @@
+"""The reference KV cache: keys/values of video tokens only, per layer, preallocated.
+
+Storage per layer: k, v [B, capacity_frames * frame_tokens, H, D], B being the batch of one CFG branch (or both
+branches batched). Slots hold whole latent frames; `frames` lists the frame held by each valid slot in physical
+order, and the valid slots always form a prefix of the buffer, so the cached keys are one contiguous view.
+
+Rules (REFERENCE.md section 3): only video keys/values are cached (never action/state); the first frame is a sink
+that stays; the cache is written only by passes that carry observed frames (the first frame, ground-truth
+replacement, or the observed part of a fused control step); denoising passes only read it. When the window would
+overflow, policy 'reset' (the release: a reset when the next chunk starts at or beyond local_attn_size frames) or
+'roll' (evict the oldest non-sink frames, keep the sink) applies. `reset()` empties it (new instruction).
+
+This class is the reference path: `extend` concatenates the cached keys with the new ones and then stores the
+observed frames into their slots. The fused kernels of dz_kernels implement the same contract.
+"""
+from __future__ import annotations
+
+import torch
+
+from .layout import SequenceLayout, layout_for_config
+
+
+class KVCache:
+    def __init__(self, cfg, batch: int, dtype=torch.float32, device="cpu", overflow: str = "reset",
+                 capacity_frames: int | None = None, num_layers: int | None = None):
+        if overflow not in ("reset", "roll"):
+            raise ValueError(f"overflow must be 'reset' or 'roll', got {overflow!r}")
+        self.cfg = cfg
+        self.overflow = overflow
+        self.capacity_frames = cfg.local_attn_size if capacity_frames is None else capacity_frames
+        if self.capacity_frames < 1 + cfg.frames_per_chunk:
+            raise ValueError(f"a cache of {self.capacity_frames} frames cannot hold the first frame and one chunk")
+        self.num_layers = cfg.num_layers if num_layers is None else num_layers
+        ft = cfg.frame_tokens
+        shape = (batch, self.capacity_frames * ft, cfg.num_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.frames: tuple = ()
+        self._pending: dict = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.frames) * self.cfg.frame_tokens
+
+    def reset(self) -> None:
+        """Forget every cached frame (a new instruction or episode). Buffers keep their addresses."""
+        self.frames = ()
+        self._pending = {}
+
+    def needs_reset(self, chunk: int) -> bool:
+        """Release policy: reset when chunk `chunk` would start at or beyond local_attn_size frames."""
+        start = 1 + (chunk - 1) * self.cfg.frames_per_chunk
+        return self.overflow == "reset" and chunk >= 1 and start >= self.cfg.local_attn_size
+
+    def layout(self, mode: str, chunk: int, rule: str | None = None) -> SequenceLayout:
+        """The layout of an inference call against this cache's current content."""
+        return layout_for_config(self.cfg, mode, chunk=chunk, cached_frames=self.frames, rule=rule)
+
+    # ------------------------------------------------------------------ the pass
+    def _plan(self, layout: SequenceLayout) -> list:
+        """Slots for the frames this layout writes; evicts (roll) or refuses (reset) when full."""
+        new = layout.cache_write_frames()
+        if not new:
+            return []
+        frames = list(self.frames)
+        free = self.capacity_frames - len(frames)
+        if len(new) <= free:
+            return list(range(len(frames), len(frames) + len(new)))
+        if self.overflow == "reset":
+            raise RuntimeError(f"KV cache overflow: {len(frames)} frames cached, {len(new)} new, capacity "
+                               f"{self.capacity_frames}; reset the cache (policy 'reset') before this chunk")
+        # roll: evict the oldest non-sink frames (physical slots reused in place; the buffer stays full)
+        need = len(new) - free
+        order = sorted((f, i) for i, f in enumerate(frames) if f != 0)
+        if need > len(order):
+            raise RuntimeError("KV cache too small to roll: it holds only the sink")
+        evicted = sorted(i for _, i in order[:need])
+        return evicted + list(range(len(frames), self.capacity_frames))
+
+    def extend(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: SequenceLayout) -> tuple:
+        """Keys/values of the whole key sequence of `layout` (cached first, then the new ones), and store the
+        observed frames' k/v into their slots. k_new, v_new [B, q_len, H, D] (k already normalized and rotated)."""
+        n = self.num_tokens
+        if layout.n_cached != n:
+            raise ValueError(f"layout expects {layout.n_cached} cached tokens, the cache holds {n}")
+        if k_new.shape[0] != self.batch:
+            raise ValueError(f"batch {k_new.shape[0]} does not match the cache's batch {self.batch}")
+        k_all = torch.cat([self.k[layer][:, :n], k_new], dim=1) if n else k_new
+        v_all = torch.cat([self.v[layer][:, :n], v_new], dim=1) if n else v_new
+        if layout.writes_cache:
+            if layout not in self._pending:
+                self._pending = {layout: self._plan(layout)}
+            slots = self._pending[layout]
+            a, _ = layout.cache_write_range()
+            ft = self.cfg.frame_tokens
+            for i, slot in enumerate(slots):
+                src = slice(a + i * ft, a + (i + 1) * ft)
+                self.k[layer][:, slot * ft:(slot + 1) * ft] = k_new[:, src].to(self.k[layer].dtype)
+                self.v[layer][:, slot * ft:(slot + 1) * ft] = v_new[:, src].to(self.v[layer].dtype)
+        return k_all, v_all
+
+    def commit(self, layout: SequenceLayout) -> None:
+        """After a full pass over every layer: record the frames the pass wrote."""
+        if not layout.writes_cache:
+            return
+        slots = self._pending.pop(layout, None)
+        if slots is None:
+            slots = self._plan(layout)
+        frames = list(self.frames) + [None] * max(0, max(slots) + 1 - len(self.frames))
+        for slot, f in zip(slots, layout.cache_write_frames()):
+            frames[slot] = f
+        self.frames = tuple(frames)

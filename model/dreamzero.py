@@ -1,0 +1,246 @@
+"""DreamZero: the Wan2.1-I2V DiT with action and state heads, in plain PyTorch.
+
+One forward serves training (teacher forcing) and inference (a chunk against the KV cache): the token sequence is
+assembled part by part in the order of a `SequenceLayout` (layout.py), every token gets its own timestep, RoPE
+position and attention rule from that layout, and the outputs are split back by part.
+
+Inputs (B = batch, F = latent frames of a part, H x W = latent size, K = chunks of a part):
+    video latents   [B, 16, F, H, W]      clean/observed ('clean_video' part) or noisy ('noisy_video' part)
+    cond            [B, 20, F, H, W]      I2V conditioning of those frames (4 mask + 16 first-frame latent channels)
+    t_video         [B, F]                timestep (0..1000) of each noisy frame
+    actions         [B, K*A, action_dim]  noisy action chunk(s); t_action [B, K*A]
+    state           [B, K*S, state_dim]
+    text            [B, text_len, text_dim] umT5 features; clip [B, clip_tokens, clip_dim] CLIP features
+    embodiment      [B] int64, the slot of the category-specific action/state modules
+Outputs: the video velocity of the noisy frames [B, 16, F, H, W] and the action velocity [B, K*A, action_dim].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from .backend import Ops
+from .config import DreamZeroConfig, get_config
+from .layout import SequenceLayout, layout_for_config
+from .modules import (ActionEncoder, CategorySpecificMLP, DiTBlock, Head, MLPProj, sinusoidal_embedding)
+from .rope import rope_tables
+
+
+class DreamZero(nn.Module):
+    def __init__(self, cfg: DreamZeroConfig | str):
+        super().__init__()
+        cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+        self.cfg = cfg
+        C = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, C, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, C), nn.SiLU(), nn.Linear(C, C))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.img_emb = MLPProj(cfg.clip_dim, C)
+        self.blocks = nn.ModuleList([DiTBlock(C, cfg.ffn_dim, cfg.num_heads, cfg.eps) for _ in range(cfg.num_layers)])
+        self.head = Head(C, cfg.latent_channels, cfg.patch_size, cfg.eps)
+        self.action_encoder = ActionEncoder(cfg.num_embodiments, cfg.action_dim, C)
+        self.state_encoder = CategorySpecificMLP(cfg.num_embodiments, cfg.state_dim, cfg.head_hidden, C)
+        self.action_decoder = CategorySpecificMLP(cfg.num_embodiments, C, cfg.head_hidden, cfg.action_dim)
+        self.ops = Ops()
+        self.gradient_checkpointing = False
+        self._rope_dev: dict = {}
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ set-up
+    def init_weights(self) -> None:
+        """Wan's initialization: Xavier-uniform linears with zero bias, normal(0.02) embeddings, a zero head."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def layout(self, mode: str = "train", **kw) -> SequenceLayout:
+        return layout_for_config(self.cfg, mode, **kw)
+
+    def _rope(self, layout: SequenceLayout, device) -> tuple:
+        key = (layout.key(), str(device))
+        if key not in self._rope_dev:
+            cos, sin = rope_tables(layout, self.cfg)
+            if len(self._rope_dev) > 64:
+                self._rope_dev.clear()
+            self._rope_dev[key] = (cos.to(device), sin.to(device))
+        return self._rope_dev[key]
+
+    # ------------------------------------------------------------------ embeddings
+    def context_kv(self, text: torch.Tensor, clip: torch.Tensor) -> list:
+        """Cross-attention keys/values of every layer for one instruction and first image (compute once, reuse in
+        every forward of the episode). text [B, text_len, text_dim], clip [B, clip_tokens, clip_dim]."""
+        cfg = self.cfg
+        _check_shape("text", text, (None, cfg.text_len, cfg.text_dim))
+        _check_shape("clip", clip, (text.shape[0], cfg.clip_tokens, cfg.clip_dim))
+        dtype = self.text_embedding[0].weight.dtype
+        t = self.text_embedding(text.to(dtype))
+        i = self.img_emb(clip.to(dtype))
+        return [blk.cross_attn.context_kv(t, i) for blk in self.blocks]
+
+    def embed_video(self, latents: torch.Tensor, cond: torch.Tensor, name: str) -> torch.Tensor:
+        cfg = self.cfg
+        _check_shape(name, latents, (None, cfg.latent_channels, None, cfg.latent_height, cfg.latent_width))
+        _check_shape(name + "_cond", cond, (latents.shape[0], cfg.cond_channels, latents.shape[2], cfg.latent_height,
+                                            cfg.latent_width))
+        x = torch.cat([latents, cond.to(latents.dtype)], dim=1).to(self.patch_embedding.weight.dtype)
+        return self.patch_embedding(x).flatten(2).transpose(1, 2)
+
+    def time_embed(self, t: torch.Tensor) -> tuple:
+        """Per-token timesteps [B, L] -> e [B, L, C] and its projection e0 [B, L, 6, C]."""
+        dtype = self.time_embedding[0].weight.dtype
+        e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t).to(dtype))
+        e0 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))
+        return e, e0
+
+    def unpatchify(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """[B, F*h*w, 16*1*2*2] -> [B, 16, F, H, W]."""
+        cfg = self.cfg
+        B = x.shape[0]
+        pt, ph, pw = cfg.patch_size
+        x = x.view(B, frames, cfg.grid_h, cfg.grid_w, pt, ph, pw, cfg.latent_channels)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(B, cfg.latent_channels, frames * pt, cfg.grid_h * ph, cfg.grid_w * pw)
+
+    # ------------------------------------------------------------------ the forward
+    def forward(self, layout: SequenceLayout, *, clean=None, clean_cond=None, noisy=None, noisy_cond=None,
+                t_video=None, actions=None, t_action=None, state=None, embodiment=None, text=None, clip=None,
+                context_kv=None, cache=None):
+        """Run the DiT over the token sequence of `layout`; see the module doc for the inputs of each part.
+
+        Training: layout = model.layout('train', num_chunks=K), clean/noisy [B, 16, 1+K*n, H, W], t_video over all
+        noisy frames (the first included). Inference: a layout from `cache.layout(mode, chunk)` and the cache.
+        Returns (video velocity of the noisy frames or None, action velocity or None).
+        """
+        cfg = self.cfg
+        if context_kv is None:
+            if text is None or clip is None:
+                raise ValueError("pass either context_kv (from model.context_kv) or both text and clip features")
+            context_kv = self.context_kv(text, clip)
+        if len(context_kv) != len(self.blocks):
+            raise ValueError(f"context_kv has {len(context_kv)} layers, the model has {len(self.blocks)}")
+        if cache is None and layout.n_cached:
+            raise ValueError("this layout reads cached keys but no cache was given")
+        if cache is not None and layout.mode == "train":
+            raise ValueError("a training layout does not use a KV cache")
+        tokens, steps = [], []
+        batch = None
+        for part in layout.parts:
+            if part.name in ("clean_video", "noisy_video"):
+                lat, cond = (clean, clean_cond) if part.name == "clean_video" else (noisy, noisy_cond)
+                if lat is None or cond is None:
+                    raise ValueError(f"the layout has a '{part.name}' part: pass its latents and cond")
+                if lat.shape[2] != len(part.frames):
+                    raise ValueError(f"'{part.name}' has {lat.shape[2]} latent frames, the layout expects "
+                                     f"{len(part.frames)}")
+                x = self.embed_video(lat, cond, part.name)
+                if part.name == "clean_video":
+                    t = torch.zeros(x.shape[0], x.shape[1], device=x.device)
+                else:
+                    _check_shape("t_video", t_video, (x.shape[0], len(part.frames)))
+                    t = t_video.to(x.device).float().repeat_interleave(cfg.frame_tokens, dim=1)
+            elif part.name == "action":
+                n = len(part.chunks) * cfg.actions_per_chunk
+                _check_shape("actions", actions, (None, n, cfg.action_dim))
+                _check_shape("t_action", t_action, (actions.shape[0], n))
+                emb = self._embodiment(embodiment, actions.shape[0], actions.device)
+                x = self.action_encoder(actions.to(self.action_encoder.W1.W.dtype), t_action, emb)
+                t = t_action.float()
+            else:  # state
+                n = len(part.chunks) * cfg.states_per_chunk
+                _check_shape("state", state, (None, n, cfg.state_dim))
+                emb = self._embodiment(embodiment, state.shape[0], state.device)
+                x = self.state_encoder(state.to(self.state_encoder.layer1.W.dtype), emb)
+                if t_action is None:
+                    raise ValueError("state tokens take their timestep from t_action: pass t_action")
+                stride = cfg.actions_per_chunk // cfg.states_per_chunk
+                t = t_action.float()[:, ::stride][:, :n]      # the release: state timestep = action timestep
+            if batch is None:
+                batch = x.shape[0]
+            elif x.shape[0] != batch:
+                raise ValueError(f"part '{part.name}' has batch {x.shape[0]}, expected {batch}")
+            tokens.append(x)
+            steps.append(t)
+        x = torch.cat(tokens, dim=1)
+        t = torch.cat(steps, dim=1)
+        if cache is not None and cache.batch != batch:
+            raise ValueError(f"batch {batch} does not match the cache's batch {cache.batch}")
+        if context_kv[0][0].shape[0] != batch:
+            raise ValueError(f"context batch {context_kv[0][0].shape[0]} does not match the input batch {batch}")
+        e, e0 = self.time_embed(t)
+        cos, sin = self._rope(layout, x.device)
+
+        for i, blk in enumerate(self.blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = torch.utils.checkpoint.checkpoint(blk, x, e0, cos, sin, layout, context_kv[i], self.ops, None, i,
+                                                      use_reentrant=False)
+            else:
+                x = blk(x, e0, cos, sin, layout, context_kv[i], self.ops, cache, i)
+        if cache is not None:
+            cache.commit(layout)
+
+        video = action = None
+        nv = layout.part("noisy_video")
+        if nv is not None:
+            sl = slice(nv.start, nv.start + nv.length)
+            video = self.unpatchify(self.head(x[:, sl], e[:, sl], self.ops), len(nv.frames))
+        ap = layout.part("action")
+        if ap is not None:
+            emb = self._embodiment(embodiment, batch, x.device)
+            action = self.action_decoder(x[:, ap.start:ap.start + ap.length], emb)
+        return video, action
+
+    def _embodiment(self, embodiment, batch: int, device) -> torch.Tensor:
+        if embodiment is None:
+            if self.cfg.num_embodiments != 1:
+                raise ValueError("the model has several embodiment slots: pass embodiment ids [B]")
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        emb = torch.as_tensor(embodiment, device=device)
+        if emb.dtype not in (torch.int32, torch.int64) or emb.shape != (batch,):
+            raise ValueError(f"embodiment must be an int tensor of shape [{batch}], got {emb.dtype} {tuple(emb.shape)}")
+        if not torch.compiler.is_compiling() and emb.numel() and (int(emb.min()) < 0 or
+                                                                   int(emb.max()) >= self.cfg.num_embodiments):
+            raise ValueError(f"embodiment ids must be in [0, {self.cfg.num_embodiments}), got {emb.tolist()}")
+        return emb.long()
+
+    # ------------------------------------------------------------------ embodiments
+    def add_embodiment(self, init_from: int | None = None) -> int:
+        """Add a slot to the category-specific action/state encoders and decoder (a new robot). The new slot is a
+        copy of slot `init_from`, or freshly initialized. Other slots are unchanged. Returns the new slot's id."""
+        for mod in (self.action_encoder.W1, self.action_encoder.W2, self.action_encoder.W3,
+                    self.state_encoder.layer1, self.state_encoder.layer2,
+                    self.action_decoder.layer1, self.action_decoder.layer2):
+            W, b = mod.W.data, mod.b.data
+            if init_from is None:
+                nw, nb = 0.02 * torch.randn_like(W[:1]), torch.zeros_like(b[:1])
+            else:
+                nw, nb = W[init_from:init_from + 1].clone(), b[init_from:init_from + 1].clone()
+            mod.W = nn.Parameter(torch.cat([W, nw]), requires_grad=mod.W.requires_grad)
+            mod.b = nn.Parameter(torch.cat([b, nb]), requires_grad=mod.b.requires_grad)
+        self.cfg = self.cfg.replace(num_embodiments=self.cfg.num_embodiments + 1)
+        return self.cfg.num_embodiments - 1
+
+
+def _check_shape(name: str, t, shape: tuple) -> None:
+    if t is None:
+        raise ValueError(f"{name} is required here")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected {want}")
+    if t.is_floating_point() is False and name not in ("embodiment",) and not name.startswith("t_"):
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
