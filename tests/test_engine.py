@@ -1,0 +1,195 @@
+"""The closed-loop policy: every switch against the reference path (exact where the switch is exact, bounded where
+it is not), the cache rules across steps, asynchronous playback, and CFG-parallel on two gloo ranks."""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from dreamzero.config import get_config
+from dreamzero.dreamzero import DreamZero
+from dreamzero.engine import STATIC_MASK_16, Policy, PolicyConfig, playback_loop
+from dreamzero.smoothing import smooth_actions
+
+
+def tiny_model(seed=0):
+    cfg = get_config("tiny", num_embodiments=1)
+    torch.manual_seed(seed)
+    m = DreamZero(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m
+
+
+def episode(cfg, B=1, steps=6, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    H, W = cfg.latent_height, cfg.latent_width
+    text = torch.randn(B, cfg.text_len, cfg.text_dim, generator=g)
+    clip = torch.randn(B, cfg.clip_tokens, cfg.clip_dim, generator=g)
+    first = torch.randn(B, 16, 1, H, W, generator=g)
+    obs = [None] + [torch.randn(B, 16, cfg.frames_per_chunk, H, W, generator=g) for _ in range(steps - 1)]
+    states = [torch.randn(B, cfg.states_per_chunk, cfg.state_dim, generator=g) for _ in range(steps)]
+    return text, clip, first, obs, states
+
+
+def run(m, steps=6, **kw):
+    text, clip, first, obs, states = episode(m.cfg, steps=steps)
+    pol = Policy(m, PolicyConfig(**kw))
+    pol.reset(text, clip, first)
+    return [pol.step(o, s) for o, s in zip(obs, states)], pol
+
+
+def max_diff(ra, rb):
+    return max(float((a.actions_raw - b.actions_raw).abs().max()) for a, b in zip(ra, rb))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def baseline(model):
+    return run(model, num_steps=3)[0]
+
+
+@pytest.mark.parametrize("switch", [dict(cfg_mode="batched"), dict(fused_control=True), dict(sampler_device="cpu"),
+                                    dict(cfg_mode="batched", fused_control=True)])
+def test_exact_switches_give_the_same_actions(model, baseline, switch):
+    res, _ = run(model, num_steps=3, **switch)
+    assert max_diff(res, baseline) < 1e-5
+    assert [r.chunk for r in res] == [r.chunk for r in baseline]
+
+
+def test_cache_follows_the_release_reset_rule(model, baseline):
+    cfg = model.cfg
+    # tiny: local_attn_size 7, 2 frames per chunk: chunks 1, 2, 3 then chunk 4 would start at frame 7 -> reset
+    assert [r.chunk for r in baseline] == [1, 2, 3, 1, 2, 3]
+    _, pol = run(model, steps=3, num_steps=1)
+    for cache in pol.caches.values():
+        assert cache.frames == tuple(range(0, 1 + 2 * cfg.frames_per_chunk))
+    _, pol = run(model, steps=6, num_steps=1, overflow="roll")
+    assert [len(c.frames) for c in pol.caches.values()] == [cfg.local_attn_size] * 2
+
+
+def test_flash_actions_only_is_exact_and_skips_the_unconditional_branch(model):
+    full, _ = run(model, num_steps=1)
+    fast, pol = run(model, num_steps=1, actions_only=True)
+    assert max_diff(full, fast) == 0.0
+    assert list(pol.caches) == [0]            # no unconditional cache at all
+    with pytest.raises(ValueError, match="actions_only"):
+        PolicyConfig(num_steps=1, actions_only=True, return_video=True)
+
+
+def test_guidance_matters_with_several_steps(model):
+    a, _ = run(model, num_steps=3, guidance=5.0)
+    b, _ = run(model, num_steps=3, guidance=1.0)
+    assert max_diff(a, b) > 1e-4              # the unconditional branch acts through the video tokens
+
+
+def test_dit_caching_static_and_dynamic(model):
+    full, _ = run(model, steps=2, num_steps=16)
+    static, _ = run(model, steps=2, num_steps=16, dit_cache="static")
+    dyn, _ = run(model, steps=2, num_steps=16, dit_cache="dynamic")
+    assert [r.dit_steps for r in static] == [sum(STATIC_MASK_16)] * 2 == [8, 8]
+    assert all(2 <= r.dit_steps < 16 for r in dyn)
+    # not exact: a documented bound on the action error relative to the action scale
+    scale = max(float(r.actions_raw.abs().max()) for r in full)
+    assert max_diff(full, static) < 0.5 * scale
+    assert max_diff(full, dyn) < 0.5 * scale
+
+
+def test_dynamic_schedule_rule():
+    pol = Policy.__new__(Policy)
+    pol.config = PolicyConfig(num_steps=16, dit_cache="dynamic")
+    v = torch.ones(1, 8)
+    assert pol._should_run(0, (), [], 0) == (True, 0)
+    assert pol._should_run(2, (), [v, v], 0) == (False, 4)        # similarity 1 > 0.95: skip this and 3 more
+    assert pol._should_run(3, (), [v, v], 4) == (False, 3)
+    assert pol._should_run(6, (), [v, v], 1) == (True, 0)
+    w = v.clone()
+    w[0, :3] = -1.0                                               # cosine 0.25
+    assert pol._should_run(2, (), [v, w], 0) == (True, 0)
+    e, u = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.94, (1 - 0.94 ** 2) ** 0.5]])   # cosine 0.94
+    assert pol._should_run(2, (), [e, u], 0) == (False, 2)                               # skip this and the next
+
+
+def test_compiled_blocks_give_the_same_actions(baseline):
+    m = tiny_model()
+    res, _ = run(m, num_steps=3, compile="aot_eager")
+    assert max_diff(res, baseline) < 1e-5
+
+
+def test_async_playback_gives_the_synchronous_actions(model):
+    text, clip, first, obs, states = episode(model.cfg, steps=4)
+    executed = []
+    pol = Policy(model, PolicyConfig(num_steps=2))
+    pol.reset(text, clip, first)
+    a = playback_loop(pol, obs, states, execute=executed.append, asynchronous=True)
+    pol.reset(text, clip, first)
+    b = playback_loop(pol, obs, states, asynchronous=False)
+    assert len(executed) == 4 and max_diff(a, b) == 0.0
+
+
+def test_step_bad_input(model):
+    text, clip, first, obs, states = episode(model.cfg, steps=2)
+    pol = Policy(model, PolicyConfig(num_steps=1))
+    with pytest.raises(RuntimeError, match="reset"):
+        pol.step(None, states[0])
+    pol.reset(text, clip, first)
+    with pytest.raises(ValueError, match="first step"):
+        pol.step(obs[1], states[0])
+    pol.step(None, states[0])
+    with pytest.raises(ValueError, match="observation"):
+        pol.step(obs[1][:, :, :1], states[1])
+    with pytest.raises(ValueError, match="state"):
+        pol.step(obs[1], states[1][:, :, :-1])
+    with pytest.raises(ValueError, match="cfg_mode"):
+        PolicyConfig(cfg_mode="both")
+
+
+def test_smoothing():
+    t = np.linspace(0, 1, 24)
+    a = np.stack([t ** 2, np.sin(3 * t)], axis=-1)
+    s = smooth_actions(a)
+    assert s.shape == a.shape and np.abs(s - a).max() < 1e-2          # a cubic passes through unchanged (nearly)
+    noisy = a + 0.05 * np.random.default_rng(0).standard_normal(a.shape)
+    assert np.abs(smooth_actions(noisy) - a).mean() < np.abs(noisy - a).mean()
+    with pytest.raises(ValueError):
+        smooth_actions(np.zeros(5))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cfg_parallel_on_two_gloo_ranks_matches_one_rank(tmp_path, baseline):
+    script = tmp_path / "cfgpar.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch, torch.distributed as dist
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_engine import tiny_model, episode
+        from dreamzero.engine import Policy, PolicyConfig
+        dist.init_process_group("gloo")
+        m = tiny_model()
+        text, clip, first, obs, states = episode(m.cfg)
+        pol = Policy(m, PolicyConfig(num_steps=3, cfg_mode="parallel"))
+        pol.reset(text, clip, first)
+        res = [pol.step(o, s) for o, s in zip(obs, states)]
+        if dist.get_rank() == 0:
+            torch.save(torch.stack([r.actions_raw for r in res]), {str(tmp_path / 'out.pt')!r})
+        dist.destroy_process_group()
+    """))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}) for r in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    ref = torch.stack([r.actions_raw for r in baseline])
+    assert float((got - ref).abs().max()) < 1e-5
