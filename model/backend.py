@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention_blockwise
+from .cache import KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,6 +53,12 @@ def gated_residual(x, y, gate):
     return x + gate * y
 
 
+def residual_layernorm_modulate(x, y, gate, shift, scale, eps):
+    """x_new = x + y (gate None) or x + gate * y, then layernorm_modulate(x_new): returns (x_new, modulated)."""
+    x = x + y if gate is None else x + gate * y
+    return x, layernorm_modulate(x, shift, scale, eps)
+
+
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
@@ -71,7 +78,9 @@ class Ops:
     rms_norm: Callable = rms_norm                        # (x, weight, eps)
     layernorm_modulate: Callable = layernorm_modulate    # (x, shift, scale, eps)
     gated_residual: Callable = gated_residual            # (x, y, gate)
+    residual_layernorm_modulate: Callable = residual_layernorm_modulate  # (x, y, gate|None, shift, scale, eps)
     gelu_tanh: Callable = gelu_tanh                      # (x)
+    kv_cache: Callable = KVCache                         # (cfg, batch, dtype=, device=, overflow=) -> a KV cache
 
     def replace(self, **kw) -> "Ops":
         return dataclasses.replace(self, **kw)

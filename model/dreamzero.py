@@ -63,6 +63,12 @@ class DreamZero(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
+    def new_cache(self, batch: int, dtype=None, device=None, overflow: str = "reset"):
+        """A KV cache for this model (the class in ops.kv_cache: the reference KVCache or a fused one)."""
+        p = self.patch_embedding.weight
+        return self.ops.kv_cache(self.cfg, batch, dtype=dtype or p.dtype, device=device or p.device,
+                                 overflow=overflow)
+
     def layout(self, mode: str = "train", **kw) -> SequenceLayout:
         return layout_for_config(self.cfg, mode, **kw)
 

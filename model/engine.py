@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cache import KVCache
 from .schedulers import FlowEulerSampler, FlowUniPCMultistepSampler
 from .smoothing import smooth_actions
 
@@ -185,9 +184,9 @@ class Policy:
     def _new_caches(self) -> None:
         kw = dict(dtype=self.dtype, device=self.device, overflow=self.config.overflow)
         if "both" in self.context:
-            self.caches = {"both": KVCache(self.cfg, 2 * self.batch, **kw)}
+            self.caches = {"both": self.model.new_cache(2 * self.batch, **kw)}
         else:
-            self.caches = {b: KVCache(self.cfg, self.batch, **kw) for b in self.context}
+            self.caches = {b: self.model.new_cache(self.batch, **kw) for b in self.context}
 
     def _cond_frames(self, frames: range) -> torch.Tensor:
         F = self.cond.shape[2]

@@ -55,6 +55,11 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x, cos, sin, layout, ops: Ops, cache=None, layer: int = 0):
+        if cache is not None and hasattr(cache, "project"):
+            # a fused cache: q/k RMSNorm, RoPE and the cache write in one kernel (dz_kernels.kv_cache)
+            q, k, v = cache.project(layer, self.q(x), self.k(x), self.v(x), self.norm_q.weight, self.norm_k.weight,
+                                    self.eps, cos, sin, layout)
+            return self.o(ops.attention(q, k, v, layout, None).flatten(2))
         q, k = ops.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, self.eps, cos, sin,
                                 self.num_heads)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
@@ -112,8 +117,8 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).unbind(2)
         h = ops.layernorm_modulate(x, shift1, scale1, self.eps)
         x = ops.gated_residual(x, self.self_attn(h, cos, sin, layout, ops, cache, layer), gate1)
-        x = x + self.cross_attn(self.norm3(x), ctx_kv, ops)
-        h = ops.layernorm_modulate(x, shift2, scale2, self.eps)
+        x, h = ops.residual_layernorm_modulate(x, self.cross_attn(self.norm3(x), ctx_kv, ops), None, shift2, scale2,
+                                               self.eps)
         y = self.ffn[2](ops.gelu_tanh(self.ffn[0](h)))
         return ops.gated_residual(x, y, gate2)
 

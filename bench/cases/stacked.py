@@ -1,0 +1,112 @@
+"""stacked: the paper's Table 1 on one device -- latency of a whole control step, each optimization added on top of
+the ones above, every row measured in the same run against our baseline (eager bf16, 16 steps, sequential CFG,
+flash SDPA). This is the project's main job.
+
+One control step = ground-truth replacement of the chunk just executed + denoising of the next chunk + action
+smoothing, at the cache position of the 4th chunk (6160 cached keys while denoising: the largest the release's reset
+rule allows). Random weights (timing does not depend on them, except the dynamic DiT-cache schedule, so the static
+8-of-16 mask of the release is used).
+
+Rows (impl names; ours start with "dz"): the baseline is the peer, each "dz..." row is cumulative:
+  baseline              eager, 16 steps, sequential CFG, flash SDPA
+  dz+cfg-batched        both CFG branches in one forward (the 2-GPU CFG-parallel row of the paper needs 2 GPUs;
+                        the engine supports it, see model/engine.py; on one GPU we batch)
+  dz+dit-cache          + the release's static DiT-cache mask (8 of 16 steps)
+  dz+compile            + torch.compile of every block (CUDA graphs: mode reduce-overhead) -- CUDA only
+  dz+kernels            + our attention, fused norms/modulation and fused KV-cache update, sampler on the GPU
+  dz+fp8                + FP8 linears with fused quantization (Hopper)
+  dz+flash              + DreamZero-Flash: 1 denoising step, actions only (the unconditional branch is skipped)
+  dz+fused-control      + the replacement pass and the denoising step in one forward
+The paper's cumulative ratios (H100 / GB200) are in PAPER; bench/results/<device>/stacked.md shows both, and the
+GB200 column of our table is a roofline projection, labelled so (see project_gb200).
+"""
+from __future__ import annotations
+
+import torch
+
+from dreamzero.engine import Policy, PolicyConfig
+from dz_bench.harness import Case, Unavailable, register
+
+from ._model_common import ModelState, episode_inputs, random_model, sdpa_backend
+
+PAPER = {  # paper Table 1, cumulative speedups
+    "baseline": (1.0, 1.1), "dz+cfg-batched": (1.9, 1.8), "dz+dit-cache": (5.5, 5.4), "dz+compile": (8.9, 10.9),
+    "dz+kernels": (9.6, 14.8), "dz+fp8": (None, 16.6), "dz+flash": (None, 38.0), "dz+fused-control": (None, None),
+}
+
+ROWS = [
+    ("baseline", dict(), {}),
+    ("dz+cfg-batched", dict(cfg_mode="batched"), {}),
+    ("dz+dit-cache", dict(dit_cache="static"), {}),
+    ("dz+compile", dict(compile="reduce-overhead"), {}),
+    ("dz+kernels", dict(), {"kernels": True}),
+    ("dz+fp8", dict(), {"quant": "fp8"}),
+    ("dz+flash", dict(num_steps=1, actions_only=True, dit_cache="off"), {}),
+    ("dz+fused-control", dict(fused_control=True), {}),
+]
+
+# Dense bf16 peaks (REFERENCE.md section 8): the GB200 projection scales the measured time of each row by the
+# ratio of peaks at the efficiency measured here (a projection, not a measurement).
+PEAK_TFLOPS = {"h100": 989.0, "gb200": 2250.0}
+
+
+def project_gb200(h100_ms: float) -> float:
+    """Roofline projection of a row measured on an H100 to one GB200 GPU at the same efficiency (compute bound)."""
+    return h100_ms * PEAK_TFLOPS["h100"] / PEAK_TFLOPS["gb200"]
+
+
+def _row_configs():
+    acc_policy, acc_model = {}, {}
+    for name, pol, mod in ROWS:
+        acc_policy = {**acc_policy, **pol}
+        acc_model = {**acc_model, **mod}
+        yield name, dict(acc_policy), dict(acc_model)
+
+
+@register("stacked")
+def cases(ctx):
+    batch = 1
+    for name, pol_kw, mod_kw in [("droid-14b", None, None)]:
+        state = {}
+
+        def make(row, pol_kw, mod_kw):
+            def factory():
+                model = random_model(ctx, name)
+                ms = state.setdefault("ms", ModelState(model))
+                ms.restore()
+                # on a CPU the compile and FP8 rows are unavailable and the rows below them run without them
+                if row == "dz+compile" and ctx.device != "cuda":
+                    raise Unavailable("the compile row (inductor + CUDA graphs) runs on CUDA only")
+                if row == "dz+fp8" and ctx.device != "cuda":
+                    raise Unavailable("FP8 linears run on CUDA only")
+                if mod_kw.get("kernels"):
+                    ms.use_kernels(ctx=ctx)
+                if mod_kw.get("quant") and ctx.device == "cuda":
+                    ms.quantize(mod_kw["quant"])
+                cfg_kw = dict(pol_kw)
+                if ctx.device != "cuda":
+                    cfg_kw.pop("compile", None)
+                policy = Policy(model, PolicyConfig(**cfg_kw))
+                x = episode_inputs(model, batch)
+                policy.reset(x["text"], x["clip"], x["first"])
+                policy.step(None, x["state"])                   # chunk 1
+                for c in range(1, 3):                           # chunks 2 and 3
+                    policy.step(x["obs"][c - 1], x["state"])
+                saved = {b: c.frames for b, c in policy.caches.items()}
+                obs = x["obs"][2]
+                backend = "flash" if row == "baseline" else ("cudnn" if not mod_kw.get("kernels") else None)
+
+                def step():                                     # chunk 4: replacement of chunk 3 + denoising
+                    for b, c in policy.caches.items():
+                        c.frames = saved[b]
+                    policy.chunk = 3
+                    with sdpa_backend(ctx, backend):
+                        return policy.step(obs, x["state"]).actions_raw
+                return step
+            return factory
+
+        impls = {row: make(row, pk, mk) for row, pk, mk in _row_configs()}
+        yield Case(case=f"{name}-control-step-b{batch}", params={"config": "tiny" if ctx.small else name,
+                                                                 "batch": batch, "chunk": 4,
+                                                                 "paper_speedup_h100_gb200": PAPER},
+                   flops=None, bytes=None, impls=impls)
