@@ -1,0 +1,94 @@
+"""`apply_`: one verb that swaps the library's fast ops into a model, in place, undoable.
+
+    handle = dz_kernels.apply_(model, ApplyConfig(attention=True, norms=True, kv_cache=True, quant=None))
+    ...
+    handle.undo()          # the model computes exactly as before
+
+Models:
+- our DreamZero (dreamzero.dreamzero.DreamZero): the fields of its backend table `model.ops` are replaced
+  (attention -> dz_kernels.attention.layout_attention; the LayerNorm/modulate/residual chain, RMSNorm, GELU ->
+  dz_kernels.fused; the KV cache -> dz_kernels.kv_cache.FusedKVCache, whose fused q/k-norm + RoPE + cache-write
+  kernel the model calls when a cache is in use), and linears are quantized through dz_kernels.quant.quantize_.
+- diffusers' WanTransformer3DModel: see dz_kernels.diffusers_wan (attention processor + block forward with the
+  fused ops), reached through the same call.
+Each swapped op is numerically the same computation (within the tolerances documented with each kernel).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    attention: bool = True        # self-attention over the layout: the fused Triton kernel
+    norms: bool = True            # LayerNorm + modulate, gated residual (+ LayerNorm + modulate), RMSNorm, GELU-tanh
+    kv_cache: bool = True         # the fused q/k RMSNorm + RoPE + KV-cache write
+    quant: Any = None             # a dz_kernels.quant config (e.g. Float8DynamicActivationFloat8Weight()) or None
+    quant_filter: Callable | None = None   # filter_fn for quantize_ (None: its default, which keeps the release's
+                                           # bf16 modules: patch embedding, head, action/state modules, embeddings)
+
+
+class ApplyHandle:
+    """Returned by apply_: `undo()` restores everything apply_ changed (idempotent)."""
+
+    def __init__(self, undo_fns: list):
+        self._undo = list(undo_fns)
+
+    def undo(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def _dreamzero_ops(config: ApplyConfig) -> dict:
+    fields = {}
+    if config.attention:
+        from .attention import layout_attention
+        fields["attention"] = layout_attention
+    if config.norms:
+        from . import fused
+        fields.update(layernorm_modulate=fused.layernorm_modulate, gated_residual=fused.gated_residual,
+                      residual_layernorm_modulate=fused.gated_residual_layernorm_modulate,
+                      rms_norm=fused.rms_norm, gelu_tanh=fused.gelu_tanh, qk_norm_rope=_qk_norm_rope_fused)
+    if config.kv_cache:
+        from .kv_cache import FusedKVCache
+        fields["kv_cache"] = FusedKVCache
+    return fields
+
+
+def _qk_norm_rope_fused(q, k, wq, wk, eps, cos, sin, num_heads):
+    """q/k RMSNorm with the fused kernel, then RoPE (the no-cache path, e.g. training)."""
+    from dreamzero.backend import apply_rope
+
+    from . import fused
+    q = fused.rms_norm(q, wq, eps).unflatten(-1, (num_heads, -1))
+    k = fused.rms_norm(k, wk, eps).unflatten(-1, (num_heads, -1))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def apply_(model, config: ApplyConfig = ApplyConfig()) -> ApplyHandle:
+    """Swap the fast ops into `model` in place; returns a handle whose undo() reverts it."""
+    undo = []
+    try:
+        if hasattr(model, "ops") and dataclasses.is_dataclass(model.ops):
+            old = model.ops
+            model.ops = old.replace(**_dreamzero_ops(config))
+            undo.append(lambda: setattr(model, "ops", old))
+        elif type(model).__name__ == "WanTransformer3DModel":
+            from .diffusers_wan import apply_to_wan
+            undo.append(apply_to_wan(model, config))
+        else:
+            raise TypeError(f"apply_ supports DreamZero and diffusers' WanTransformer3DModel, got "
+                            f"{type(model).__name__}")
+        if config.quant is not None:
+            from .quant import dequantize_, quantize_
+            if config.quant_filter is None:
+                quantize_(model, config.quant)
+            else:
+                quantize_(model, config.quant, filter_fn=config.quant_filter)
+            undo.append(lambda: dequantize_(model))
+    except Exception:
+        ApplyHandle(undo).undo()
+        raise
+    return ApplyHandle(undo)

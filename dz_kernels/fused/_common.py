@@ -1,0 +1,206 @@
+"""Checks, launch configuration and small helpers shared by the fused row-wise kernels.
+
+Shape convention of every row op here: an activation `x` is `[B, L, C]` (or `[N, C]`, read as `[1, N, C]`); a
+row is one token, `C` the hidden dim. A "modulation" tensor (shift, scale, gate) is any tensor that broadcasts to
+`x` (`[B, L, C]` per token, `[B, 1, C]` per sample, `[C]`, ...): it is expanded, never copied, and the kernels
+address it through its (batch, token) strides, 0 along broadcast dims. The last dim of every tensor must be
+contiguous (stride 1).
+
+Dtypes: float32, bfloat16 and float16; math is float32 inside the kernels. One call may mix float32 with a single
+low-precision dtype (e.g. a float32 residual stream with a bfloat16 branch output, or bfloat16 activations with
+float32 modulation, both as Wan2.1 does), never bfloat16 with float16.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_C = 16384  # the whole row lives in registers: one program holds next_pow2(C) float32 values per tensor
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# FP8 row scale = max(rowmax|y|, FP8_AMAX_FLOOR) / 448: the floor keeps an all-zero row finite (it quantizes to 0).
+FP8_AMAX_FLOOR = 1e-12
+
+
+def interpreting() -> bool:
+    """True when this package's kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 was set before they
+    were defined, at import): they then take CPU tensors. Decided by the kernels themselves, not by the variable's
+    value now, since triton.jit reads it once when it decorates."""
+    return type(cast_like).__name__ == "InterpretedFunction"
+
+
+def empty(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """Every output buffer of this package comes from here, so a test can swap in NaN-poisoned buffers."""
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def row_config(C: int, backward: bool = False) -> tuple[int, int]:
+    """(BLOCK_C, num_warps) for a kernel that holds one whole row of C elements in registers.
+
+    Chosen from ptxas register reports for sm_90 (triton 3.9): at BLOCK_C 8192 the forward kernels fit 16 warps
+    without spilling; the backward kernels keep more values live and spill least with 32 warps (8 values per
+    thread per tensor); at 16384 everything takes 32 warps. Not yet tuned by measurement."""
+    block = triton.next_power_of_2(C)
+    if block >= 16384:
+        warps = 32
+    elif block >= 8192:
+        warps = 32 if backward else 16
+    elif block >= 2048:
+        warps = 8
+    elif block >= 512:
+        warps = 4
+    else:
+        warps = 2
+    return block, warps
+
+
+def partial_programs(n_rows: int, device: torch.device) -> int:
+    """How many programs a reducing backward launches (each sums dweight over a contiguous block of rows into its
+    own float32 partial row; the partials are summed afterwards in torch: deterministic for a given device)."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter: a few programs, so multi-row blocks and a short last block are exercised
+        target = 4
+    return max(1, min(n_rows, target))
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+
+
+def check_mixed_precision(named: dict[str, Optional[torch.Tensor]]) -> None:
+    """At most one low-precision dtype per call; float32 may be mixed with it."""
+    low = {n: t.dtype for n, t in named.items() if t is not None and t.dtype != torch.float32}
+    if len(set(low.values())) > 1:
+        desc = ", ".join(f"{n}={d}" for n, d in low.items())
+        raise TypeError(f"mixed low-precision dtypes ({desc}): use one of bfloat16/float16, optionally with float32")
+
+
+def check_device(named: dict[str, Optional[torch.Tensor]], ref: torch.Tensor, ref_name: str = "x") -> None:
+    for n, t in named.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{n} is on {t.device} but {ref_name} is on {ref.device}; all tensors must share a device")
+    if ref.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{ref_name} is on {ref.device}: the Triton kernels need CUDA tensors "
+                         "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.dim() >= 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (stride {t.stride(-1)} != 1); "
+                         "call .contiguous() first")
+
+
+def check_activation(name: str, x: torch.Tensor) -> None:
+    """x: [B, L, C] or [N, C], last dim contiguous, 1 <= C <= MAX_C."""
+    check_float(name, x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [B, L, C] or [N, C], got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    if C < 1 or C > MAX_C:
+        raise ValueError(f"{name} has hidden dim C={C}; supported 1 <= C <= {MAX_C}")
+    check_last_dim_contiguous(name, x)
+
+
+def as_3d(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 2 else x
+
+
+def check_broadcast(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """t must broadcast to x's shape without changing it (sizes equal or 1, no more dims than x)."""
+    check_float(name, t)
+    ok = t.dim() <= x.dim() and all(ts in (1, xs) for ts, xs in zip(reversed(t.shape), reversed(x.shape)))
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to x of shape {tuple(x.shape)} "
+                         "(expected [B, L, C], [B, 1, C], [C], ...)")
+    if t.dim() == 0 or t.shape[-1] != x.shape[-1]:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} must have the full hidden dim C={x.shape[-1]} last")
+    check_last_dim_contiguous(name, t)
+
+
+def check_same_shape(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    check_float(name, t)
+    if t.shape != x.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but x has {tuple(x.shape)}; they must match")
+    check_last_dim_contiguous(name, t)
+
+
+def check_vector(name: str, t: torch.Tensor, C: int) -> None:
+    check_float(name, t)
+    if t.shape != (C,):
+        raise ValueError(f"{name} must have shape [C]=[{C}], got {tuple(t.shape)}")
+    check_last_dim_contiguous(name, t)
+
+
+def check_out(name: str, out: torch.Tensor, shape, dtypes, x: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {out.dtype}; expected one of {', '.join(str(d) for d in dtypes)}")
+    if out.device != x.device:
+        raise ValueError(f"{name} is on {out.device} but x is on {x.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def check_no_grad_for_out(*tensors: Optional[torch.Tensor]) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError("out= writes into a given buffer and has no backward; call without out= when gradients "
+                         "are needed, or run under torch.no_grad()")
+
+
+def rows_view(t: torch.Tensor, x_shape) -> tuple[torch.Tensor, int, int]:
+    """(t expanded to x's shape as [B, L, C], batch stride, token stride); broadcast dims get stride 0. No copy."""
+    e = t.expand(tuple(x_shape))
+    if e.shape[-1] > 1 and e.stride(-1) != 1:
+        raise ValueError(f"a tensor of shape {tuple(t.shape)} has last-dim stride {e.stride(-1)}; the kernels need 1")
+    if e.dim() == 2:
+        e = e.unsqueeze(0)
+    return e, e.stride(0), e.stride(1)
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dim has stride 1, else a contiguous copy (autograd may hand over expanded grads)."""
+    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
+
+
+def reduce_to(grad_full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum a per-row gradient shaped like x down to target's (broadcast) shape, in float32, cast to target's dtype."""
+    g = grad_full
+    if g.shape != target.shape:
+        g = g.float().sum_to_size(target.shape)
+    return g.to(target.dtype)
+
+
+@triton.jit
+def cast_like(v, PTR, INTERPRET: tl.constexpr):
+    """v (float32) cast to the element type of pointer PTR, rounding to nearest even (FP8: saturate beforehand).
+
+    The GPU converts with round-to-nearest-even. The Triton interpreter (seen with triton 3.9) truncates
+    float32 -> bfloat16, and in float32 -> float8e4nv it loses a carry into the exponent (125.6 -> 64, not 128).
+    Under the interpreter the value is first rounded here on the float32 bits onto the target grid, so the
+    conversion is exact and CPU tests see what the GPU computes."""
+    if INTERPRET:
+        if PTR.dtype.element_ty == tl.bfloat16:
+            u = v.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            v = u.to(tl.float32, bitcast=True)
+        if PTR.dtype.element_ty == tl.float8e4nv:
+            u = v.to(tl.uint32, bitcast=True)  # normal range: keep 3 mantissa bits, ties to even
+            normal = ((u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+            # subnormal range |v| < 2^-6: a fixed step of 2^-9; 1.5 * 2^23 forces round-to-nearest-even
+            a = tl.abs(v)
+            sub = ((a * 512.0 + 12582912.0) - 12582912.0) / 512.0
+            sub = tl.where((u >> 31) != 0, -sub, sub)  # keep the sign, -0 included
+            v = tl.where(a < 0.015625, sub, normal)
+    return v.to(PTR.dtype.element_ty)

@@ -1,0 +1,99 @@
+"""apply_: the fast ops swapped into the DreamZero model give the same outputs, and undo restores the original.
+On a CPU the Triton kernels run under the interpreter (tests/conftest.py), at the tiny config in fp32."""
+import pytest
+import torch
+
+from dreamzero.config import get_config
+from dreamzero.dreamzero import DreamZero
+from dreamzero.engine import Policy, PolicyConfig
+from dz_kernels import ApplyConfig, apply_
+
+
+def tiny(seed=0):
+    cfg = get_config("tiny", num_embodiments=1, num_layers=1)
+    torch.manual_seed(seed)
+    m = DreamZero(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m
+
+
+def tf_inputs(cfg, B=1, K=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    F, H, W = cfg.num_frames(K), cfg.latent_height, cfg.latent_width
+    A = K * cfg.actions_per_chunk
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(clean=r(B, 16, F, H, W), clean_cond=r(B, 20, F, H, W), noisy=r(B, 16, F, H, W),
+                noisy_cond=r(B, 20, F, H, W), t_video=torch.rand(B, F, generator=g) * 1000,
+                actions=r(B, A, cfg.action_dim), t_action=torch.rand(B, A, generator=g) * 1000,
+                state=r(B, K, cfg.state_dim), text=r(B, cfg.text_len, cfg.text_dim),
+                clip=r(B, cfg.clip_tokens, cfg.clip_dim))
+
+
+@pytest.mark.parametrize("config", [ApplyConfig(attention=True, norms=False, kv_cache=False),
+                                    ApplyConfig(attention=False, norms=True, kv_cache=False),
+                                    ApplyConfig(attention=True, norms=True, kv_cache=False)],
+                         ids=["attention", "norms", "both"])
+def test_apply_teacher_forcing_same_outputs_and_undo(config):
+    m = tiny()
+    x = tf_inputs(m.cfg)
+    lay = m.layout("train", num_chunks=2)
+    with torch.no_grad():
+        v0, a0 = m(lay, **x)
+        handle = apply_(m, config)
+        assert m.ops.attention is not None
+        v1, a1 = m(lay, **x)
+        handle.undo()
+        v2, a2 = m(lay, **x)
+    torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-4)
+    assert torch.equal(v2, v0) and torch.equal(a2, a0)
+
+
+def test_apply_gradients_match_reference():
+    m = tiny()
+    x = tf_inputs(m.cfg)
+    lay = m.layout("train", num_chunks=2)
+
+    def grads():
+        m.zero_grad()
+        v, a = m(lay, **x)
+        (v.square().mean() + a.square().mean()).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    g0 = grads()
+    handle = apply_(m, ApplyConfig(attention=True, norms=True, kv_cache=False))
+    g1 = grads()
+    handle.undo()
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_apply_in_the_policy_loop():
+    m = tiny()
+    cfg = m.cfg
+    g = torch.Generator().manual_seed(2)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
+    clip = torch.randn(1, cfg.clip_tokens, cfg.clip_dim, generator=g)
+    first = torch.randn(1, 16, 1, cfg.latent_height, cfg.latent_width, generator=g)
+    obs = torch.randn(1, 16, cfg.frames_per_chunk, cfg.latent_height, cfg.latent_width, generator=g)
+    state = torch.randn(1, 1, cfg.state_dim, generator=g)
+
+    def run():
+        pol = Policy(m, PolicyConfig(num_steps=2, fused_control=True))
+        pol.reset(text, clip, first)
+        return [pol.step(None, state).actions_raw, pol.step(obs, state).actions_raw]
+
+    ref = run()
+    handle = apply_(m, ApplyConfig(attention=True, norms=True, kv_cache=False))
+    got = run()
+    handle.undo()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_apply_rejects_unknown_models():
+    with pytest.raises(TypeError, match="supports"):
+        apply_(torch.nn.Linear(2, 2))
