@@ -5,8 +5,8 @@ Key layouts (our parameter names are the original Wan2.1 release's plus the Drea
     "dreamzero"  the DreamZero release's full-model files (`model.safetensors` or `model.safetensors.index.json`,
                  written by the release's VLA.save_pretrained): our names under the prefix `action_head.model.`
                  (the DiT lives at `self.model` of the action head, which lives at `action_head` of the VLA). The
-                 release's files also hold the frozen encoders (`action_head.text_encoder.`, `action_head.image_encoder.`,
-                 `action_head.vae.`); those are skipped here (encoders.py loads them from their own releases) and listed
+                 release's files also hold the frozen encoders (`action_head.text_encoder.`,
+                 `action_head.image_encoder.`, `action_head.vae.`); those are skipped here (encoders.py loads them from their own releases) and listed
                  in the report. A LoRA-trained release wraps the DiT in PEFT (`action_head.model.base_model.model.`,
                  `q.base_layer.weight`, `q.lora_A.default.weight`, ...): the base weights load and each LoRA pair is
                  merged, W += (lora_alpha / rank) * B @ A (see `load_checkpoint`).
@@ -97,7 +97,8 @@ _D_BLOCK = {  # module paths under blocks.N: ours -> diffusers
 }
 _D_BLOCK_PARAM = {"modulation": "scale_shift_table"}
 _INV = {name: {v: k for k, v in table.items()} for name, table in
-        (("global", _D_GLOBAL), ("global_param", _D_GLOBAL_PARAM), ("block", _D_BLOCK), ("block_param", _D_BLOCK_PARAM))}
+        (("global", _D_GLOBAL), ("global_param", _D_GLOBAL_PARAM), ("block", _D_BLOCK),
+         ("block_param", _D_BLOCK_PARAM))}
 _BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
 _DIFFUSERS_IGNORED = re.compile(r"blocks\.\d+\.attn2\.norm_added_q\.weight")
 
@@ -201,8 +202,8 @@ def resolve_checkpoint(path) -> tuple:
                                   f" diffusion_pytorch_model.safetensors[.index.json], or a single *.safetensors); "
                                   f"the folder holds {listing}")
         if len(cands) > 1:
-            raise CheckpointError(f"{path}: several checkpoints in one folder ({[os.path.basename(c) for c in cands]}); "
-                                  f"pass the file or index to load")
+            names = [os.path.basename(c) for c in cands]
+            raise CheckpointError(f"{path}: several checkpoints in one folder ({names}); pass the file or index to load")
         path = cands[0]
     elif path.endswith(".safetensors") and not os.path.exists(path) and os.path.exists(path + ".index.json"):
         path = path + ".index.json"                      # saved sharded by save_checkpoint(path=...safetensors)
