@@ -90,6 +90,14 @@ class PolicyConfig:
 
 
 @dataclass
+class Encoders:
+    """The frozen encoders the policy needs for raw inputs (model/encoders.py): umT5 text, CLIP image, Wan VAE."""
+    text: object
+    image: object
+    vae: object
+
+
+@dataclass
 class StepResult:
     actions: np.ndarray                 # [B, A, action_dim], smoothed (or raw when smoothing is off)
     actions_raw: torch.Tensor           # [B, A, action_dim] as denoised
@@ -180,6 +188,34 @@ class Policy:
         self._user_cond = cond is not None
         self.chunk = 0          # the first frame is observed, not yet written
         self._pending_obs = self.first_latent
+
+    @torch.no_grad()
+    def reset_from_images(self, encoders: "Encoders", instruction, first_image: torch.Tensor, *,
+                          negative_prompt: str = "", embodiment=None) -> None:
+        """reset() from raw inputs: the instruction (str or list of B str) and the first image [B, 3, H, W] in
+        [-1, 1] run through the frozen encoders once (umT5, CLIP, the VAE incl. the I2V condition)."""
+        B = first_image.shape[0]
+        texts = [instruction] * B if isinstance(instruction, str) else list(instruction)
+        text = encoders.text(texts)
+        neg = encoders.text([negative_prompt] * B)
+        clip = encoders.image(first_image)
+        first_latent = encoders.vae.encode(first_image[:, :, None])
+        raw = 1 + encoders.vae.temporal_stride * (self.cfg.local_attn_size - 1)
+        cond = encoders.vae.encode_i2v_condition(first_image, raw)
+        self.reset(text, clip, first_latent, negative_text=neg, cond=cond, embodiment=embodiment)
+
+    @torch.no_grad()
+    def step_frames(self, encoders: "Encoders", frames: torch.Tensor | None, state: torch.Tensor) -> "StepResult":
+        """step() from raw frames: the frames recorded during the last chunk [B, 3, stride * frames_per_chunk, H, W]
+        in [-1, 1] (None on the first step) are VAE-encoded (after the clip's first frame, as the causal VAE and
+        the release do) and their latents replace the prediction in the cache."""
+        obs = None
+        if frames is not None:
+            need = encoders.vae.temporal_stride * self.cfg.frames_per_chunk
+            if frames.dim() != 5 or frames.shape[2] != need:
+                raise ValueError(f"frames must be [B, 3, {need}, H, W], got {list(frames.shape)}")
+            obs = encoders.vae.encode(torch.cat([frames[:, :, :1], frames], dim=2))[:, :, 1:]
+        return self.step(obs, state)
 
     def _new_caches(self) -> None:
         kw = dict(dtype=self.dtype, device=self.device, overflow=self.config.overflow)

@@ -193,3 +193,30 @@ def test_cfg_parallel_on_two_gloo_ranks_matches_one_rank(tmp_path, baseline):
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     ref = torch.stack([r.actions_raw for r in baseline])
     assert float((got - ref).abs().max()) < 1e-5
+
+
+def test_policy_from_raw_images_with_tiny_encoders():
+    pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")
+    from dreamzero.encoders import ImageEncoder, TextEncoder, VideoVAE
+    from dreamzero.engine import Encoders
+
+    cfg = get_config("tiny", num_embodiments=1)
+    torch.manual_seed(0)
+    m = DreamZero(cfg)
+    enc = Encoders(text=TextEncoder.tiny(text_dim=cfg.text_dim, text_len=cfg.text_len),
+                   image=ImageEncoder.tiny(clip_dim=cfg.clip_dim, clip_tokens=cfg.clip_tokens), vae=VideoVAE.tiny())
+    H, W = cfg.latent_height * 8, cfg.latent_width * 8
+    g = torch.Generator().manual_seed(0)
+    first = torch.rand(1, 3, H, W, generator=g) * 2 - 1
+    frames = torch.rand(1, 3, 4 * cfg.frames_per_chunk, H, W, generator=g) * 2 - 1
+    state = torch.randn(1, 1, cfg.state_dim, generator=g)
+    pol = Policy(m, PolicyConfig(num_steps=1))
+    pol.reset_from_images(enc, "pick up the cup", first)
+    assert pol.cond.shape == (1, 20, cfg.local_attn_size, cfg.latent_height, cfg.latent_width)
+    r1 = pol.step_frames(enc, None, state)
+    r2 = pol.step_frames(enc, frames, state)
+    assert r1.actions.shape == r2.actions.shape == (1, cfg.actions_per_chunk, cfg.action_dim)
+    assert [c.frames for c in pol.caches.values()][0] == (0, 1, 2)
+    with pytest.raises(ValueError, match="frames must be"):
+        pol.step_frames(enc, frames[:, :, :3], state)
