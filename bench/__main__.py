@@ -1,0 +1,69 @@
+"""python -m dz_bench [--all | NAME ...] [--small | --full] [--out DIR] [--device cuda|cpu] [--list]
+                    [--no-l2-flush] [--fail-on-error] [--no-progress]
+
+Runs benches registered in bench/cases/*.py and writes bench/results/<device-slug>/<bench>.{json,md,png}.
+Default shapes: small on CPU, full on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dz bench", description="Run dz_kernels benchmarks.")
+    parser.add_argument("names", nargs="*", help="benches to run (see --list)")
+    parser.add_argument("--all", action="store_true", help="run every registered bench")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", dest="small", action="store_true", default=None, help="tiny shapes")
+    size.add_argument("--full", dest="small", action="store_false", help="real shapes")
+    parser.add_argument("--out", default=None, help="results root (default bench/results)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    parser.add_argument("--list", action="store_true", help="list the benches and exit")
+    parser.add_argument("--no-l2-flush", action="store_true",
+                        help="CUDA: time with CUDA events and no L2 flush between calls (warm-cache figures)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fail-on-error", action="store_true", help="exit 1 when any row is an error")
+    args = parser.parse_args(argv)
+
+    import torch
+    if args.device == "cpu" or not torch.cuda.is_available():
+        # our Triton kernels run in the interpreter on a CPU (set before triton is first imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from dz_bench import harness
+
+    import_errors = harness.load_cases()
+    reg = harness.registry()
+    if args.list:
+        for name in sorted(reg):
+            fn = reg[name]
+            doc = (sys.modules[fn.__module__].__doc__ or "").strip().splitlines()
+            print(f"{name:24s} {doc[0] if doc else ''}")
+        for name, err in sorted(import_errors.items()):
+            print(f"{name:24s} BROKEN: {err}")
+        return 0
+    if args.all == bool(args.names):
+        parser.error("give bench names or --all (not both); --list shows them")
+    names = sorted(set(reg) | set(import_errors)) if args.all else args.names
+    unknown = [n for n in names if n not in reg and n not in import_errors]
+    if unknown:
+        parser.error(f"unknown bench(es) {unknown}; known: {sorted(reg)}")
+    ctx = harness.BenchContext.detect(small=args.small, device=args.device)
+    ctx.flush_l2 = not args.no_l2_flush
+    results = harness.run_benches(names, ctx=ctx, out_dir=args.out, progress=not args.no_progress)
+    n_err = 0
+    for name, records in results.items():
+        counts = {}
+        for r in records:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+            if r["status"] == "error":
+                print(f"  {name}/{r['case']}/{r['impl']}: {r['error']}", file=sys.stderr)
+        n_err += counts.get("error", 0)
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        print(f"{name}: {len(records)} rows ({summary}) on {records[0]['device_slug'] if records else '?'}")
+    return 1 if (n_err and args.fail_on_error) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

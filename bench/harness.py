@@ -1,0 +1,474 @@
+"""Benchmark harness: cases register here, run on CUDA (or small on CPU), and leave JSON records plus a report.
+
+A bench file bench/cases/<bench>.py::
+
+    from dz_bench.harness import register, Case, Unavailable
+
+    @register("attention")                  # records go to bench/results/<device-slug>/attention.json
+    def cases(ctx):                         # ctx: BenchContext (ctx.device "cuda"/"cpu", ctx.small)
+        yield Case(case="name", params={...}, flops=<useful FLOPs or None>, bytes=<bytes moved or None>,
+                   impls={"dz": factory, "peer-name": factory}, check=None)
+
+A factory is a zero-argument callable that does the set-up and returns the zero-argument callable to time; it may
+raise Unavailable("reason"). "dz" is ours, every other key is a peer. Creating a Case must be cheap (allocate in the
+factories, or in a `lazy(...)` shared by them): the harness lists a bench's cases first, then runs them one by one
+and drops each before the next. `check`, if given, receives the value returned by an impl's first call and returns
+an error figure (e.g. max abs error against a reference), recorded as `max_err`.
+
+Timing: on CUDA, triton.testing.do_bench (L2 flushed, quantiles 0.5/0.2/0.8) when triton imports, else CUDA events
+around each call with warm-up and an optional L2 flush; on CPU, time.perf_counter over a few calls. Each record is
+a dict with the fields listed in RECORD_FIELDS; a failing impl becomes an "error" row and the run goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import math
+import os
+import pkgutil
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Iterable
+
+__all__ = [
+    "register", "unregister", "registry", "load_cases", "Case", "Unavailable", "BenchContext", "run_benches",
+    "run_bench", "lazy", "device_slug", "versions", "commit", "RECORD_FIELDS", "RESULTS_DIR",
+]
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = "dz"
+
+
+def is_ours(impl: str) -> bool:
+    """Our implementations are "dz" and any name starting with "dz+" or "dz-" (variants: dz-triton, dz+compile)."""
+    return impl == OURS or impl.startswith((OURS + "+", OURS + "-"))
+
+RECORD_FIELDS = (
+    "bench", "case", "impl", "is_peer", "status", "device", "device_slug", "small", "params", "flops", "bytes",
+    "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "max_err", "speedup_vs_best_peer", "best_peer",
+    "unavailable", "error", "timer", "versions", "commit", "timestamp",
+)
+
+
+class Unavailable(Exception):
+    """Raised by a factory when an implementation cannot run here (not installed, unsupported shape or device)."""
+
+
+@dataclasses.dataclass
+class Case:
+    """One measured configuration of a bench: its implementations are timed on the same inputs."""
+    case: str
+    params: dict
+    impls: dict
+    flops: float | None = None
+    bytes: float | None = None
+    check: Callable[[Any], float] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.case, str) or not self.case:
+            raise ValueError(f"Case.case must be a non-empty string, got {self.case!r}")
+        if not isinstance(self.impls, dict) or not self.impls:
+            raise ValueError(f"Case {self.case!r}: impls must be a non-empty dict of name -> factory")
+        for name, factory in self.impls.items():
+            if not callable(factory):
+                raise TypeError(f"Case {self.case!r}: impl {name!r} is not callable")
+
+
+@dataclasses.dataclass
+class BenchContext:
+    """Where and how big: `device` is "cuda" or "cpu"; `small` selects tiny shapes (the default on CPU)."""
+    device: str = "cpu"
+    small: bool = True
+    flush_l2: bool = True
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    cpu_min_reps: int = 3
+    cpu_max_reps: int = 20
+    cpu_budget_s: float = 0.2
+
+    @classmethod
+    def detect(cls, small: bool | None = None, device: str | None = None) -> "BenchContext":
+        """CUDA when available (full shapes by default), else CPU (small shapes by default)."""
+        import torch
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+        return cls(device=device, small=(device == "cpu") if small is None else small)
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, Callable[[BenchContext], Iterable[Case]]] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
+_LOADED = False
+
+
+def register(name: str):
+    """Decorator: `fn(ctx)` yields the Cases of bench `name`. A name can be registered once."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"bench name must be letters, digits, '_', '.', '-', got {name!r}")
+
+    def deco(fn):
+        old = _REGISTRY.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"bench {name!r} is already registered by {old.__module__}.{old.__qualname__}")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def load_cases() -> dict[str, str]:
+    """Import every module in dz_bench.cases (once; modules whose name starts with "_" are helpers and skipped);
+    returns {module: error} for those that failed to import."""
+    global _LOADED
+    if not _LOADED:
+        import dz_bench.cases as pkg
+
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name.startswith("_"):  # helpers shared by case files, imported by them
+                continue
+            modname = f"{pkg.__name__}.{info.name}"
+            try:
+                importlib.import_module(modname)
+            except Exception as e:  # a broken case file is reported, not fatal to the other benches
+                _IMPORT_ERRORS[info.name] = f"{type(e).__name__}: {e}"
+        _LOADED = True
+    return dict(_IMPORT_ERRORS)
+
+
+def registry() -> dict[str, Callable]:
+    """{bench name: case generator} after importing the case files."""
+    load_cases()
+    return dict(_REGISTRY)
+
+
+def lazy(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Wrap a zero-argument builder so it runs once, on first call; the impls and the check of a case share it and
+    the value is freed with the case."""
+    box: list = []
+
+    def get():
+        if not box:
+            box.append(fn())
+        return box[0]
+
+    return get
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environment facts
+# ----------------------------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(ctx: BenchContext) -> str:
+    if ctx.device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return _cpu_model()
+
+
+def device_slug(ctx: BenchContext) -> str:
+    """e.g. "nvidia-h100-80gb-hbm3" or "cpu-intel-r-xeon-r-platinum-8481c"."""
+    name = device_name(ctx)
+    return _slug(name) if ctx.device == "cuda" else "cpu-" + _slug(name)
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def versions() -> dict:
+    """python, torch, triton, cuda (torch's), cupy, driver, dz_ext (compiled archs or why absent)."""
+    import torch
+
+    def mod_version(name):
+        try:
+            return importlib.import_module(name).__version__
+        except Exception:
+            return None
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": mod_version("triton"),
+           "cuda": torch.version.cuda, "cupy": mod_version("cupy"), "driver": _driver_version()}
+    try:
+        from dz_kernels import _ext
+
+        ext = _ext.cuda_ext()
+        out["dz_ext"] = f"built for {ext.compiled_archs}" if ext is not None else "absent"
+    except Exception as e:
+        out["dz_ext"] = f"error: {type(e).__name__}: {e}"
+    return out
+
+
+def commit() -> str:
+    """DZ_COMMIT, else `git rev-parse HEAD` of the repository (+ "-dirty" when tracked files changed), else
+    "unknown"."""
+    override = os.environ.get("DZ_COMMIT", "").strip()
+    if override:
+        return override
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        sha = head.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, timeout=30)
+        return sha + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------
+def _quantiles(values: list[float], qs=(0.5, 0.2, 0.8)) -> list[float]:
+    xs = sorted(values)
+    out = []
+    for q in qs:
+        pos = q * (len(xs) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+    return out
+
+
+def _time_cpu(fn, ctx: BenchContext) -> tuple[list[float], str]:
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < ctx.cpu_max_reps:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= ctx.cpu_min_reps and time.perf_counter() - start_all > ctx.cpu_budget_s:
+            break
+    return _quantiles(times), "perf_counter"
+
+
+def _time_cuda_events(fn, ctx: BenchContext) -> tuple[list[float], str]:
+    import torch
+
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda") if ctx.flush_l2 else None
+    torch.cuda.synchronize()
+    # estimate one call
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 5, 1e-4)
+    n_warm = max(1, int(ctx.warmup_ms / est))
+    n_rep = min(max(5, int(ctx.rep_ms / est)), 2000)
+    for _ in range(n_warm):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for i in range(n_rep):
+        if flush is not None:
+            flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return _quantiles(times), "cuda-events" + ("+l2flush" if flush is not None else "")
+
+
+def _time_cuda(fn, ctx: BenchContext) -> tuple[list[float], str]:
+    if ctx.flush_l2:
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            qs = do_bench(fn, warmup=ctx.warmup_ms, rep=ctx.rep_ms, quantiles=[0.5, 0.2, 0.8])
+            return [float(q) for q in qs], "triton.do_bench"
+    return _time_cuda_events(fn, ctx)
+
+
+def time_fn(fn: Callable[[], Any], ctx: BenchContext) -> tuple[float, float, float, str]:
+    """(median_ms, p20_ms, p80_ms, timer name) of `fn` on ctx.device."""
+    (median, p20, p80), timer = (_time_cuda if ctx.device == "cuda" else _time_cpu)(fn, ctx)
+    return median, p20, p80, timer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _run_impl(name: str, factory, case: Case, ctx: BenchContext, base: dict) -> dict:
+    row = dict(base, impl=name, is_peer=not is_ours(name), status="ok", median_ms=None, p20_ms=None, p80_ms=None,
+               tflops=None, gbps=None, max_err=None, unavailable=None, error=None, timer=None)
+    fn = None
+    try:
+        fn = factory()
+        if not callable(fn):
+            raise TypeError(f"factory of {name!r} returned {type(fn).__name__}, not a callable")
+        out = fn()
+        ctx.sync()
+        if case.check is not None:
+            row["max_err"] = float(case.check(out))
+        del out
+        median, p20, p80, timer = time_fn(fn, ctx)
+        row.update(median_ms=median, p20_ms=p20, p80_ms=p80, timer=timer)
+        if case.flops is not None and median > 0:
+            row["tflops"] = case.flops / (median * 1e-3) / 1e12
+        if case.bytes is not None and median > 0:
+            row["gbps"] = case.bytes / (median * 1e-3) / 1e9
+    except Unavailable as e:
+        row.update(status="unavailable", unavailable=str(e) or "unavailable")
+    except Exception as e:
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        row.update(status="error", error=tb)
+    finally:
+        del fn
+        if ctx.device == "cuda":
+            try:
+                import torch
+
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception:
+                pass
+    return row
+
+
+def _fill_speedups(rows: list[dict]) -> None:
+    peers = [r for r in rows if r["is_peer"] and r["status"] == "ok" and r["median_ms"]]
+    best = min(peers, key=lambda r: r["median_ms"]) if peers else None
+    for r in rows:
+        r["best_peer"] = best["impl"] if best else None
+        r["speedup_vs_best_peer"] = None
+        if best is not None and not r["is_peer"] and r["status"] == "ok" and r["median_ms"]:
+            r["speedup_vs_best_peer"] = best["median_ms"] / r["median_ms"]
+
+
+def run_bench(name: str, ctx: BenchContext, progress: bool = True) -> list[dict]:
+    """Run every case of bench `name`; returns its records (not written)."""
+    reg = registry()
+    common = {"bench": name, "device": device_name(ctx), "device_slug": device_slug(ctx), "small": ctx.small,
+              "versions": versions(), "commit": commit()}
+
+    def stamp():
+        return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    if name not in reg:
+        err = _IMPORT_ERRORS.get(name, f"no bench named {name!r}")
+        return [dict(common, case="*", impl="*", is_peer=False, status="error", params={}, flops=None,
+                     bytes=None, error=f"case file failed: {err}", timestamp=stamp())]
+    try:
+        cases = list(reg[name](ctx))
+    except Exception as e:
+        return [dict(common, case="*", impl="*", is_peer=False, status="error", params={}, flops=None, bytes=None,
+                     error=f"listing cases failed: {type(e).__name__}: {e}", timestamp=stamp())]
+    records: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cases), desc=name, unit="case", file=sys.stderr, leave=False)
+    while cases:
+        case = cases.pop(0)
+        base = dict(common, case=case.case, params=case.params, flops=case.flops, bytes=case.bytes)
+        rows = []
+        for impl_name, factory in case.impls.items():
+            if bar is not None:
+                bar.set_postfix_str(f"{case.case} / {impl_name}")
+            rows.append(dict(_run_impl(impl_name, factory, case, ctx, base), timestamp=stamp()))
+        del case, base
+        _fill_speedups(rows)
+        records.extend(rows)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return [_json_safe({k: r.get(k) for k in RECORD_FIELDS}) for r in records]
+
+
+def write_records(records: list[dict], out_root: str, bench: str) -> str:
+    """Write (replace) <out_root>/<device-slug>/<bench>.json; returns its path."""
+    slug = records[0]["device_slug"] if records else "unknown"
+    folder = os.path.join(out_root, slug)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{bench}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run_benches(names: Iterable[str] | None = None, ctx: BenchContext | None = None, out_dir: str | None = None,
+                progress: bool = True, report: bool = True) -> dict[str, list[dict]]:
+    """Run the named benches (all registered ones when None), write their records under out_dir (default
+    bench/results) and, with report=True, the Markdown table and PNG plot beside them. Returns {bench: records}."""
+    reg = registry()
+    ctx = ctx or BenchContext.detect()
+    out_root = out_dir or RESULTS_DIR
+    if names is None:
+        names = sorted(set(reg) | set(_IMPORT_ERRORS))
+    results = {}
+    for name in names:
+        records = run_bench(name, ctx, progress=progress)
+        path = write_records(records, out_root, name)
+        if report:
+            from dz_bench import report as report_mod
+
+            report_mod.write_report(records, os.path.dirname(path), name)
+        results[name] = records
+    return results

@@ -1,0 +1,189 @@
+"""The benchmark harness on CPU: records and their fields, error and unavailable rows, speedups, reports."""
+from __future__ import annotations
+
+import datetime
+import json
+import time
+
+import pytest
+import torch
+
+from dz_bench import harness, report
+from dz_bench.harness import BenchContext, Case, Unavailable
+
+FAST_CTX = dict(device="cpu", small=True, cpu_budget_s=0.01, cpu_min_reps=3, cpu_max_reps=5)
+
+
+@pytest.fixture
+def dummy_bench():
+    name = "test-dummy"
+    calls = {"listed": 0}
+
+    @harness.register(name)
+    def cases(ctx):
+        calls["listed"] += 1
+        x = torch.arange(6.0)
+
+        def ours():
+            return lambda: x * 2
+
+        def slow_peer():
+            def run():
+                time.sleep(0.002)
+                return x * 2
+            return run
+
+        def broken():
+            def run():
+                raise RuntimeError("boom in the peer")
+            return run
+
+        def missing():
+            raise Unavailable("peer library not installed")
+
+        def wrong():
+            return lambda: x * 2 + 1
+
+        yield Case(case="double", params={"n": 6}, flops=6.0, bytes=96.0,
+                   impls={"dz": ours, "peer-slow": slow_peer, "peer-broken": broken, "peer-missing": missing,
+                          "peer-wrong": wrong},
+                   check=lambda out: (out - x * 2).abs().max().item())
+        yield Case(case="only-ours", params={}, impls={"dz": ours})
+
+    yield name, calls
+    harness.unregister(name)
+
+
+def _by_impl(records, case):
+    return {r["impl"]: r for r in records if r["case"] == case}
+
+
+def test_records_reports_and_speedup(dummy_bench, tmp_path):
+    name, calls = dummy_bench
+    ctx = BenchContext(**FAST_CTX)
+    results = harness.run_benches([name], ctx=ctx, out_dir=str(tmp_path), progress=False)
+    records = results[name]
+    slug = harness.device_slug(ctx)
+    assert slug.startswith("cpu-")
+    folder = tmp_path / slug
+    with open(folder / f"{name}.json") as f:
+        assert json.load(f) == records
+    for r in records:
+        assert set(harness.RECORD_FIELDS) <= set(r), set(harness.RECORD_FIELDS) - set(r)
+        assert r["bench"] == name and r["device_slug"] == slug and r["small"] is True
+        assert {"python", "torch", "triton", "cuda", "cupy", "driver"} <= set(r["versions"])
+        assert r["commit"]
+        datetime.datetime.fromisoformat(r["timestamp"])
+
+    rows = _by_impl(records, "double")
+    assert [r["impl"] for r in records if r["case"] == "double"] == ["dz", "peer-slow", "peer-broken",
+                                                                     "peer-missing", "peer-wrong"]
+    ours, slow = rows["dz"], rows["peer-slow"]
+    assert ours["status"] == "ok" and ours["is_peer"] is False and ours["timer"] == "perf_counter"
+    assert 0 < ours["p20_ms"] <= ours["median_ms"] <= ours["p80_ms"]
+    assert ours["tflops"] == pytest.approx(6.0 / (ours["median_ms"] * 1e-3) / 1e12)
+    assert ours["gbps"] == pytest.approx(96.0 / (ours["median_ms"] * 1e-3) / 1e9)
+    assert ours["max_err"] == 0.0 and rows["peer-wrong"]["max_err"] == 1.0
+    assert slow["median_ms"] >= 2.0  # it sleeps 2 ms per call
+    best = min((rows["peer-slow"], rows["peer-wrong"]), key=lambda r: r["median_ms"])
+    assert ours["best_peer"] == best["impl"]
+    assert ours["speedup_vs_best_peer"] == pytest.approx(best["median_ms"] / ours["median_ms"])
+    assert all(r["speedup_vs_best_peer"] is None for r in rows.values() if r["is_peer"])
+
+    broken = rows["peer-broken"]
+    assert broken["status"] == "error" and "RuntimeError: boom in the peer" in broken["error"]
+    assert broken["median_ms"] is None
+    missing = rows["peer-missing"]
+    assert missing["status"] == "unavailable" and missing["unavailable"] == "peer library not installed"
+
+    only = _by_impl(records, "only-ours")["dz"]
+    assert only["status"] == "ok" and only["best_peer"] is None and only["speedup_vs_best_peer"] is None
+    assert only["max_err"] is None and only["tflops"] is None
+
+    md = (folder / f"{name}.md").read_text()
+    assert "| double | dz |" in md and "boom in the peer" in md and "peer library not installed" in md
+    assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second run replaces the bench's file
+    harness.run_benches([name], ctx=ctx, out_dir=str(tmp_path), progress=False)
+    with open(folder / f"{name}.json") as f:
+        assert len(json.load(f)) == len(records)
+    assert calls["listed"] == 2
+
+
+def test_failing_case_listing_is_an_error_row(tmp_path):
+    name = "test-broken-listing"
+
+    @harness.register(name)
+    def cases(ctx):
+        raise KeyError("no such shape table")
+        yield  # pragma: no cover
+
+    try:
+        records = harness.run_benches([name], ctx=BenchContext(**FAST_CTX), out_dir=str(tmp_path),
+                                      progress=False)[name]
+    finally:
+        harness.unregister(name)
+    assert len(records) == 1 and records[0]["status"] == "error"
+    assert "listing cases failed" in records[0]["error"] and "no such shape table" in records[0]["error"]
+
+
+def test_copy_bench_on_cpu(tmp_path):
+    ctx = BenchContext(**FAST_CTX)
+    records = harness.run_benches(["copy"], ctx=ctx, out_dir=str(tmp_path), progress=False)["copy"]
+    assert records, "copy bench produced no rows"
+    for case in {r["case"] for r in records}:
+        rows = _by_impl(records, case)
+        assert rows["dz"]["status"] == "unavailable" and "CUDA" in rows["dz"]["unavailable"]
+        peer = rows["torch-copy_"]
+        assert peer["status"] == "ok" and peer["max_err"] == 0.0 and peer["gbps"] > 0
+        assert peer["bytes"] == 2 * torch.Size(peer["params"]["shape"]).numel() * 4
+    folder = tmp_path / harness.device_slug(ctx)
+    assert report.copy_bandwidth(str(folder)) == max(r["gbps"] for r in records if r["status"] == "ok")
+    assert "% copy BW" in (folder / "copy.md").read_text()
+
+
+def test_case_and_register_validation():
+    with pytest.raises(ValueError, match="non-empty dict"):
+        Case(case="x", params={}, impls={})
+    with pytest.raises(TypeError, match="not callable"):
+        Case(case="x", params={}, impls={"dz": 3})
+    with pytest.raises(ValueError, match="bench name"):
+        harness.register("bad name!")
+
+    @harness.register("test-dup")
+    def first(ctx):
+        return []
+
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            @harness.register("test-dup")
+            def second(ctx):
+                return []
+    finally:
+        harness.unregister("test-dup")
+
+
+def test_quantiles_and_lazy():
+    assert harness._quantiles([5.0, 1.0, 3.0, 2.0, 4.0]) == [3.0, 1.8, 4.2]
+    built = []
+    get = harness.lazy(lambda: built.append(1) or "value")
+    assert get() == "value" and get() == "value" and built == [1]
+
+
+def test_report_regenerates_from_json(dummy_bench, tmp_path):
+    name, _ = dummy_bench
+    ctx = BenchContext(**FAST_CTX)
+    harness.run_benches([name], ctx=ctx, out_dir=str(tmp_path), progress=False, report=False)
+    folder = tmp_path / harness.device_slug(ctx)
+    assert not (folder / f"{name}.md").exists()
+    assert report.main([str(folder)]) == 0
+    assert (folder / f"{name}.md").exists() and (folder / f"{name}.png").exists()
+
+
+def test_commit_override(monkeypatch):
+    monkeypatch.setenv("DZ_COMMIT", "abc123")
+    assert harness.commit() == "abc123"
+    monkeypatch.delenv("DZ_COMMIT")
+    c = harness.commit()
+    assert c == "unknown" or len(c.split("-")[0]) == 40

@@ -1,0 +1,562 @@
+"""The policy server (dreamzero.serve): codec, round trip against the Policy itself, malformed and oversized
+requests, a client that disconnects mid-request, a restart, the bounded queue, the raw-input hook, the commands.
+
+Every server here listens on 127.0.0.1 on a free port and runs the tiny random model with one denoising step.
+"""
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+msgpack = pytest.importorskip("msgpack", reason="the server needs the 'serve' extra: pip install 'dz-kernels[serve]'")
+pytest.importorskip("websockets", reason="the server needs the 'serve' extra: pip install 'dz-kernels[serve]'")
+
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+from dreamzero.config import get_config  # noqa: E402
+from dreamzero.dreamzero import DreamZero  # noqa: E402
+from dreamzero.engine import Policy, PolicyConfig  # noqa: E402
+from dreamzero.serve import (PolicyClient, PolicyServer, ProtocolError, ServerError, client_main, pack,  # noqa: E402
+                             serve_main, unpack)
+
+F32 = np.float32
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DreamZero(get_config("tiny")).eval()
+
+
+def new_policy(model, **kw):
+    return Policy(model, PolicyConfig(num_steps=1, **kw))
+
+
+def episode(cfg, batch=2, chunks=4, seed=0):
+    """Random features of the protocol's shapes: the reset's arrays, then per step (observation or None, state)."""
+    rng = np.random.default_rng(seed)
+    H, W = cfg.latent_height, cfg.latent_width
+    reset = dict(text=rng.standard_normal((batch, cfg.text_len, cfg.text_dim)).astype(F32),
+                 clip=rng.standard_normal((batch, cfg.clip_tokens, cfg.clip_dim)).astype(F32),
+                 first_latent=rng.standard_normal((batch, cfg.latent_channels, 1, H, W)).astype(F32),
+                 embodiment=np.arange(batch, dtype=np.int64) % cfg.num_embodiments)
+    steps = [(None if i == 0 else rng.standard_normal((batch, cfg.latent_channels, cfg.frames_per_chunk, H, W))
+              .astype(F32), rng.standard_normal((batch, cfg.states_per_chunk, cfg.state_dim)).astype(F32))
+             for i in range(chunks)]
+    return reset, steps
+
+
+def run_direct(policy, reset, steps):
+    t = torch.from_numpy
+    policy.reset(t(reset["text"]), t(reset["clip"]), t(reset["first_latent"]), embodiment=t(reset["embodiment"]))
+    return [policy.step(None if o is None else t(o), t(s)) for o, s in steps]
+
+
+def send_raw(client, raw):
+    client.ws.send(raw)
+    return unpack(client.ws.recv(timeout=60))
+
+
+class GatedPolicy:
+    """A Policy whose step waits for the test to open a gate: makes 'a request is running' deterministic."""
+
+    def __init__(self, inner):
+        self.inner, self.cfg, self.config = inner, inner.cfg, inner.config
+        self.device, self.dtype = inner.device, inner.dtype
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.calls = 0
+        self.fail_next = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):       # never leave the server's worker waiting, whatever the test did
+        self.release.set()
+
+    @property
+    def chunk(self):
+        return self.inner.chunk
+
+    def reset(self, *args, **kw):
+        return self.inner.reset(*args, **kw)
+
+    def step(self, observation, state):
+        self.calls += 1
+        self.entered.set()
+        if not self.release.wait(60):
+            raise RuntimeError("the test never opened the gate")
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("simulated failure")
+        return self.inner.step(observation, state)
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- codec
+def test_codec_round_trip():
+    rng = np.random.default_rng(1)
+    arrays = [np.arange(7, dtype=np.float32), np.zeros((0, 3), np.int64), np.array(3.5),
+              rng.standard_normal((3, 4, 5))[:, ::2].astype(np.float16),          # not contiguous
+              np.array([True, False]), np.arange(6, dtype=">i4").reshape(2, 3),     # big-endian in
+              np.arange(5, dtype=np.uint8), rng.standard_normal((2, 3))]
+    msg = {"type": "x", "a": arrays, "n": {"t": torch.arange(3.0), "bf": torch.ones(2, dtype=torch.bfloat16)},
+           "s": np.float32(2.5), "i": np.int64(7), "tup": (1, 2), "none": None, "b": b"\x00\x01"}
+    out = unpack(pack(msg))
+    for a, b in zip(arrays, out["a"], strict=True):
+        assert b.dtype == a.dtype.newbyteorder("=") and b.shape == a.shape and np.array_equal(a, b)
+        assert b.flags.writeable and b.dtype.isnative
+    assert out["n"]["t"].dtype == np.float32 and out["n"]["t"].tolist() == [0.0, 1.0, 2.0]
+    assert out["n"]["bf"].dtype == np.float32 and out["n"]["bf"].tolist() == [1.0, 1.0]       # bfloat16 -> float32
+    assert (out["s"], out["i"], out["tup"], out["none"], out["b"]) == (2.5, 7, [1, 2], None, b"\x00\x01")
+
+
+@pytest.mark.parametrize("dtype,shape,data,expect", [
+    ("|O", [1], b"\x00" * 8, "refused"),             # object arrays would mean pickle: never
+    ("O", [1], b"\x00" * 8, "refused"),
+    ("<c8", [1], b"\x00" * 8, "refused"),
+    ("<U2", [1], b"\x00" * 8, "refused"),
+    ("V8", [1], b"\x00" * 8, "refused"),
+    ("<f1", [1], b"\x00", "not a numpy dtype"),
+    ("<f4", [2], b"\x00" * 4, "need 8"),
+    ("<f4", [-1], b"", "non-negative"),
+    ("<f4", "2", b"\x00" * 8, "list"),
+    ("<f4", [2], "text", "bin"),
+])
+def test_codec_rejects_bad_arrays(dtype, shape, data, expect):
+    raw = msgpack.packb({"x": {"__nd__": True, "dtype": dtype, "shape": shape, "data": data}}, use_bin_type=True)
+    with pytest.raises(ProtocolError, match=expect):
+        unpack(raw)
+
+
+def test_codec_rejects_malformed_msgpack():
+    good = pack({"type": "health", "a": np.zeros(4, F32)})
+    for raw, expect in [(b"\xc1", "not valid msgpack"), (good[:-3], "not valid msgpack"),
+                        (good + b"\x00", "not valid msgpack"),
+                        (msgpack.packb(msgpack.ExtType(5, b"x")), "extension type"),
+                        (msgpack.packb({"__nd__": True, "dtype": "<f4", "shape": [0], "data": b"", "x": 1}),
+                         "exactly")]:
+        with pytest.raises(ProtocolError, match=expect):
+            unpack(raw)
+    for bad in (np.array([object()], dtype=object), np.zeros(2, np.complex64), object()):
+        with pytest.raises(TypeError):
+            pack({"x": bad})
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+def test_round_trip_matches_the_policy(model):
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=2, chunks=4)      # 4 chunks cross the cache window (a release reset)
+    expected = run_direct(new_policy(model), reset, steps)
+    with PolicyServer(new_policy(model), port=0) as srv, PolicyClient(srv.url) as c:
+        assert srv.host == "127.0.0.1" and srv.url == f"ws://127.0.0.1:{srv.port}"
+        assert srv._server.sockets[0].getsockname()[0] == "127.0.0.1"
+        h = c.health()
+        assert h["type"] == "health" and h["ok"] is True and h["episode"]["active"] is False
+        assert h["metrics"]["step_latency"] == {"count": 0, "mean_ms": None, "p50_ms": None, "p90_ms": None,
+                                                "max_ms": None}
+        meta = c.metadata()
+        assert meta["model"] == "tiny" and meta["model_config"]["text_dim"] == cfg.text_dim
+        assert meta["policy_config"]["num_steps"] == 1 and meta["policy_config"]["cfg_mode"] == "sequential"
+        s = meta["shapes"]
+        assert s["text"] == ["B", cfg.text_len, cfg.text_dim] and s["clip"] == ["B", cfg.clip_tokens, cfg.clip_dim]
+        assert s["first_latent"] == ["B", 16, 1, cfg.latent_height, cfg.latent_width]
+        assert s["observation"] == ["B", 16, cfg.frames_per_chunk, cfg.latent_height, cfg.latent_width]
+        assert s["state"] == ["B", cfg.states_per_chunk, cfg.state_dim]
+        assert s["actions"] == ["B", cfg.actions_per_chunk, cfg.action_dim] and "video" not in s
+        assert meta["embodiment_required"] is True and meta["num_embodiments"] == 2 and meta["encode"] is False
+
+        r = c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        assert r["type"] == "reset" and r["ok"] is True and r["batch"] == 2
+        for (obs, st), want in zip(steps, expected, strict=True):
+            rep = c.step(obs, st)
+            assert rep["type"] == "actions" and rep["chunk"] == want.chunk and rep["dit_steps"] == want.dit_steps
+            assert rep["actions"].shape == (2, cfg.actions_per_chunk, cfg.action_dim)
+            np.testing.assert_array_equal(rep["actions"], want.actions)
+            assert rep["latency_ms"] >= rep["timings_ms"]["denoise_ms"] > 0
+        assert [w.chunk for w in expected] == [1, 2, 3, 1]
+        h = c.health()
+        lat = h["metrics"]["step_latency"]
+        assert lat["count"] == 4 and 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["max_ms"]
+        assert lat["mean_ms"] <= lat["max_ms"] and h["metrics"]["step_compute"]["count"] == 4
+        assert h["episode"] == {"active": True, "batch": 2, "chunk": 1} and h["metrics"]["errors"] == 0
+        assert c.metadata()["metrics"]["step_latency"]["count"] == 4
+
+
+def test_return_video_and_an_int_embodiment(model):
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=1, chunks=2, seed=3)
+    reset["embodiment"] = np.array([1])
+    direct = new_policy(model, return_video=True)
+    expected = run_direct(direct, reset, steps)
+    with PolicyServer(new_policy(model, return_video=True), port=0) as srv, PolicyClient(srv.url) as c:
+        assert c.metadata()["shapes"]["video"] == ["B", 16, cfg.frames_per_chunk, cfg.latent_height,
+                                                   cfg.latent_width]
+        c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=1)      # an int: every batch item
+        for (obs, st), want in zip(steps, expected, strict=True):
+            rep = c.step(obs, st)
+            np.testing.assert_array_equal(rep["actions"], want.actions)
+            np.testing.assert_array_equal(rep["video"], want.video.float().numpy())
+
+
+# ---------------------------------------------------------------------------------------------- bad requests
+def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(model):
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=2, chunks=3)
+    expected = run_direct(new_policy(model), reset, steps)
+    good = {"type": "reset", **reset}
+
+    def with_(**kw):
+        return pack({**good, **kw})
+
+    def without(name):
+        return pack({k: v for k, v in good.items() if k != name})
+
+    def nd(a):
+        return {"__nd__": True, "dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+    object_text = msgpack.packb({"type": "reset", "clip": nd(reset["clip"]), "first_latent": nd(reset["first_latent"]),
+                                 "embodiment": nd(reset["embodiment"]),
+                                 "text": {"__nd__": True, "dtype": "|O", "shape": [1], "data": b"\x00" * 8}},
+                                use_bin_type=True)
+    nan_text = reset["text"].copy()
+    nan_text[0, 0, 0] = np.nan
+    cases = [
+        (b"\xc1", "malformed message: not valid msgpack"),
+        (with_()[:100], "malformed message"),                                   # truncated
+        ("a text frame", "got a text message"),
+        (pack([1, 2]), "must be a msgpack map"),
+        (pack({"x": 1}), "missing 'type' field"),
+        (pack({"type": "fly"}), "unknown message type 'fly'"),
+        (pack({"type": "health", "id": [1]}), "'id' must be"),
+        (without("clip"), "reset: missing field 'clip'"),
+        (with_(text=reset["text"][:, :3]), f"reset: text has shape [2, 3, {cfg.text_dim}], expected [B, "),
+        (with_(clip=reset["clip"][:1]), "reset: clip has shape [1, "),                         # batch mismatch
+        (with_(first_latent=reset["first_latent"][:, :, :, :2]), "reset: first_latent has shape"),
+        (with_(text=reset["text"].astype(np.int32)), "reset: text must be a float array"),
+        (object_text, "dtype '|O' refused"),
+        (with_(text=nan_text), "reset: text holds NaN or Inf"),
+        (with_(embodiment=np.array([0, 5])), "embodiment ids must be in [0, 2)"),
+        (with_(embodiment=np.array([0.0, 1.0])), "embodiment must be an integer array"),
+        (with_(embodiment="robot"), "embodiment must be an int or an int array"),
+        (without("embodiment"), "the model has 2 embodiment slots"),
+        (with_(negative=reset["text"]), "unknown field(s) ['negative']"),
+        (with_(cond=np.zeros((2, 20, 2, cfg.latent_height, cfg.latent_width), F32)), "reset: cond has shape"),
+        (pack({"type": "step", "state": steps[0][1]}), "no episode: send a reset first"),
+        (pack({"type": "step"}), "step: missing field 'state'"),
+        (pack({"type": "step", "state": steps[0][1][..., :2]}), "step: state has shape"),
+        (pack({"type": "reset", "instruction": "pick", "image": np.zeros((1, 8, 8, 3), np.uint8)}),
+         "need a server started with an encoder"),
+    ]
+    with PolicyServer(new_policy(model), port=0) as srv, PolicyClient(srv.url) as c:
+        for i, (raw, expect) in enumerate(cases):
+            rep = send_raw(c, raw)
+            assert rep["type"] == "error" and expect in rep["error"], (i, rep)
+        # the same connection still works, and the episode rules are enforced without touching the policy
+        c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        with pytest.raises(ServerError, match="first step after a reset takes no observation"):
+            c.step(steps[1][0], steps[0][1])
+        with pytest.raises(ServerError, match="batch 1 does not match the reset's batch 2"):
+            c.step(None, steps[0][1][:1])
+        np.testing.assert_array_equal(c.step(None, steps[0][1])["actions"], expected[0].actions)
+        with pytest.raises(ServerError, match="'observation' is required"):
+            c.step(None, steps[1][1])
+        with pytest.raises(ServerError, match="observation has shape"):
+            c.step(steps[1][0][:, :, :1], steps[1][1])
+        for (obs, st), want in zip(steps[1:], expected[1:]):
+            np.testing.assert_array_equal(c.step(obs, st)["actions"], want.actions)
+        h = c.health()
+        assert h["ok"] and h["metrics"]["errors"] == len(cases) + 4 and h["metrics"]["step_latency"]["count"] == 3
+
+
+def test_oversized_messages(model):
+    limit = 64 * 1024
+    with PolicyServer(new_policy(model), port=0, max_message_bytes=limit) as srv:
+        assert srv.hard_limit_bytes == 2 * limit
+        with PolicyClient(srv.url) as c:
+            with pytest.raises(ServerError, match=f"exceeds the server's limit of {limit} bytes"):
+                c.request({"type": "health", "pad": np.zeros(100 * 1024, np.uint8)})
+            assert c.health()["ok"]                                 # same connection, still open
+            c.ws.send(pack({"type": "health", "pad": np.zeros(300 * 1024, np.uint8)}))    # beyond the hard limit
+            with pytest.raises(ConnectionClosed) as info:
+                c.ws.recv(timeout=30)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009     # message too big, with a reason
+            assert info.value.rcvd.reason
+        with PolicyClient(srv.url) as c:
+            h = c.health()
+            assert h["ok"] and h["metrics"]["errors"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- disconnects, queue
+def test_client_disconnects_mid_request(model):
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=1, chunks=2, seed=5)
+    expected = run_direct(new_policy(model), reset, steps)
+    gated = GatedPolicy(new_policy(model))
+    with PolicyServer(gated, port=0) as srv, gated:
+        with PolicyClient(srv.url) as c:
+            c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        a = PolicyClient(srv.url, timeout=30)
+        a.ws.send(pack({"type": "step", "state": steps[0][1]}))
+        assert gated.entered.wait(30)
+        a.ws.socket.shutdown(socket.SHUT_RDWR)                      # gone while its step runs (no close frame)
+        a.close()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:     # and a broken handshake
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:     # and plain garbage
+            s.sendall(b"\x00\xff" * 100)
+        gated.release.set()
+        with PolicyClient(srv.url, timeout=30) as b:
+            assert wait_for(lambda: b.health()["metrics"]["disconnected_mid_request"] == 1)
+            h = b.health()
+            assert h["ok"] and h["pending"] == 0 and h["episode"]["chunk"] == 1      # the step completed
+            rep = b.step(*steps[1])                                 # the episode goes on where it was
+            np.testing.assert_array_equal(rep["actions"], expected[1].actions)
+    assert gated.calls == 2
+
+
+def test_busy_when_the_queue_is_full(model):
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=1, chunks=2, seed=6)
+    expected = run_direct(new_policy(model), reset, steps)
+    gated = GatedPolicy(new_policy(model))
+    with (PolicyServer(gated, port=0, max_pending=1) as srv, gated, PolicyClient(srv.url, timeout=30) as a,
+          PolicyClient(srv.url, timeout=30) as b):
+        a.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        a.ws.send(pack({"type": "step", "state": steps[0][1], "id": "first"}))
+        assert gated.entered.wait(30)
+        with pytest.raises(ServerError, match=r"busy: 1 request\(s\) pending \(max_pending=1\)"):
+            b.step(None, steps[0][1])
+        with pytest.raises(ServerError, match="busy"):
+            b.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        h = b.health()                                              # answered while the step runs
+        assert h["pending"] == 1 and h["metrics"]["busy"] == 2 and gated.calls == 1
+        gated.release.set()
+        rep = unpack(a.ws.recv(timeout=60))
+        assert rep["type"] == "actions" and rep["id"] == "first"
+        np.testing.assert_array_equal(rep["actions"], expected[0].actions)
+        np.testing.assert_array_equal(b.step(*steps[1])["actions"], expected[1].actions)    # room again
+        assert gated.calls == 2
+
+
+def test_a_policy_failure_is_reported_and_a_reset_recovers(model):
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=1, chunks=2, seed=8)
+    expected = run_direct(new_policy(model), reset, steps)
+    gated = GatedPolicy(new_policy(model))
+    gated.release.set()
+    gated.fail_next = True
+    with PolicyServer(gated, port=0) as srv, PolicyClient(srv.url) as c:
+        c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        with pytest.raises(ServerError, match=r"step failed \(RuntimeError\): simulated failure"):
+            c.step(*steps[0])
+        with pytest.raises(ServerError, match="the policy failed during the previous step; send a reset"):
+            c.step(*steps[0])
+        assert c.health()["episode"]["active"] is False
+        c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        for (obs, st), want in zip(steps, expected):
+            np.testing.assert_array_equal(c.step(obs, st)["actions"], want.actions)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_legacy_websockets_server_api(model, monkeypatch):
+    """The fallback for websockets 12 (no websockets.asyncio): the same protocol through websockets' legacy API."""
+    import dreamzero.serve as serve_mod
+
+    try:
+        from websockets.legacy.server import serve as legacy_serve
+    except ImportError:
+        pytest.skip("this websockets has no legacy server API any more: the fallback cannot be exercised")
+    monkeypatch.setattr(serve_mod, "_websockets_serve", lambda: legacy_serve)
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=1, chunks=2, seed=9)
+    expected = run_direct(new_policy(model), reset, steps)
+    with PolicyServer(new_policy(model), port=0, max_message_bytes=4096) as srv:
+        assert type(srv._server).__module__.startswith("websockets.legacy")
+        with PolicyClient(srv.url) as c:
+            assert c.health()["ok"]
+            c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+            for (obs, st), want in zip(steps, expected):
+                np.testing.assert_array_equal(c.step(obs, st)["actions"], want.actions)
+            assert send_raw(c, b"\xc1")["error"].startswith("malformed message")
+            with pytest.raises(ServerError, match="exceeds the server's limit of 4096 bytes"):
+                c.request({"type": "health", "pad": np.zeros(5000, np.uint8)})
+            c.ws.send(pack({"type": "health", "pad": np.zeros(20000, np.uint8)}))
+            with pytest.raises(ConnectionClosed) as info:
+                c.ws.recv(timeout=30)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+        with PolicyClient(srv.url) as c:
+            assert c.health()["ok"]
+
+
+# ---------------------------------------------------------------------------------------------- restart
+def test_restart_on_the_same_port(model):
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=1, chunks=3, seed=7)
+    expected = run_direct(new_policy(model), reset, steps)
+    srv = PolicyServer(new_policy(model), port=0)
+    port = srv.start_background()
+    try:
+        with PolicyClient(srv.url) as c:
+            c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+            np.testing.assert_array_equal(c.step(*steps[0])["actions"], expected[0].actions)
+        srv.stop_background()
+        with pytest.raises(OSError):
+            PolicyClient(srv.url, open_timeout=5)                   # nothing listens
+        assert srv.start_background() == port                       # the same server again, same port
+        with PolicyClient(srv.url) as c:
+            np.testing.assert_array_equal(c.step(*steps[1])["actions"], expected[1].actions)   # episode kept
+            with pytest.raises(OSError):
+                PolicyServer(new_policy(model), port=port).start_background()                 # port taken
+            np.testing.assert_array_equal(c.step(*steps[2])["actions"], expected[2].actions)
+        srv.stop_background()
+        other = PolicyServer(new_policy(model), port=port)          # a new server on the freed port
+        assert other.start_background() == port
+        try:
+            with PolicyClient(other.url) as c:
+                assert c.health()["ok"] and c.health()["episode"]["active"] is False
+        finally:
+            other.stop_background()
+    finally:
+        srv.stop_background()
+
+
+# ---------------------------------------------------------------------------------------------- raw inputs
+def test_encode_hook(model):
+    cfg = model.cfg
+    H, W = cfg.latent_height, cfg.latent_width
+
+    def encode(kind, msg):
+        if kind == "reset":
+            if not isinstance(msg["instruction"], str):
+                raise ValueError("instruction must be a str")
+            img = msg["image"]
+            B = img.shape[0]
+            rng = np.random.default_rng(len(msg["instruction"]) + int(img.sum()))
+            return {"text": rng.standard_normal((B, cfg.text_len, cfg.text_dim)).astype(F32),
+                    "clip": torch.from_numpy(rng.standard_normal((B, cfg.clip_tokens, cfg.clip_dim)).astype(F32)),
+                    "first_latent": rng.standard_normal((B, 16, 1, 1 if msg["instruction"] == "bad shape" else H, W))
+                    .astype(F32)}
+        frames = msg["frames"].astype(F32)
+        return {"observation": np.broadcast_to(frames.mean(axis=(1, 2, 3, 4))[:, None, None, None, None] / 255.0,
+                                               (frames.shape[0], 16, cfg.frames_per_chunk, H, W)).copy()}
+
+    image = np.random.default_rng(0).integers(0, 255, (1, 8, 8, 3), dtype=np.uint8)
+    frames = np.random.default_rng(1).integers(0, 255, (1, 4, 8, 8, 3), dtype=np.uint8)
+    feats = encode("reset", {"instruction": "pick up the cup", "image": image})
+    obs = encode("step", {"frames": frames})["observation"]
+    state = np.ones((1, cfg.states_per_chunk, cfg.state_dim), F32)
+    direct = new_policy(model)
+    direct.reset(torch.from_numpy(feats["text"]), feats["clip"], torch.from_numpy(feats["first_latent"]),
+                 embodiment=torch.tensor([1]))
+    want = [direct.step(None, torch.from_numpy(state)), direct.step(torch.from_numpy(obs), torch.from_numpy(state))]
+    with PolicyServer(new_policy(model), port=0, encode=encode) as srv, PolicyClient(srv.url) as c:
+        meta = c.metadata()
+        assert meta["encode"] is True and meta["raw_fields"]["step"] == ["frames"]
+        with pytest.raises(ServerError, match=r"reset failed \(ValueError\): instruction must be a str"):
+            c.request({"type": "reset", "instruction": 3, "image": image, "embodiment": 1})
+        with pytest.raises(ServerError, match="after encoding: reset: first_latent has shape"):
+            c.request({"type": "reset", "instruction": "bad shape", "image": image, "embodiment": 1})
+        c.request({"type": "reset", "instruction": "pick up the cup", "image": image, "embodiment": 1})
+        np.testing.assert_array_equal(c.step(None, state)["actions"], want[0].actions)
+        rep = c.request({"type": "step", "frames": frames, "state": state})
+        np.testing.assert_array_equal(rep["actions"], want[1].actions)
+
+
+def test_server_arguments_are_checked(model):
+    p = new_policy(model)
+    for kw, expect in [(dict(max_pending=0), "max_pending"), (dict(max_message_bytes=10), "max_message_bytes"),
+                       (dict(max_message_bytes=4096, hard_limit_bytes=2048), "hard_limit_bytes")]:
+        with pytest.raises(ValueError, match=expect):
+            PolicyServer(p, **kw)
+    with pytest.raises(TypeError, match="encode"):
+        PolicyServer(p, encode="yes")
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def test_commands_are_wired_into_dz():
+    from dz_kernels.cli import _resolve, all_commands
+
+    cmds = all_commands()
+    assert _resolve(cmds["serve"][0]) is serve_main and _resolve(cmds["client"][0]) is client_main
+
+
+def test_serve_command_argument_errors(capsys, tmp_path):
+    for argv in (["--config", "tiny"], ["--random-weights", "--checkpoint", "x.safetensors"]):
+        with pytest.raises(SystemExit) as e:
+            serve_main(argv)
+        assert e.value.code == 2
+        assert "exactly one of --random-weights and --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot load checkpoint"):
+        serve_main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="static mask is defined for 16 steps"):
+        serve_main(["--random-weights", "--dit-cache", "static", "--steps", "4", "--device", "cpu"])
+
+
+def test_serve_loads_a_checkpoint(model, tmp_path):
+    """--checkpoint goes through dreamzero.checkpoint.load_model: the served policy has the saved weights."""
+    from dreamzero.serve import build_policy, serve_parser
+
+    save_checkpoint = pytest.importorskip("dreamzero.checkpoint", reason="no dreamzero.checkpoint in this tree: "
+                                          "dz serve then takes --random-weights only").save_checkpoint
+
+    path = save_checkpoint(model, tmp_path / "tiny")
+    policy, name = build_policy(serve_parser().parse_args(["--checkpoint", str(path), "--device", "cpu",
+                                                           "--steps", "1"]))
+    assert name == "tiny" and policy.config.num_steps == 1 and policy.dtype == torch.float32
+    want = model.state_dict()
+    got = policy.model.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    w = model.blocks[0].ffn[0].weight
+    seeded, _ = build_policy(serve_parser().parse_args(["--random-weights", "--device", "cpu"]))
+    assert torch.equal(seeded.model.blocks[0].ffn[0].weight, w)            # --weight-seed 0, as the fixture
+    other, _ = build_policy(serve_parser().parse_args(["--random-weights", "--weight-seed", "1", "--device", "cpu"]))
+    assert not torch.equal(other.model.blocks[0].ffn[0].weight, w)
+
+
+def test_client_command_without_a_server(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert client_main(["--url", f"ws://127.0.0.1:{port}", "--timeout", "5"]) == 1
+    assert "cannot connect" in capsys.readouterr().err
+
+
+def test_dz_serve_and_client_demo(capsys):
+    proc = subprocess.Popen([sys.executable, "-m", "dz_kernels.cli", "serve", "--config", "tiny", "--random-weights",
+                             "--steps", "1", "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killer = threading.Timer(120, proc.kill)
+    killer.start()
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"listening on (ws://127\.0\.0\.1:\d+)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = m.group(1)
+        assert client_main(["--url", url, "--demo", "--chunks", "2", "--batch", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "model tiny on cpu" in out and "reset: batch 2" in out
+        assert re.search(r"step 1: chunk 2, actions \[2, 3, 6\] float32, round trip [\d.]+ ms", out)
+        assert "server step latency: count 2" in out
+        assert client_main(["--url", url]) == 0
+        assert '"metadata"' in capsys.readouterr().out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        killer.cancel()
+    assert proc.returncode == 0, err
+    assert "dz serve: stopped" in out
