@@ -1,0 +1,379 @@
+"""attention: layout attention (dz_kernels.attention) on DreamZero's masks against FlexAttention, SDPA and the
+release-style per-block loop.
+
+Cases (full shapes, droid-14b: 40 heads x 128, bf16, tensors [B, L, H, D]):
+- train/fwd, train/fwd+bwd: the teacher-forcing mask at 4 chunks (15,940 tokens, about 30% visible), B=1;
+  train/fwd+bwd/deterministic: the same with the no-atomics backward.
+- infer/B1, infer/B2: one denoising pass of chunk 5 (1785 queries) against a full cache (9 frames, 7920 keys) plus
+  itself. Dense under the release rule, so "dz" dispatches to SDPA (cuDNN first); infer/B*/kernel forces the
+  Triton kernel on the same shape, to keep that dispatch decision measured.
+- control/B1, control/B2: the one-call control step (observed chunk 4 written to the cache + chunk 5 denoised,
+  7 cached frames) against "two-calls-*", the observe pass and the denoise pass it replaces (each one call: our
+  op, which dispatches both to SDPA since both are dense, or SDPA cuDNN / flash directly), and the other peers on
+  the control mask; control/B*/sdpa-blocks times the op's optional two-dense-blocks dispatch (sdpa_blocks=2).
+- schedule/train: host time to build the tile schedules and token tables of the training layout from scratch
+  (peer: FlexAttention's create_block_mask for the same mask on the device).
+FLOPs are the useful ones, layout.attention_flops (4 * visible pairs * D per head); forward plus backward counts
+3.5x the forward (backward = 2.5x, FlashAttention's convention), so the dense peers, which do about 3x the work on
+the training mask, are charged only for the useful part.
+
+Peers: "flex" (torch.compile'd flex_attention with a block mask from a mask_mod over per-token segment ids),
+"sdpa-cudnn" and "sdpa-flash" (dense, unmasked: a different function on masked layouts, timed as the speed of
+light of dense attention; their max_err is nan there), "release-loop" (dreamzero.attention.attention_blockwise:
+one SDPA call per group of query segments over the torch.cat of its keys). check = max abs error against the
+release loop's result (outputs, and dq, dk, dv for the backward cases).
+
+Small (CPU) run: tiny layouts (6-token frames, 2 heads x 16); "dz" runs in the Triton interpreter when
+TRITON_INTERPRET=1 was set before import (else Unavailable), the CUDA-only peers are Unavailable.
+"""
+from __future__ import annotations
+
+import torch
+
+from dz_bench.harness import Case, Unavailable, lazy, register
+
+DTYPE = torch.bfloat16
+FWD_BWD_FLOP_FACTOR = 3.5
+
+
+def _attn():
+    import dz_kernels.attention as attn
+
+    return attn
+
+
+def _dz_available(ctx):
+    if ctx.device != "cuda":
+        from dz_kernels.attention._common import interpreting
+
+        if not interpreting():
+            raise Unavailable("the Triton kernels need CUDA (or TRITON_INTERPRET=1 set before import, for the CPU "
+                              "interpreter)")
+
+
+def _cuda_only(ctx, what):
+    if ctx.device != "cuda":
+        raise Unavailable(f"{what} is timed on CUDA only")
+
+
+def _shapes(ctx):
+    """(config name, heads, head dim, per-layout builders)."""
+    from dreamzero.config import get_config
+    from dreamzero.layout import inference_layout, layout_for_config
+
+    if ctx.small:
+        ft, fpc, A, S = 6, 2, 3, 1
+        return {
+            "heads": 2, "head_dim": 16,
+            "train": lambda: layout_for_config(get_config("tiny"), "train", num_chunks=2),
+            "denoise": lambda: inference_layout(ft, fpc, A, S, "denoise", 3, (0, 1, 2, 3, 4)),
+            "control": lambda: inference_layout(ft, fpc, A, S, "control", 3, (0, 1, 2)),
+            "observe": lambda: inference_layout(ft, fpc, A, S, "observe", 2, (0, 1, 2)),
+        }
+    cfg = get_config("droid-14b")
+    return {
+        "heads": cfg.num_heads, "head_dim": cfg.head_dim,
+        "train": lambda: layout_for_config(cfg, "train"),
+        "denoise": lambda: layout_for_config(cfg, "denoise", chunk=5, cached_frames=tuple(range(9))),
+        "control": lambda: layout_for_config(cfg, "control", chunk=5, cached_frames=tuple(range(7))),
+        "observe": lambda: layout_for_config(cfg, "observe", chunk=4, cached_frames=tuple(range(7))),
+    }
+
+
+def _inputs(ctx, lay, B, H, D, grad=False, seed=0):
+    g = torch.Generator(device=ctx.device).manual_seed(seed)
+    q = torch.randn(B, lay.q_len, H, D, device=ctx.device, generator=g).to(DTYPE)
+    k = torch.randn(B, lay.k_len, H, D, device=ctx.device, generator=g).to(DTYPE)
+    v = torch.randn(B, lay.k_len, H, D, device=ctx.device, generator=g).to(DTYPE)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def _max_err(ref, got) -> float:
+    if got is None:            # a peer that computes a different function (dense on a masked layout)
+        return float("nan")
+    err = 0.0
+    for r, t in zip(ref, got):
+        err = max(err, (r.float() - t.float()).abs().max().item())   # nan when memory was left unwritten
+    return err
+
+
+# ------------------------------------------------------------------------------------------------ attention fns
+def _fn_dz(lay, **kw):
+    attn = _attn()
+    return lambda q, k, v: attn.layout_attention(q, k, v, lay, **kw)
+
+
+def _fn_release(lay):
+    from dreamzero.attention import attention_blockwise
+
+    return lambda q, k, v: attention_blockwise(q, k, v, lay)
+
+
+def _fn_sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def run(q, k, v):
+        with sdpa_kernel([be]):
+            o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                 v.transpose(1, 2))
+        return o.transpose(1, 2)
+
+    return run
+
+
+def _flex_block_mask(lay, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    tt = _attn().token_tables(lay)
+    seg = torch.from_numpy(lay.segment_mask().copy()).to(device)
+    q_seg = torch.from_numpy(tt.q_seg.astype("int64")).to(device)
+    k_seg = torch.from_numpy(tt.k_seg.astype("int64")).to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return seg[q_seg[q_idx], k_seg[kv_idx]]
+
+    return create_block_mask(mask_mod, None, None, lay.q_len, lay.k_len, device=device)
+
+
+def _fn_flex(lay, device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = _flex_block_mask(lay, device)
+    compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+
+    def run(q, k, v):
+        o = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+        return o.transpose(1, 2)
+
+    return run
+
+
+def _warm(run):
+    """Call once (compiles Triton kernels or a torch.compile peer); a compile failure becomes Unavailable."""
+    try:
+        run()
+    except Unavailable:
+        raise
+    except Exception as e:
+        raise Unavailable(f"could not run: {type(e).__name__}: {e}") from e
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ case builders
+def _fwd_case(ctx, name, lay, B, H, D, impls: dict, dense_peers: bool, params: dict):
+    """impls: {impl name: (builder of fn(q, k, v) -> out, requirement check or None)}."""
+    data = lazy(lambda: _inputs(ctx, lay, B, H, D))
+    expected = lazy(lambda: [_fn_release(lay)(*data())])
+
+    def factory(build, require, masked_semantics):
+        def make():
+            if require is not None:
+                require()
+            fn = build()
+            args = data()
+            if masked_semantics:
+                return lambda: [fn(*args)]
+
+            def run_dense():
+                fn(*args)
+                return None
+
+            return run_dense
+        return make
+
+    table = {}
+    for impl, (build, require) in impls.items():
+        dense = impl.startswith("sdpa-") and dense_peers
+        table[impl] = factory(build, require, not dense)
+    return Case(case=name, params=dict(params, B=B, H=H, D=D, Lq=lay.q_len, Lk=lay.k_len, dtype="bfloat16",
+                                       visible=round(lay.visible_pairs() / (lay.q_len * lay.k_len), 4)),
+                flops=lay.attention_flops(B, H, D), impls=table, check=lambda out: _max_err(expected(), out))
+
+
+def _fwd_bwd_case(ctx, name, lay, B, H, D, impls: dict, params: dict):
+    data = lazy(lambda: _inputs(ctx, lay, B, H, D, grad=True))
+    dout = lazy(lambda: torch.randn(B, lay.q_len, H, D, device=ctx.device,
+                                    generator=torch.Generator(device=ctx.device).manual_seed(7)).to(DTYPE))
+
+    def fwd_bwd(fn):
+        args, g = data(), dout()
+
+        def run():
+            out = fn(*args)
+            return [out.detach(), *torch.autograd.grad(out, args, g)]
+        return run
+
+    expected = lazy(lambda: fwd_bwd(_fn_release(lay))())
+
+    def factory(build, require, masked_semantics):
+        def make():
+            if require is not None:
+                require()
+            run = fwd_bwd(build())
+            if masked_semantics:
+                return run
+
+            def run_dense():
+                run()
+                return None
+            return run_dense
+        return make
+
+    table = {impl: factory(b, r, not impl.startswith("sdpa-")) for impl, (b, r) in impls.items()}
+    return Case(case=name, params=dict(params, B=B, H=H, D=D, Lq=lay.q_len, Lk=lay.k_len, dtype="bfloat16",
+                                       visible=round(lay.visible_pairs() / (lay.q_len * lay.k_len), 4)),
+                flops=FWD_BWD_FLOP_FACTOR * lay.attention_flops(B, H, D), impls=table,
+                check=lambda out: _max_err(expected(), out))
+
+
+def _peers(ctx, lay, with_flex=True, with_dense=True, with_release=True):
+    dev = ctx.device
+    out = {}
+    if with_flex:
+        out["flex"] = (lambda: _fn_flex(lay, dev), lambda: _cuda_only(ctx, "FlexAttention (compiled)"))
+    if with_dense:
+        out["sdpa-cudnn"] = (lambda: _fn_sdpa("cudnn"), lambda: _cuda_only(ctx, "SDPA cuDNN"))
+        out["sdpa-flash"] = (lambda: _fn_sdpa("flash"), lambda: _cuda_only(ctx, "SDPA flash"))
+    if with_release:
+        out["release-loop"] = (lambda: _fn_release(lay), None)
+    return out
+
+
+@register("attention")
+def cases(ctx):
+    sh = _shapes(ctx)
+    H, D = sh["heads"], sh["head_dim"]
+    dz_req = lambda: _dz_available(ctx)  # noqa: E731
+
+    # training mask, forward and forward + backward
+    train = sh["train"]()
+    yield _fwd_case(ctx, "train/fwd", train, 1, H, D,
+                    {"dz": (lambda: _fn_dz(train), dz_req), **_peers(ctx, train)}, True,
+                    {"layout": "train", "pass": "fwd"})
+    yield _fwd_bwd_case(ctx, "train/fwd+bwd", train, 1, H, D,
+                        {"dz": (lambda: _fn_dz(train), dz_req), **_peers(ctx, train)},
+                        {"layout": "train", "pass": "fwd+bwd", "deterministic": False})
+    yield _fwd_bwd_case(ctx, "train/fwd+bwd/deterministic", train, 1, H, D,
+                        {"dz": (lambda: _fn_dz(train, deterministic=True), dz_req),
+                         **_peers(ctx, train, with_dense=False, with_release=False)},
+                        {"layout": "train", "pass": "fwd+bwd", "deterministic": True})
+
+    # inference chunk against the full cache (dense under the release rule)
+    den = sh["denoise"]()
+    for B in (1, 2):
+        yield _fwd_case(ctx, f"infer/B{B}", den, B, H, D,
+                        {"dz": (lambda: _fn_dz(den), dz_req), **_peers(ctx, den)}, False,
+                        {"layout": "denoise", "pass": "fwd", "dispatch": "auto"})
+        yield _fwd_case(ctx, f"infer/B{B}/kernel", den, B, H, D,
+                        {"dz": (lambda: _fn_dz(den, dense_sdpa=False), dz_req),
+                         **_peers(ctx, den, with_flex=False, with_release=False)}, False,
+                        {"layout": "denoise", "pass": "fwd", "dispatch": "triton kernel forced"})
+
+    # the control step: one call vs the observe + denoise calls it replaces
+    ctl, obs = sh["control"](), sh["observe"]()
+    for B in (1, 2):
+        yield _control_case(ctx, ctl, obs, den, B, H, D, dz_req)
+        yield _control_case(ctx, ctl, obs, den, B, H, D, dz_req, sdpa_blocks=True)
+
+    yield _schedule_case(ctx, sh)
+
+
+def _control_case(ctx, ctl, obs, den, B, H, D, dz_req, sdpa_blocks=False):
+    """The control layout's queries are [observed frames | noisy frames, actions, state] and its keys
+    [cache | the same]; the two-call peer runs the observe layout on the first part and the denoise layout (whose
+    cache then holds the observed frames too) on the second, on the same tensors. With sdpa_blocks, "dz" takes
+    the op's two-dense-blocks dispatch (one SDPA call per block) instead of the kernel."""
+    data = lazy(lambda: _inputs(ctx, ctl, B, H, D))
+    expected = lazy(lambda: [_fn_release(ctl)(*data())])
+    n_obs, n_cached = obs.q_len, ctl.n_cached
+    assert obs.k_len == n_cached + n_obs and den.k_len == ctl.k_len and den.q_len == ctl.q_len - n_obs
+
+    def two_calls(build_obs, build_den):
+        def make():
+            f_obs, f_den = build_obs(), build_den()
+            q, k, v = data()
+            q_obs, k_obs, v_obs = q[:, :n_obs], k[:, :n_cached + n_obs], v[:, :n_cached + n_obs]
+            q_den = q[:, n_obs:]
+
+            def run():
+                return [torch.cat([f_obs(q_obs, k_obs, v_obs), f_den(q_den, k, v)], dim=1)]
+            return run
+        return make
+
+    def one(build, require=None):
+        def make():
+            if require is not None:
+                require()
+            fn, args = build(), data()
+            return lambda: [fn(*args)]
+        return make
+
+    def cuda_two_calls(backend):
+        def make():
+            _cuda_only(ctx, f"SDPA {backend}")
+            return two_calls(lambda: _fn_sdpa(backend), lambda: _fn_sdpa(backend))()
+        return make
+
+    def dz_two_calls():
+        dz_req()
+        return two_calls(lambda: _fn_dz(obs), lambda: _fn_dz(den))()
+
+    if sdpa_blocks:
+        impls = {"dz": one(lambda: _fn_dz(ctl, dense_sdpa=True, sdpa_blocks=2),
+                           lambda: _cuda_only(ctx, "the SDPA dispatch")),
+                 "two-calls-sdpa-cudnn": cuda_two_calls("cudnn"), "two-calls-sdpa-flash": cuda_two_calls("flash")}
+        return Case(case=f"control/B{B}/sdpa-blocks", params={"layout": "control", "pass": "fwd", "B": B, "H": H,
+                                                              "D": D, "Lq": ctl.q_len, "Lk": ctl.k_len,
+                                                              "dtype": "bfloat16", "observed_tokens": n_obs,
+                                                              "dispatch": "sdpa_blocks=2"},
+                    flops=ctl.attention_flops(B, H, D), impls=impls, check=lambda out: _max_err(expected(), out))
+    impls = {
+        "dz": one(lambda: _fn_dz(ctl), dz_req),
+        "two-calls-dz": dz_two_calls,
+        "two-calls-sdpa-cudnn": cuda_two_calls("cudnn"),
+        "two-calls-sdpa-flash": cuda_two_calls("flash"),
+        "flex": one(lambda: _fn_flex(ctl, ctx.device), lambda: _cuda_only(ctx, "FlexAttention (compiled)")),
+        "release-loop": one(lambda: _fn_release(ctl)),
+    }
+    return Case(case=f"control/B{B}", params={"layout": "control", "pass": "fwd", "B": B, "H": H, "D": D,
+                                              "Lq": ctl.q_len, "Lk": ctl.k_len, "dtype": "bfloat16",
+                                              "observed_tokens": n_obs},
+                flops=ctl.attention_flops(B, H, D), impls=impls, check=lambda out: _max_err(expected(), out))
+
+
+def _schedule_case(ctx, sh):
+    """Host time of the schedules and token tables the op needs for the training layout, from scratch."""
+    from dreamzero.layout import SequenceLayout
+
+    def fresh_layout():
+        lay = sh["train"]()
+        # a copy without the memoized schedules (the layout's own segment mask stays cached: it is the layout's)
+        clone = SequenceLayout(mode=lay.mode, rule=lay.rule, window=lay.window, frame_tokens=lay.frame_tokens,
+                               actions_per_chunk=lay.actions_per_chunk, states_per_chunk=lay.states_per_chunk,
+                               q=lay.q, k=lay.k, parts=lay.parts, writes_cache=lay.writes_cache)
+        clone._cache.update({k: v for k, v in lay._cache.items() if "dz_attention" not in str(k)})
+        clone.segment_mask()
+        return clone
+
+    def impl_dz():
+        attn = _attn()
+        cfg = attn.default_config(torch.device(ctx.device), DTYPE, sh["head_dim"])
+
+        def run():
+            lay = fresh_layout()
+            attn.token_tables(lay)
+            for bm, bn in (cfg.fwd, cfg.dkv, cfg.dq):
+                attn.build_schedule(lay, bm, bn)
+            return None
+        return run
+
+    def impl_flex():
+        _cuda_only(ctx, "create_block_mask at the full shape")
+        return lambda: _flex_block_mask(fresh_layout(), ctx.device)
+
+    lay = sh["train"]()
+    return Case(case="schedule/train", params={"layout": "train", "Lq": lay.q_len, "Lk": lay.k_len,
+                                               "what": "tile schedules + token tables, host, uncached"},
+                impls={"dz": impl_dz, "flex-create_block_mask": impl_flex})

@@ -1,0 +1,195 @@
+"""Triton backward kernels of layout attention (FlashAttention-2 style).
+
+1. `_bwd_preprocess_kernel`: delta = rowsum(dO * O) - dlse (fp32 [B, H, Lq]); dlse is the incoming gradient of the
+   log-sum-exp output (zero when only the attention output is used).
+2. `_bwd_dkdv_kernel`: one program per (key tile, batch x head) walks the query tiles that see the key tile (the
+   key-side schedule) and accumulates dK and dV in fp32 registers. With ATOMIC_DQ it also adds each tile's dQ
+   contribution into an fp32 buffer with atomics (fast, not bitwise reproducible).
+3. `_bwd_dq_kernel`: one program per (query tile, batch x head) walks the key tiles of the query-side schedule and
+   accumulates dQ in registers: no atomics, bitwise deterministic (used when deterministic=True).
+Probabilities are recomputed from the saved lse: p = exp2(s * scale * log2(e) - lse * log2(e)).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import _dot, _tile_mask
+
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ob, stride_ol, stride_oh, stride_db, stride_dl, stride_dh,
+                           H, Lq, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Lq
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dl + offs_d[None, :],
+                 mask=m_ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _load_lse2(LSE, row_off, offs_m, m_ok):
+    """lse in log2 units for recomputing p; rows past Lq and rows that saw nothing get +inf, so p = 0 there."""
+    lse = tl.load(LSE + row_off + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql, stride_dol, stride_dql,
+                LSE, DELTA, row_off, COLS, e_start, e_end, Q_SEG, KQ_BITS, n_words, Lq, qk_scale, sm_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
+                MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for e in range(e_start, e_end):
+        qt = tl.load(COLS + e)
+        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Lq
+        qT = tl.load(q_base + offs_m[None, :] * stride_ql + offs_d[:, None], mask=m_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lse2 = _load_lse2(LSE, row_off, offs_m, m_ok)
+        delta = tl.load(DELTA + row_off + offs_m, mask=m_ok, other=0.0)
+        sT = _dot(k, qT, INTERPRET)                                   # [BLOCK_N, BLOCK_M]
+        pT = tl.exp2(sT * qk_scale - lse2[None, :])
+        if MASKED:
+            base = tl.load(Q_SEG + qt * BLOCK_M)
+            q_seg = tl.load(Q_SEG + offs_m, mask=m_ok, other=0)
+            q_seg = tl.where(m_ok, q_seg, base)
+            vis = _tile_mask(k_seg, q_seg, m_ok, base, KQ_BITS, n_words, BLOCK_N, BLOCK_M, NWIN)
+            pT = tl.where(vis & n_ok[:, None], pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, INTERPRET)
+        dpT = _dot(v, tl.trans(do), INTERPRET)                         # [BLOCK_N, BLOCK_M]
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), INTERPRET)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(dsT.to(k.dtype)), k, INTERPRET) * sm_scale  # [BLOCK_M, HEAD_DIM]
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dql + offs_d[None, :], dq, mask=m_ok[:, None])
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_SEG, K_SEG, KQ_BITS, ROWS, COLS,
+                     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+                     stride_vb, stride_vl, stride_vh, stride_dob, stride_dol, stride_doh,
+                     stride_dkb, stride_dkl, stride_dkh, stride_dvb, stride_dvl, stride_dvh,
+                     stride_dqb, stride_dql, stride_dqh,
+                     H, Lq, Lk, n_words, qk_scale, sm_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    tile = tl.load(ROWS + pid * 4)
+    e_start = tl.load(ROWS + pid * 4 + 1)
+    e_mid = tl.load(ROWS + pid * 4 + 2)
+    e_end = tl.load(ROWS + pid * 4 + 3)
+
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < Lk
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)
+    k_seg = tl.load(K_SEG + offs_n, mask=n_ok, other=0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    dq_base = DQ_ACC + b * stride_dqb + h * stride_dqh
+    row_off = bh.to(tl.int64) * Lq
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk, dv = _dkdv_inner(dk, dv, k, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql, stride_dol, stride_dql,
+                         LSE, DELTA, row_off, COLS, e_start, e_mid, Q_SEG, KQ_BITS, n_words, Lq, qk_scale, sm_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, False, ATOMIC_DQ, INTERPRET)
+    dk, dv = _dkdv_inner(dk, dv, k, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql, stride_dol, stride_dql,
+                         LSE, DELTA, row_off, COLS, e_mid, e_end, Q_SEG, KQ_BITS, n_words, Lq, qk_scale, sm_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, ATOMIC_DQ, INTERPRET)
+    dk *= sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_start, e_end,
+              K_SEG, QK_BITS, n_words, Lk, qk_scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
+              MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for e in range(e_start, e_end):
+        kt = tl.load(COLS + e)
+        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n < Lk
+            kT = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+            vT = tl.load(v_base + offs_n[None, :] * stride_vl + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        else:
+            kT = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None])
+            vT = tl.load(v_base + offs_n[None, :] * stride_vl + offs_d[:, None])
+        s = _dot(q, kT, INTERPRET)
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            base = tl.load(K_SEG + kt * BLOCK_N)
+            k_seg = tl.load(K_SEG + offs_n, mask=n_ok, other=0)
+            k_seg = tl.where(n_ok, k_seg, base)
+            vis = _tile_mask(q_seg, k_seg, n_ok, base, QK_BITS, n_words, BLOCK_M, BLOCK_N, NWIN)
+            p = tl.where(vis, p, 0.0)
+        dp = _dot(do, vT, INTERPRET)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), INTERPRET)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Q_SEG, K_SEG, QK_BITS, ROWS, COLS,
+                   stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+                   stride_vb, stride_vl, stride_vh, stride_dob, stride_dol, stride_doh,
+                   stride_dqb, stride_dql, stride_dqh,
+                   H, Lq, Lk, n_words, qk_scale, sm_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    tile = tl.load(ROWS + pid * 4)
+    e_start = tl.load(ROWS + pid * 4 + 1)
+    e_mid = tl.load(ROWS + pid * 4 + 2)
+    e_end = tl.load(ROWS + pid * 4 + 3)
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Lq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
+                 mask=m_ok[:, None], other=0.0)
+    row_off = bh.to(tl.int64) * Lq
+    lse2 = _load_lse2(LSE, row_off, offs_m, m_ok)
+    delta = tl.load(DELTA + row_off + offs_m, mask=m_ok, other=0.0)
+    q_seg = tl.load(Q_SEG + offs_m, mask=m_ok, other=0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_start, e_mid,
+                   K_SEG, QK_BITS, n_words, Lk, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, False, INTERPRET)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_mid, e_end,
+                   K_SEG, QK_BITS, n_words, Lk, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, INTERPRET)
+    dq *= sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])

@@ -1,0 +1,50 @@
+"""Triton helpers shared by the layout-attention kernels: the dot wrapper and the in-tile token mask."""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1, read when triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr):
+    """a @ b with an fp32 result. The interpreter's bf16/fp16 tl.dot is wrong, so it gets fp32 operands there;
+    fp32 operands use full-precision ("ieee") products on the GPU, not TF32."""
+    if INTERPRET:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.float32:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _tile_mask(row_seg, col_seg, col_ok, base, BITS, n_words,
+               ROWS: tl.constexpr, COLS: tl.constexpr, NWIN: tl.constexpr):
+    """bool [ROWS, COLS]: segment_mask[row_seg[r], col_seg[c]] & col_ok[c] (see schedule.py, "Token mask").
+
+    row_seg int32 [ROWS]; col_seg int32 [COLS] (consecutive segments starting at `base`, the segment of the tile's
+    first column); BITS int32 [n_row_segments, n_words], bit j of row i = visibility of column segment j.
+    """
+    w0 = base // 32
+    local = col_seg - w0 * 32                      # in [0, 32 * NWIN)
+    shift = local & 31
+    which = local >> 5
+    vis = tl.zeros([ROWS, COLS], dtype=tl.int32)
+    row_ptr = BITS + row_seg * n_words
+    for w in tl.static_range(NWIN):
+        in_table = (w0 + w) < n_words               # words past the row's end read as zero
+        word = tl.load(row_ptr + tl.minimum(w0 + w, n_words - 1))
+        word = tl.where(in_table, word, 0)
+        bit = (word[:, None] >> shift[None, :]) & 1
+        vis = tl.where(which[None, :] == w, bit, vis)
+    return (vis != 0) & col_ok[None, :]

@@ -1,0 +1,88 @@
+"""Triton forward kernel of layout attention: one program per (query tile, batch x head), online softmax over the
+key tiles the schedule lists for the query tile (full tiles without a mask, then partial tiles with the token mask).
+
+Tensors are [B, L, H, D] with any strides except a contiguous last dim; lse is fp32 [B, H, Lq] (natural log).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import _dot, _tile_mask
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_start, e_end,
+               K_SEG, QK_BITS, n_words, Lk, qk_scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
+               MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for e in range(e_start, e_end):
+        kt = tl.load(COLS + e)
+        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n < Lk
+            kT = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            kT = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None])
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
+        s = _dot(q, kT, INTERPRET) * qk_scale              # [BLOCK_M, BLOCK_N], log2 units
+        if MASKED:
+            base = tl.load(K_SEG + kt * BLOCK_N)
+            k_seg = tl.load(K_SEG + offs_n, mask=n_ok, other=0)
+            k_seg = tl.where(n_ok, k_seg, base)
+            vis = _tile_mask(q_seg, k_seg, n_ok, base, QK_BITS, n_words, BLOCK_M, BLOCK_N, NWIN)
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows that saw nothing yet: exp2(-inf) = 0, no NaN
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, Q_SEG, K_SEG, QK_BITS, ROWS, COLS,
+                stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+                stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+                H, Lq, Lk, n_words, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    tile = tl.load(ROWS + pid * 4)
+    e_start = tl.load(ROWS + pid * 4 + 1)
+    e_mid = tl.load(ROWS + pid * 4 + 2)
+    e_end = tl.load(ROWS + pid * 4 + 3)
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Lq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    q_seg = tl.load(Q_SEG + offs_m, mask=m_ok, other=0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_start, e_mid,
+                               K_SEG, QK_BITS, n_words, Lk, qk_scale,
+                               BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, False, INTERPRET)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_mid, e_end,
+                               K_SEG, QK_BITS, n_words, Lk, qk_scale,
+                               BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, INTERPRET)
+
+    empty = l_i == 0.0                                   # a row that sees no key: output 0, lse = -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)

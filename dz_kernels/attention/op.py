@@ -1,0 +1,239 @@
+"""Launchers and torch.library registration of layout attention.
+
+Two custom ops, both with fake (meta) implementations so torch.compile(fullgraph=True) can trace them and CUDA
+graphs can capture them (no host syncs, no host-to-device copies inside: the schedule tensors are op inputs):
+
+    dz::layout_attention(q, k, v, q_seg, k_seg, qk_bits, kq_bits, fwd_rows, fwd_cols, dkv_rows, dkv_cols,
+                         dq_rows, dq_cols, scale, tiles, deterministic) -> (out [B, Lq, H, D], lse fp32 [B, H, Lq])
+    dz::layout_attention_backward(dout, q, k, v, out, lse, dlse?, q_seg, k_seg, qk_bits, kq_bits, dkv_rows,
+                                  dkv_cols, dq_rows, dq_cols, scale, tiles, deterministic) -> (dq, dk, dv)
+
+The first has an autograd formula (register_autograd) that calls the second; the gradient of lse is supported
+(it enters through delta). `tiles` = [fwd BLOCK_M, fwd BLOCK_N, dkv BLOCK_M, dkv BLOCK_N, dq BLOCK_M, dq BLOCK_N,
+fwd warps, fwd stages, bwd warps, bwd stages]; the schedule tensors must have been built for those block sizes
+(schedule.py); `layout_attention` in __init__.py does all of that from a layout.
+Outputs are freshly allocated and contiguous; inputs may have any strides with a contiguous last dim.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from ._bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
+from ._common import LOG2E, interpreting
+from ._fwd import _fwd_kernel
+from .schedule import nwin
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes and launch parameters of the three kernels. (BLOCK_M queries, BLOCK_N keys) per kernel; every
+    block size a power of two >= 16 (tl.dot's minimum)."""
+    fwd: tuple = (128, 64)
+    dkv: tuple = (32, 128)
+    dq: tuple = (128, 32)
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    bwd_warps: int = 4
+    bwd_stages: int = 3
+
+    def as_list(self) -> list:
+        return [*self.fwd, *self.dkv, *self.dq, self.fwd_warps, self.fwd_stages, self.bwd_warps, self.bwd_stages]
+
+    def validate(self) -> None:
+        for name in ("fwd", "dkv", "dq"):
+            blocks = getattr(self, name)
+            if len(blocks) != 2 or any(not isinstance(b, int) or b < 16 or b & (b - 1) for b in blocks):
+                raise ValueError(f"TileConfig.{name} must be two powers of two >= 16, got {blocks}")
+        for name in ("fwd_warps", "bwd_warps"):
+            w = getattr(self, name)
+            if w not in (1, 2, 4, 8, 16):
+                raise ValueError(f"TileConfig.{name} must be 1, 2, 4, 8 or 16, got {w}")
+        if self.fwd_stages < 1 or self.bwd_stages < 1:
+            raise ValueError("TileConfig stages must be >= 1")
+
+
+def default_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> TileConfig:
+    """Tile sizes per device and dtype. GPU values follow the Triton flash-attention tutorial's Hopper settings;
+    they are starting points for a tuning run on the device, not measured here."""
+    if device.type != "cuda":
+        return TileConfig(fwd=(32, 32), dkv=(32, 32), dq=(32, 32), fwd_warps=4, fwd_stages=1, bwd_warps=4,
+                          bwd_stages=1)
+    if dtype == torch.float32:
+        return TileConfig(fwd=(64, 32), dkv=(32, 64), dq=(64, 32), fwd_warps=4, fwd_stages=2, bwd_warps=4,
+                          bwd_stages=2)
+    if head_dim <= 64:
+        return TileConfig(fwd=(128, 64), dkv=(32, 128), dq=(128, 32), fwd_warps=4, fwd_stages=3, bwd_warps=4,
+                          bwd_stages=3)
+    return TileConfig(fwd=(128, 64), dkv=(32, 128), dq=(128, 32), fwd_warps=8, fwd_stages=3, bwd_warps=4,
+                      bwd_stages=3)
+
+
+# ---------------------------------------------------------------------- output allocation (with a test hook)
+_POISON_OUTPUTS = False
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Test hook: while active, the launchers allocate their outputs filled with NaN (instead of torch.empty), so
+    any element a kernel fails to write shows up in the comparison."""
+    global _POISON_OUTPUTS
+    old, _POISON_OUTPUTS = _POISON_OUTPUTS, enabled
+    try:
+        yield
+    finally:
+        _POISON_OUTPUTS = old
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    if _POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_kwargs(warps: int, stages: int) -> dict:
+    return {"num_warps": warps, "num_stages": stages}
+
+
+# ---------------------------------------------------------------------- launchers
+def _forward(q, k, v, q_seg, k_seg, qk_bits, rows, cols, scale: float, tiles: list):
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    q_seg, k_seg, qk_bits, rows, cols = (t.contiguous() for t in (q_seg, k_seg, qk_bits, rows, cols))
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    bm, bn = tiles[0], tiles[1]
+    if rows.shape[0] != triton.cdiv(Lq, bm):
+        raise ValueError(f"forward schedule has {rows.shape[0]} rows, expected {triton.cdiv(Lq, bm)} for "
+                         f"Lq={Lq}, BLOCK_M={bm}: build it with the same block sizes")
+    out = _alloc((B, Lq, H, D), q.dtype, q.device)
+    lse = _alloc((B, H, Lq), torch.float32, q.device)
+    grid = (rows.shape[0], B * H)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, q_seg, k_seg, qk_bits, rows, cols,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H, Lq, Lk, qk_bits.shape[1], scale * LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, NWIN=nwin(bn), INTERPRET=interpreting(),
+        **_launch_kwargs(tiles[6], tiles[7]))
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols,
+              scale: float, tiles: list, deterministic: bool):
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    km, kn, qm, qn = tiles[2], tiles[3], tiles[4], tiles[5]
+    if dkv_rows.shape[0] != triton.cdiv(Lk, kn):
+        raise ValueError(f"dk/dv schedule has {dkv_rows.shape[0]} rows, expected {triton.cdiv(Lk, kn)}")
+    if dq_rows.shape[0] != triton.cdiv(Lq, qm):
+        raise ValueError(f"dq schedule has {dq_rows.shape[0]} rows, expected {triton.cdiv(Lq, qm)}")
+    q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols = (
+        t.contiguous() for t in (q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols))
+    interp = interpreting()
+    launch = _launch_kwargs(tiles[8], tiles[9])
+
+    delta = _alloc((B, H, Lq), torch.float32, q.device)
+    pre_m = 64
+    _bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), B * H)](
+        out, dout, dlse if dlse is not None else lse, delta,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        H, Lq, HAS_DLSE=dlse is not None, BLOCK_M=pre_m, HEAD_DIM=D)
+
+    dk = _alloc((B, Lk, H, D), k.dtype, k.device)
+    dv = _alloc((B, Lk, H, D), v.dtype, v.device)
+    if deterministic:
+        dq_acc = delta          # unused by the kernel (ATOMIC_DQ=False); any fp32 pointer will do
+        dq_strides = (0, 0, 0)
+    else:
+        dq_acc = torch.zeros((B, Lq, H, D), dtype=torch.float32, device=q.device)
+        dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2))
+    _bwd_dkdv_kernel[(dkv_rows.shape[0], B * H)](
+        q, k, v, dout, lse, delta, dk, dv, dq_acc, q_seg, k_seg, kq_bits, dkv_rows, dkv_cols,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dq_strides,
+        H, Lq, Lk, kq_bits.shape[1], scale * LOG2E, scale,
+        BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=D, NWIN=nwin(km), ATOMIC_DQ=not deterministic, INTERPRET=interp,
+        **launch)
+    if deterministic:
+        dq = _alloc((B, Lq, H, D), q.dtype, q.device)
+        _bwd_dq_kernel[(dq_rows.shape[0], B * H)](
+            q, k, v, dout, lse, delta, dq, q_seg, k_seg, qk_bits, dq_rows, dq_cols,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            H, Lq, Lk, qk_bits.shape[1], scale * LOG2E, scale,
+            BLOCK_M=qm, BLOCK_N=qn, HEAD_DIM=D, NWIN=nwin(qn), INTERPRET=interp, **launch)
+    else:
+        dq = dq_acc.to(q.dtype)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------- custom ops
+@torch.library.custom_op("dz::layout_attention", mutates_args=())
+def layout_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_seg: torch.Tensor,
+                        k_seg: torch.Tensor, qk_bits: torch.Tensor, kq_bits: torch.Tensor, fwd_rows: torch.Tensor,
+                        fwd_cols: torch.Tensor, dkv_rows: torch.Tensor, dkv_cols: torch.Tensor,
+                        dq_rows: torch.Tensor, dq_cols: torch.Tensor, scale: float, tiles: list[int],
+                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Lq, H, D] (q's dtype), lse fp32 [B, H, Lq]. See the module doc."""
+    return _forward(q, k, v, q_seg, k_seg, qk_bits, fwd_rows, fwd_cols, scale, tiles)
+
+
+@layout_attention_op.register_fake
+def _layout_attention_fake(q, k, v, q_seg, k_seg, qk_bits, kq_bits, fwd_rows, fwd_cols, dkv_rows, dkv_cols,
+                           dq_rows, dq_cols, scale, tiles, deterministic):
+    B, Lq, H, D = q.shape
+    return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("dz::layout_attention_backward", mutates_args=())
+def layout_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+                                 q_seg: torch.Tensor, k_seg: torch.Tensor, qk_bits: torch.Tensor,
+                                 kq_bits: torch.Tensor, dkv_rows: torch.Tensor, dkv_cols: torch.Tensor,
+                                 dq_rows: torch.Tensor, dq_cols: torch.Tensor, scale: float, tiles: list[int],
+                                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq [B, Lq, H, D], dk, dv [B, Lk, H, D] (contiguous, the inputs' dtype)."""
+    return _backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows,
+                     dq_cols, scale, tiles, deterministic)
+
+
+@layout_attention_backward_op.register_fake
+def _layout_attention_backward_fake(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv_rows,
+                                    dkv_cols, dq_rows, dq_cols, scale, tiles, deterministic):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, q_seg, k_seg, qk_bits, kq_bits, _fr, _fc, dkv_rows, dkv_cols, dq_rows, dq_cols, scale, tiles,
+     deterministic) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols)
+    ctx.scale, ctx.tiles, ctx.deterministic = scale, list(tiles), deterministic
+
+
+def _autograd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, *sched = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.dz.layout_attention_backward(dout, q, k, v, out, lse, dlse, *sched, ctx.scale,
+                                                        ctx.tiles, ctx.deterministic)
+    return (dq, dk, dv) + (None,) * 13
+
+
+layout_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)

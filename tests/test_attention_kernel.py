@@ -1,0 +1,497 @@
+"""Layout attention kernels (Triton; the interpreter on a CPU) against a float64 reference under the layout's dense
+mask: forward, log-sum-exp, dq/dk/dv, odd sizes (1-token state blocks, 24-token action blocks, lengths that are not
+multiples of the tile, binding windows, cached frames nobody sees), outputs poisoned with NaN, the deterministic
+backward, the custom ops' fake implementations, torch.compile, the dense dispatch, the model, and bad input.
+
+Precision bar (FlashAttention's tests): the kernel's max error against float64 is at most 2x the error of the same
+computation done by plain PyTorch in the inputs' dtype, plus an atol of twice the rounding error of values of that
+size in that dtype; fp32 inputs get the same bar against PyTorch's fp32 computation."""
+import pytest
+import torch
+
+from dreamzero.attention import attention_blockwise, attention_dense_reference
+from dreamzero.config import get_config
+from dreamzero.layout import inference_layout, layout_for_config, train_layout
+from dz_kernels.attention import (TileConfig, dense_blocks, layout_attention, layout_is_dense, poison_outputs,
+                                  schedule_tensors)
+from dz_kernels.attention.op import layout_attention_backward_op, layout_attention_op
+from dz_kernels.testing import assert_within_lowp_bar
+
+SMALL = TileConfig(fwd=(16, 16), dkv=(16, 32), dq=(32, 16), fwd_warps=4, fwd_stages=1, bwd_warps=4, bwd_stages=1)
+WIDE = TileConfig(fwd=(32, 64), dkv=(64, 16), dq=(16, 64), fwd_warps=4, fwd_stages=1, bwd_warps=4, bwd_stages=1)
+
+LAYOUTS = {
+    # training: binding window (chunk 3 no longer sees frames 1-2), 3-token action blocks, 1-token states, 82 tokens
+    "train-5-w3": lambda: train_layout(5, 2, 3, 1, 3, 3),
+    # 24-token action blocks, 7-token frames: 120 tokens
+    "train-7-a24": lambda: train_layout(7, 2, 24, 1, 2, -1),
+    # inference with a cache whose frames 1-2 fall out of the window (keys nobody sees), consistent rule
+    "denoise-w3": lambda: inference_layout(5, 2, 3, 1, "denoise", 3, (0, 1, 2, 3, 4), 3, "consistent"),
+    # the control step: observed chunk 2 written + chunk 3 denoised in one call, against the cache
+    "control-7": lambda: inference_layout(7, 2, 24, 1, "control", 3, (0, 1, 2), -1, "release"),
+    # 13-token frames, one frame per chunk, window 2
+    "train-13-w2": lambda: train_layout(13, 1, 3, 1, 3, 2),
+}
+
+
+def make_qkv(layout, B, H, D, dtype, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, layout.q_len, H, D, generator=g).to(dtype)
+    k = torch.randn(B, layout.k_len, H, D, generator=g).to(dtype)
+    v = torch.randn(B, layout.k_len, H, D, generator=g).to(dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def torch_lowp(q, k, v, mask, scale=None):
+    """Plain PyTorch attention in the inputs' own dtype: the error baseline of the precision bar."""
+    s = scale if scale is not None else q.shape[-1] ** -0.5
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * s
+    p = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def reference_lse(q, k, mask, scale):
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    return torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def bar_atol(ref64, dtype):
+    """FlashAttention's atol: twice the rounding error of values of this size in this dtype,
+    2 * max |(ref + 0.3 - 0.3) - ref| (flash-attention's tests), plus 1e-6."""
+    r = ref64.detach().to(dtype)
+    return 2 * ((r + 0.3 - 0.3) - r).abs().max().item() + 1e-6
+
+
+def check_forward(layout, B, H, D, dtype, config, scale=None):
+    q, k, v = make_qkv(layout, B, H, D, dtype)
+    mask = layout.dense_mask()
+    with poison_outputs():
+        out = layout_attention(q, k, v, layout, scale, config=config)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = attention_dense_reference(q, k, v, mask, scale)
+    assert_within_lowp_bar(out, ref, torch_lowp(q, k, v, mask, scale), atol=bar_atol(ref, dtype), name="out")
+    return q, k, v, out
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_forward_bf16(name):
+    check_forward(LAYOUTS[name](), 2, 1, 16, torch.bfloat16, SMALL)
+
+
+@pytest.mark.parametrize("D,dtype,config", [(32, torch.float16, WIDE), (64, torch.bfloat16, SMALL),
+                                            (128, torch.float16, None), (16, torch.float32, SMALL)])
+def test_forward_head_dims_dtypes(D, dtype, config):
+    check_forward(LAYOUTS["train-5-w3"](), 1, 2, D, dtype, config, scale=0.3)
+
+
+def test_forward_lse_matches_reference():
+    lay = LAYOUTS["control-7"]()
+    q, k, v = make_qkv(lay, 1, 2, 32, torch.bfloat16)
+    cfg = SMALL.as_list()
+    sched = schedule_tensors(lay, tuple(cfg), q.device)
+    with poison_outputs():
+        out, lse = layout_attention_op(q, k, v, *sched, 0.2, cfg, False)
+    assert lse.shape == (1, 2, lay.q_len) and lse.dtype == torch.float32
+    ref = reference_lse(q, k, lay.dense_mask(), 0.2)
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def check_backward(layout, B, H, D, dtype, config, deterministic, scale=None):
+    q, k, v = make_qkv(layout, B, H, D, dtype, requires_grad=True)
+    mask = layout.dense_mask()
+    g = torch.Generator().manual_seed(5)
+    dout = torch.randn(B, layout.q_len, H, D, generator=g).to(dtype)
+    with poison_outputs():
+        out = layout_attention(q, k, v, layout, scale, deterministic, config=config)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_dense_reference(q64, k64, v64, mask, scale)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    low = torch_lowp(q, k, v, mask, scale)
+    low_grads = torch.autograd.grad(low, (q, k, v), dout)
+    assert_within_lowp_bar(out, ref, low, atol=bar_atol(ref, dtype), name="out")
+    for name, got, want, base in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert got.shape == want.shape and got.dtype == dtype
+        assert_within_lowp_bar(got, want, base, atol=bar_atol(want, dtype), name=name)
+    return grads
+
+
+@pytest.mark.parametrize("name", ["train-5-w3", "denoise-w3", "control-7", "train-13-w2"])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_bf16(name, deterministic):
+    check_backward(LAYOUTS[name](), 1, 1, 16, torch.bfloat16, SMALL, deterministic)
+
+
+def test_backward_fp16_wide_tiles_head_dim_64():
+    check_backward(LAYOUTS["train-7-a24"](), 1, 2, 64, torch.float16, WIDE, True, scale=0.2)
+
+
+def test_backward_fp32_default_tiles():
+    check_backward(LAYOUTS["control-7"](), 2, 1, 32, torch.float32, None, False)
+
+
+def test_keys_nobody_sees_get_zero_gradients():
+    lay = LAYOUTS["denoise-w3"]()
+    mask = lay.dense_mask()
+    unseen = ~mask.any(dim=0)
+    assert unseen.sum() >= 10, "frames 1 and 2 are out of every query's window"
+    dk, dv = check_backward(lay, 1, 1, 16, torch.bfloat16, SMALL, True)[1:]
+    assert (dk[:, unseen] == 0).all() and (dv[:, unseen] == 0).all()
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    lay = LAYOUTS["train-5-w3"]()
+    runs = []
+    for _ in range(2):
+        q, k, v = make_qkv(lay, 1, 1, 16, torch.bfloat16, requires_grad=True)
+        out = layout_attention(q, k, v, lay, None, True, config=SMALL)
+        runs.append((out,) + torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_lse_gradient():
+    """The op's second output (lse) is differentiable too: d lse_i / d s_ij = p_ij enters through delta."""
+    lay = LAYOUTS["train-5-w3"]()
+    q, k, v = make_qkv(lay, 1, 1, 16, torch.float32, requires_grad=True)
+    cfg = SMALL.as_list()
+    sched = schedule_tensors(lay, tuple(cfg), q.device)
+    g = torch.Generator().manual_seed(3)
+    w_out = torch.randn(1, lay.q_len, 1, 16, generator=g)
+    w_lse = torch.randn(1, 1, lay.q_len, generator=g)
+    out, lse = layout_attention_op(q, k, v, *sched, 0.25, cfg, True)
+    grads = torch.autograd.grad((out * w_out).sum() + (lse * w_lse).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = lay.dense_mask()
+    ref = attention_dense_reference(q64, k64, v64, mask, 0.25)
+    ref_lse = reference_lse(q64, k64, mask, 0.25)
+    ref_grads = torch.autograd.grad((ref * w_out.double()).sum() + (ref_lse * w_lse.double()).sum(),
+                                    (q64, k64, v64))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_rows_that_see_nothing_are_safe():
+    """No layout has a query that sees nothing (every token sees itself), but the kernels must not make NaN of one:
+    with all-zero bit tables and every tile scheduled as partial, every row is fully masked -> out 0, lse -inf,
+    zero gradients."""
+    lay = LAYOUTS["train-5-w3"]()
+    q, k, v = make_qkv(lay, 1, 1, 16, torch.bfloat16, requires_grad=True)
+    cfg = SMALL.as_list()
+    (q_seg, k_seg, qk_bits, kq_bits, fr, fc, kr, kc, dr, dc) = schedule_tensors(lay, tuple(cfg), q.device)
+
+    def all_partial(rows):
+        rows = rows.clone()
+        rows[:, 2] = rows[:, 1]            # mid = start: every scheduled tile goes through the masked loop
+        return rows
+
+    sched = (q_seg, k_seg, torch.zeros_like(qk_bits), torch.zeros_like(kq_bits), all_partial(fr), fc,
+             all_partial(kr), kc, all_partial(dr), dc)
+    for det in (True, False):
+        with poison_outputs():
+            out, lse = layout_attention_op(q, k, v, *sched, 0.25, cfg, det)
+            grads = torch.autograd.grad(out.float().sum() + 0 * lse.nan_to_num().sum(), (q, k, v))
+        assert (out == 0).all() and (lse == float("-inf")).all()
+        for g in grads:
+            assert (g == 0).all()
+
+
+def test_strided_inputs():
+    """q, k, v as views of a packed [B, L, 3, H, D] projection (strided tokens and heads), and a last dim that is
+    not contiguous (copied by the public function, as documented)."""
+    lay = LAYOUTS["train-5-w3"]()            # training: keys = queries, so one packed projection holds q, k, v
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(1, lay.q_len, 3, 2, 16, generator=g).to(torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    with poison_outputs():
+        out = layout_attention(q, k, v, lay, config=SMALL)
+    ref = attention_dense_reference(q, k, v, lay.dense_mask())
+    assert_within_lowp_bar(out, ref, torch_lowp(q, k, v, lay.dense_mask()), atol=bar_atol(ref, torch.bfloat16))
+    kt = k.transpose(-1, -2).contiguous().transpose(-1, -2)      # same values, last-dim stride != 1
+    assert kt.stride(-1) != 1
+    with poison_outputs():
+        out2 = layout_attention(q, kt, v, lay, config=SMALL)
+    assert torch.equal(out, out2)
+
+
+def test_matches_release_loop_reference():
+    """The kernel and the release-style per-block loop agree (float32, tight)."""
+    lay = LAYOUTS["control-7"]()
+    q, k, v = make_qkv(lay, 1, 2, 16, torch.float32)
+    out = layout_attention(q, k, v, lay, config=SMALL)
+    torch.testing.assert_close(out, attention_blockwise(q, k, v, lay), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_dispatch_rule():
+    cfg = get_config("droid-14b")
+    assert layout_is_dense(layout_for_config(cfg, "denoise", chunk=5, cached_frames=tuple(range(9))))
+    assert not layout_is_dense(layout_for_config(cfg, "train"))
+    assert not layout_is_dense(layout_for_config(cfg, "control", chunk=5, cached_frames=tuple(range(7))))
+    assert not layout_is_dense(layout_for_config(cfg, "denoise", chunk=5, cached_frames=tuple(range(9)),
+                                                 rule="consistent"))
+    # the SDPA path (forced on a CPU) and the kernel agree on a dense layout
+    lay = inference_layout(5, 2, 3, 1, "denoise", 2, (0, 1, 2), -1, "release")
+    assert layout_is_dense(lay)
+    q, k, v = make_qkv(lay, 1, 2, 16, torch.float32)
+    a = layout_attention(q, k, v, lay, config=SMALL, dense_sdpa=True)
+    b = layout_attention(q, k, v, lay, config=SMALL, dense_sdpa=False)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_blocks_dispatch():
+    """The control step is two dense blocks (observed frames: cache + themselves; the denoised chunk: every key);
+    with sdpa_blocks=2 it runs as one SDPA call per block and matches the kernel, gradients included."""
+    cfg = get_config("droid-14b")
+    ctl = layout_for_config(cfg, "control", chunk=5, cached_frames=tuple(range(7)))
+    n_cached, n_obs = ctl.n_cached, 2 * cfg.frame_tokens
+    assert dense_blocks(ctl) == ((0, n_obs, 0, n_cached + n_obs), (n_obs, ctl.q_len, 0, ctl.k_len))
+    assert dense_blocks(layout_for_config(cfg, "train")) is None
+    den = layout_for_config(cfg, "denoise", chunk=5, cached_frames=tuple(range(9)))
+    assert dense_blocks(den) == ((0, den.q_len, 0, den.k_len),)
+    lay = LAYOUTS["control-7"]()
+    assert len(dense_blocks(lay)) == 2
+    q, k, v = make_qkv(lay, 1, 2, 16, torch.float32, requires_grad=True)
+    dout = torch.randn(q.shape)
+    res = []
+    for kw in (dict(dense_sdpa=True, sdpa_blocks=2), dict(dense_sdpa=False)):
+        out = layout_attention(q, k, v, lay, config=SMALL, **kw)
+        res.append((out,) + torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fake_impls_with_opcheck():
+    lay = train_layout(5, 2, 3, 1, 1, -1)
+    q, k, v = make_qkv(lay, 1, 1, 16, torch.bfloat16, requires_grad=True)
+    cfg = TileConfig(fwd=(32, 32), dkv=(32, 32), dq=(32, 32), fwd_stages=1, bwd_stages=1).as_list()
+    sched = schedule_tensors(lay, tuple(cfg), q.device)
+    torch.library.opcheck(layout_attention_op, (q, k, v, *sched, 0.25, cfg, True))
+    out, lse = layout_attention_op(q, k, v, *sched, 0.25, cfg, True)
+    dout = torch.randn_like(out)
+    bwd_sched = (*sched[:4], *sched[6:])
+    torch.library.opcheck(layout_attention_backward_op,
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, *bwd_sched,
+                           0.25, cfg, True))
+
+
+def test_torch_compile_fullgraph():
+    """fullgraph tracing through the public function (schedule tensors as constants, the fake impls, the autograd
+    formula) gives the eager results; a second layout recompiles instead of reusing the first schedule."""
+    lays = [train_layout(5, 2, 3, 1, 2, -1), train_layout(5, 2, 3, 1, 2, 3)]
+
+    def f(q, k, v, lay):
+        return layout_attention(q * 1.0, k, v, lay, None, True, config=SMALL)
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for lay in lays:
+        q, k, v = make_qkv(lay, 1, 1, 16, torch.bfloat16, requires_grad=True)
+        out = cf(q, k, v, lay)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        out_e = f(q, k, v, lay)
+        grads_e = torch.autograd.grad(out_e.float().square().sum(), (q, k, v))
+        assert torch.equal(out, out_e)
+        for a, b in zip(grads, grads_e):
+            assert torch.equal(a, b)
+
+
+def test_tiny_model_with_the_kernel_matches_reference_path():
+    """The model's backend switch: teacher forcing (forward and parameter gradients) and one fused control step
+    against the KV cache, fp32, kernel vs the reference attention."""
+    from dreamzero.cache import KVCache
+    from dreamzero.dreamzero import DreamZero
+
+    cfg = get_config("tiny", num_layers=1)
+    torch.manual_seed(0)
+    m = DreamZero(cfg).float()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    K, B = 2, 1
+    g = torch.Generator().manual_seed(1)
+    F_, Hh, W = cfg.num_frames(K), cfg.latent_height, cfg.latent_width
+    A, S = K * cfg.actions_per_chunk, K * cfg.states_per_chunk
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = dict(clean=r(B, 16, F_, Hh, W), clean_cond=r(B, 20, F_, Hh, W), noisy=r(B, 16, F_, Hh, W),
+             noisy_cond=r(B, 20, F_, Hh, W), t_video=torch.rand(B, F_, generator=g) * 1000,
+             actions=r(B, A, cfg.action_dim), t_action=torch.rand(B, A, generator=g) * 1000,
+             state=r(B, S, cfg.state_dim), embodiment=torch.zeros(B, dtype=torch.long),
+             text=r(B, cfg.text_len, cfg.text_dim), clip=r(B, cfg.clip_tokens, cfg.clip_dim))
+    lay = m.layout("train", num_chunks=K)
+    kernel_ops = m.ops.replace(attention=lambda q, k, v, layout, scale: layout_attention(q, k, v, layout, scale,
+                                                                                         config=SMALL))
+    results = []
+    for ops in (m.ops, kernel_ops):
+        m.ops = ops
+        m.zero_grad()
+        vel, act = m(lay, **x)
+        (vel.square().mean() + act.square().mean()).backward()
+        results.append((vel.detach(), act.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (v0, a0, g0), (v1, a1, g1) = results
+    torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-4)
+    assert len(g0) == len(g1) > 0
+    for p0, p1 in zip(g0, g1):
+        torch.testing.assert_close(p1, p0, rtol=1e-3, atol=1e-4)
+
+    # inference: two fused control steps against the KV cache (observe the first frame + denoise chunk 1, then
+    # observe chunk 1 + denoise chunk 2: its attention reads the cache the first step wrote)
+    fpc, a_, s_ = cfg.frames_per_chunk, cfg.actions_per_chunk, cfg.states_per_chunk
+    outs = []
+    for attn in (attention_blockwise, kernel_ops.attention):
+        m.ops = m.ops.replace(attention=attn)
+        cache = KVCache(cfg, B, torch.float32)
+        ckv = m.context_kv(x["text"], x["clip"])
+        step = []
+        with torch.no_grad():
+            for c in (1, 2):
+                prev = slice(0, 1) if c == 1 else slice(1 + (c - 2) * fpc, 1 + (c - 1) * fpc)
+                fr = slice(1 + (c - 1) * fpc, 1 + c * fpc)
+                ac, st = slice((c - 1) * a_, c * a_), slice((c - 1) * s_, c * s_)
+                step += m(cache.layout("control", c), clean=x["clean"][:, :, prev],
+                          clean_cond=x["clean_cond"][:, :, prev], noisy=x["noisy"][:, :, fr],
+                          noisy_cond=x["noisy_cond"][:, :, fr], t_video=x["t_video"][:, fr],
+                          actions=x["actions"][:, ac], t_action=x["t_action"][:, ac], state=x["state"][:, st],
+                          embodiment=x["embodiment"], context_kv=ckv, cache=cache)
+        assert cache.frames == (0, 1, 2)
+        outs.append(step)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_errors():
+    lay = LAYOUTS["train-5-w3"]()
+    q, k, v = make_qkv(lay, 1, 2, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="rank 4"):
+        layout_attention(q[0], k, v, lay)
+    with pytest.raises(TypeError, match="share a dtype"):
+        layout_attention(q, k.half(), v, lay)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        layout_attention(q.double(), k.double(), v.double(), lay)
+    with pytest.raises(ValueError, match="query tokens"):
+        layout_attention(q[:, :-1], k, v, lay)
+    with pytest.raises(ValueError, match="key tokens"):
+        layout_attention(q, k[:, :-1], v[:, :-1], lay)
+    with pytest.raises(ValueError, match="same shape"):
+        layout_attention(q, k, v[:, :-1], lay)
+    with pytest.raises(ValueError, match="batch, heads or head dim"):
+        layout_attention(q, k[:, :, :1], v[:, :, :1], lay)
+    with pytest.raises(ValueError, match="head dim 24"):
+        layout_attention(*make_qkv(lay, 1, 1, 24, torch.bfloat16), lay)
+    with pytest.raises(ValueError, match="head dim 256"):
+        layout_attention(*make_qkv(lay, 1, 1, 256, torch.bfloat16), lay)
+    with pytest.raises(TypeError, match="SequenceLayout"):
+        layout_attention(q, k, v, "train")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layout_attention([1], k, v, lay)
+    with pytest.raises(ValueError, match="one device"):
+        layout_attention(q, k.to("meta"), v, lay)
+    with pytest.raises(ValueError, match="TileConfig.fwd"):
+        layout_attention(q, k, v, lay, config=TileConfig(fwd=(16, 24)))
+    with pytest.raises(ValueError, match="TileConfig.dq"):
+        layout_attention(q, k, v, lay, config=TileConfig(dq=(8, 16)))
+
+
+def test_kernels_compile_for_hopper():
+    """The GPU code path (bf16 tensor-core dots, atomics, shared memory at the default H100 tiles) compiles for
+    sm_90 with Triton's bundled ptxas; the interpreter never sees it. Runs in a subprocess without
+    TRITON_INTERPRET (see dz_kernels.attention.compile_check, which compiles every kernel, dtype and head dim; the
+    dq kernel uses nothing the two compiled here do not)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "dz_kernels.attention.compile_check", "--arch", "90", "--dtypes",
+                           "bf16", "--head-dims", "128", "--kernels", "fwd,dkdv-atomic-dq"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("sm_90") == 2, proc.stdout
+
+
+# ---------------------------------------------------------------------- on a GPU (skipped on a CPU, with the reason)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+
+
+def _gpu_check(layout, B, H, deterministic):
+    q, k, v = (t.cuda() for t in make_qkv(layout, B, H, 128, torch.bfloat16))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dout = torch.randn(q.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(torch.bfloat16)
+    mask = layout.dense_mask("cuda")
+    with poison_outputs():
+        out = layout_attention(q, k, v, layout, None, deterministic, dense_sdpa=False)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_dense_reference(q64, k64, v64, mask)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    del q64, k64, v64
+    low = torch_lowp(q, k, v, mask)
+    low_grads = torch.autograd.grad(low, (q, k, v), dout)
+    assert_within_lowp_bar(out, ref, low, atol=bar_atol(ref, torch.bfloat16), name="out")
+    for name, got, want, base in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert_within_lowp_bar(got, want, base, atol=bar_atol(want, torch.bfloat16), name=name)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_droid_training_layout(deterministic):
+    _gpu_check(layout_for_config(get_config("droid-14b"), "train"), 1, 1, deterministic)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_gpu_small_layouts(name):
+    _gpu_check(LAYOUTS[name](), 2, 3, False)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_control_step_and_dense_dispatch():
+    cfg = get_config("droid-14b")
+    _gpu_check(layout_for_config(cfg, "control", chunk=5, cached_frames=tuple(range(7))), 2, 2, False)
+    den = layout_for_config(cfg, "denoise", chunk=5, cached_frames=tuple(range(9)))
+    q, k, v = (t.cuda() for t in make_qkv(den, 2, 4, 128, torch.bfloat16))
+    a = layout_attention(q, k, v, den)                        # dispatched to SDPA (dense)
+    b = layout_attention(q, k, v, den, dense_sdpa=False)      # the Triton kernel
+    ref = attention_dense_reference(q, k, v, den.dense_mask("cuda"))
+    low = torch_lowp(q, k, v, den.dense_mask("cuda"))
+    for got in (a, b):
+        assert_within_lowp_bar(got, ref, low, atol=bar_atol(ref, torch.bfloat16))
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_cuda_graph_and_compile():
+    """Forward + backward captured in a CUDA graph (after a warm-up that builds the schedule and compiles the
+    kernels) and under torch.compile(fullgraph=True) give the eager results."""
+    lay = LAYOUTS["train-7-a24"]()
+    q, k, v = (t.cuda().requires_grad_() for t in make_qkv(lay, 2, 4, 128, torch.bfloat16))
+    dout = torch.randn(q.shape, device="cuda").to(torch.bfloat16)
+
+    def step():
+        out = layout_attention(q, k, v, lay, None, True)
+        return (out,) + torch.autograd.grad(out, (q, k, v), dout)
+
+    want = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, want):
+        assert torch.equal(a, b)
+
+    cf = torch.compile(lambda q, k, v: layout_attention(q, k, v, lay, None, True), fullgraph=True)
+    out = cf(q, k, v)
+    got = (out,) + torch.autograd.grad(out, (q, k, v), dout)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
