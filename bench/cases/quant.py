@@ -1,0 +1,215 @@
+"""quant: FP8 and NVFP4 linears (dz_kernels.quant) on the Wan2.1 linear shapes against bf16 cuBLAS and FP8 peers.
+
+Shapes (K, N) = (5120, 5120) (q/k/v/o), (5120, 13824) (FFN up), (13824, 5120) (FFN down) at M = 1785 (one
+denoising pass, one CFG branch), 3570 (both branches batched) and 7140. Small (CPU) run: (K, N) = (128, 128),
+(128, 256), (256, 128) at M = 16 for FP8, the first of them for NVFP4 (our kernels run in the Triton interpreter
+there). bf16 activations [M, K], bf16 bias [N], bf16 output.
+
+Cases:
+  fp8-linear   the whole FP8 linear, activation quantization included (input is the bf16 activation):
+    "dz"                  dz_kernels.quant.fp8_linear: Triton per-token quantization + Triton FP8 GEMM (per-channel
+                          weight scales, bias fused)
+    "dz-block"            the same with 1x128 activation / 128x128 weight block scales
+    "bf16-cublas"         F.linear in bf16
+    "scaled_mm-rowwise"   per-token quantization in plain torch ops, then torch._scaled_mm (rowwise scales)
+    "scaled_mm-blockwise" 1x128 quantization in plain torch ops, then torch._scaled_mm with 1x128 / 128x128 block
+                          scales, where this torch / cuBLAS supports it (else Unavailable with torch's message)
+    "te-linear"           transformer_engine te.Linear under fp8_autocast with Float8CurrentScaling, and
+    "te-linear-block"     with Float8BlockScaling, where TransformerEngine is importable (else Unavailable)
+  nvfp4-w4a16  weight-only NVFP4 linear (the Hopper path): "dz" (nvfp4_linear, act_quant=False) and "bf16-cublas";
+               params carry the weight bytes of both (NVFP4: 0.5 + 1/16 byte a weight, plus 4; bf16: 2).
+  nvfp4-w4a4   NVFP4 activations and weights: "dz" (dynamic activation quantization + nvfp4_gemm_w4a4: tl.dot_scaled
+               on sm_100, register dequantization elsewhere; params["path"] says which) and "bf16-cublas".
+flops = 2 M N K. bytes = the bf16 activation read, the quantized (or bf16) weight and its scales read, the bf16
+output written. check = max abs error against the float32 product of the unquantized operands (so it shows each
+format's quantization error; bf16-cublas shows bf16's own).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dz_bench.harness import Case, Unavailable, lazy, register
+
+FULL_SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
+FULL_M = [1785, 3570, 7140]
+SMALL_SHAPES = [(128, 128), (128, 256), (256, 128)]
+SMALL_M = [16]
+DTYPE = torch.bfloat16
+FP8_MAX = 448.0
+
+
+def _q():
+    import dz_kernels.quant as q
+
+    return q
+
+
+def _need_kernels(ctx):
+    import os
+
+    if ctx.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise Unavailable("the Triton kernels need CUDA (or TRITON_INTERPRET=1 set before triton is imported)")
+
+
+def _inputs(M, K, N, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(device, DTYPE)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, DTYPE)
+    b = (0.1 * torch.randn(N, generator=g)).to(device, DTYPE)
+    return x, w, b
+
+
+def _max_err(expected, out):
+    return (out.float() - expected).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------------ peer quantizers
+def _torch_quant_rows(x):
+    """Per-token FP8 quantization in plain torch ops (what a user writes without a fused kernel)."""
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _torch_quant_1x128(x):
+    M, K = x.shape
+    xb = x.float().view(M, K // 128, 128)
+    scale = xb.abs().amax(dim=2).clamp(min=1e-12) / FP8_MAX
+    q = (xb / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(M, K)
+    return q, scale
+
+
+def _try_first_call(fn):
+    try:
+        fn()
+    except Unavailable:
+        raise
+    except Exception as e:  # an unsupported recipe / device: the peer is reported, not failed
+        raise Unavailable(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------------ factories
+def _fp8_case(ctx, M, K, N):
+    data = lazy(lambda: _inputs(M, K, N, ctx.device))
+    expected = lazy(lambda: data()[0].float() @ data()[1].float().t() + data()[2].float())
+
+    def dz(block=False):
+        def factory():
+            _need_kernels(ctx)
+            q = _q()
+            x, w, b = data()
+            if block:
+                qw, sw = q.quantize_fp8_blockwise(w, "128x128")
+            else:
+                qw, sw = q.quantize_fp8_rowwise(w)
+            return lambda: q.fp8_linear(x, qw, sw, b, block_scaled=block)
+        return factory
+
+    def bf16():
+        x, w, b = data()
+        return lambda: F.linear(x, w, b)
+
+    def scaled_mm_rowwise():
+        if not hasattr(torch, "_scaled_mm"):
+            raise Unavailable("torch._scaled_mm is not in this torch")
+        x, w, b = data()
+        qw, sw = _torch_quant_rows(w)
+        wt, sw_t = qw.t(), sw.t().contiguous()  # column-major B [K, N], scale_b [1, N]
+
+        def run():
+            qa, sa = _torch_quant_rows(x)
+            return torch._scaled_mm(qa, wt, scale_a=sa, scale_b=sw_t, bias=b, out_dtype=DTYPE)
+        return _try_first_call(run)
+
+    def scaled_mm_blockwise():
+        if not hasattr(torch, "_scaled_mm"):
+            raise Unavailable("torch._scaled_mm is not in this torch")
+        if K % 128 or N % 128:
+            raise Unavailable("block scaling needs K and N to be multiples of 128")
+        x, w, b = data()
+        qw, sw = _q().formats.quantize_fp8_reference(w, "block128x128") if ctx.device == "cpu" else \
+            _q().quantize_fp8_blockwise(w, "128x128")
+        wt = qw.t()
+        sw_t = sw.t().contiguous()  # [K/128, N/128]
+
+        def run():
+            qa, sa = _torch_quant_1x128(x)
+            sa_outer = sa.t().contiguous().t()  # [M, K/128], M-major, as cuBLAS's 1x128 scales expect
+            y = torch._scaled_mm(qa, wt, scale_a=sa_outer, scale_b=sw_t, out_dtype=DTYPE)
+            return y + b
+        return _try_first_call(run)
+
+    def te(recipe_name):
+        def factory():
+            if ctx.device != "cuda":
+                raise Unavailable("TransformerEngine needs CUDA")
+            try:
+                import transformer_engine.common.recipe as te_recipe
+                import transformer_engine.pytorch as te
+            except Exception as e:
+                raise Unavailable(f"transformer_engine is not importable: {type(e).__name__}: {e}") from e
+            if not hasattr(te_recipe, recipe_name):
+                raise Unavailable(f"this TransformerEngine has no {recipe_name} recipe")
+            recipe = getattr(te_recipe, recipe_name)()
+            x, w, b = data()
+            lin = te.Linear(K, N, bias=True, params_dtype=DTYPE, device="cuda")
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                lin.bias.copy_(b)
+
+            def run():
+                with torch.no_grad(), te.fp8_autocast(enabled=True, fp8_recipe=recipe):
+                    return lin(x)
+            return _try_first_call(run)
+        return factory
+
+    return Case(case="fp8-linear", params={"M": M, "K": K, "N": N, "dtype": "bfloat16"},
+                flops=2.0 * M * N * K, bytes=2.0 * M * K + 1.0 * N * K + 4.0 * N + 2.0 * M * N,
+                impls={"dz": dz(False), "dz-block": dz(True), "bf16-cublas": bf16,
+                       "scaled_mm-rowwise": scaled_mm_rowwise, "scaled_mm-blockwise": scaled_mm_blockwise,
+                       "te-linear": te("Float8CurrentScaling"), "te-linear-block": te("Float8BlockScaling")},
+                check=lambda out: _max_err(expected(), out))
+
+
+def _nvfp4_case(ctx, M, K, N, act_quant):
+    data = lazy(lambda: _inputs(M, K, N, ctx.device))
+    expected = lazy(lambda: data()[0].float() @ data()[1].float().t() + data()[2].float())
+    nvfp4_weight_bytes = N * K // 2 + N * K // 16 + 4
+    path = "bf16 weight-only dequantization"
+    if act_quant:
+        path = "tl.dot_scaled" if (ctx.device == "cuda" and _q().dot_scaled_available("cuda")) else \
+            "register dequantization (emulation)"
+
+    def dz():
+        _need_kernels(ctx)
+        q = _q()
+        x, w, b = data()
+        qw, sw, gw = q.quantize_nvfp4(w)
+        return lambda: q.nvfp4_linear(x, qw, sw, gw, b, act_quant=act_quant)
+
+    def bf16():
+        x, w, b = data()
+        return lambda: F.linear(x, w, b)
+
+    name = "nvfp4-w4a4" if act_quant else "nvfp4-w4a16"
+    return Case(case=name, params={"M": M, "K": K, "N": N, "dtype": "bfloat16", "path": path,
+                                   "weight_bytes_nvfp4": nvfp4_weight_bytes, "weight_bytes_bf16": 2 * N * K},
+                flops=2.0 * M * N * K, bytes=2.0 * M * K + nvfp4_weight_bytes + 2.0 * M * N,
+                impls={"dz": dz, "bf16-cublas": bf16}, check=lambda out: _max_err(expected(), out))
+
+
+@register("quant")
+def cases(ctx):
+    shapes = SMALL_SHAPES if ctx.small else FULL_SHAPES
+    ms = SMALL_M if ctx.small else FULL_M
+    for K, N in shapes:
+        for M in ms:
+            yield _fp8_case(ctx, M, K, N)
+    nv_shapes = shapes[:1] if ctx.small else shapes
+    for K, N in nv_shapes:
+        for M in ms:
+            yield _nvfp4_case(ctx, M, K, N, act_quant=False)
+    for K, N in nv_shapes:
+        yield _nvfp4_case(ctx, ms[0], K, N, act_quant=True)

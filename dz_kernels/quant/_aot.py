@@ -1,0 +1,96 @@
+"""Ahead-of-time compilation of the quant GEMM kernels for a GPU this machine may not have (no driver needed).
+
+`python -m dz_kernels.quant._aot [NAME ...]` compiles (all by default), with Triton's own compiler and ptxas:
+    fp8_gemm (row and block scales)  for sm_90   (Hopper: expects FP8 wgmma)
+    nvfp4_w4a16                      for sm_90   (bf16 wgmma after in-register dequantization)
+    nvfp4_w4a4, dot_scaled           for sm_100  (Blackwell: expects tcgen05.mma kind::mxf4nvf4 block16)
+    nvfp4_w4a4, register dequant     for sm_90
+and prints a JSON object {name: [distinct MMA instructions found in the PTX]}. It must run without
+TRITON_INTERPRET (the interpreter replaces @triton.jit functions by Python ones that cannot be compiled).
+The tests use it to check that the GPU paths compile and reach the intended tensor-core instructions on a CPU-only
+machine; whether they compute the right numbers there is checked by the CUDA tests where a GPU is present.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+
+def _sig(ptr_types: dict, n_ints: int, int_names, constexprs: dict) -> tuple[dict, dict]:
+    sig = dict(ptr_types)
+    for name in int_names[:n_ints]:
+        sig[name] = "i32"
+    for name in constexprs:
+        sig[name] = "constexpr"
+    return sig, constexprs
+
+
+def _compile(fn, signature: dict, constexprs: dict, cap: int) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
+
+
+def _mma(ptx: str) -> list[str]:
+    return sorted(set(re.findall(r"(tcgen05\.mma[\w.:]*|wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)))
+
+
+NAMES = ("fp8_gemm_row_sm90", "fp8_gemm_block_sm90", "nvfp4_w4a16_sm90", "nvfp4_w4a4_dot_scaled_sm100",
+         "nvfp4_w4a4_dequant_sm90")
+
+
+def main(names=NAMES) -> dict:
+    """{name: MMA instructions} for the requested subset of NAMES."""
+    import os
+
+    unknown = set(names) - set(NAMES)
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {NAMES}")
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("run without TRITON_INTERPRET=1")
+    from . import fp8, nvfp4
+
+    epi = {"HAS_BIAS": True, "ACT": 1, "HAS_GATE": True, "HAS_RES": True}
+    tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}
+    out = {}
+
+    fp8_ints = ["M", "N", "K", "stride_am", "stride_bn", "stride_asm", "stride_ask", "stride_bsn", "stride_bsk",
+                "stride_gm", "stride_gn", "stride_rm", "stride_rn", "stride_om"]
+    fp8_ptrs = {"A": "*fp8e4nv", "B": "*fp8e4nv", "AS": "*fp32", "BS": "*fp32", "BIAS": "*bf16", "GATE": "*bf16",
+                "RES": "*bf16", "OUT": "*bf16"}
+    for block in (False, True):
+        ce = {"BLOCK_SCALED": block, **epi, **tiles}
+        sig, ce = _sig(fp8_ptrs, len(fp8_ints), fp8_ints, ce)
+        name = f"fp8_gemm_{'block' if block else 'row'}_sm90"
+        if name in names:
+            out[name] = _mma(_compile(fp8._fp8_gemm_kernel, sig, ce, 90))
+
+    w16_ints = ["M", "N", "K", "stride_xm", "stride_wn", "stride_wsn", "stride_gm", "stride_gn", "stride_rm",
+                "stride_rn", "stride_om"]
+    w16_ptrs = {"X": "*bf16", "W": "*u8", "WS": "*fp8e4nv", "WG": "*fp32", "BIAS": "*bf16", "GATE": "*bf16",
+                "RES": "*bf16", "OUT": "*bf16"}
+    sig, ce = _sig(w16_ptrs, len(w16_ints), w16_ints, {**epi, "INTERPRET": False, **tiles})
+    if "nvfp4_w4a16_sm90" in names:
+        out["nvfp4_w4a16_sm90"] = _mma(_compile(nvfp4._nvfp4_w4a16_kernel, sig, ce, 90))
+
+    w4_ints = ["M", "N", "K", "stride_am", "stride_asm", "stride_wn", "stride_wsn", "stride_gm", "stride_gn",
+               "stride_rm", "stride_rn", "stride_om"]
+    w4_ptrs = {"A": "*u8", "AS": "*fp8e4nv", "AG": "*fp32", "W": "*u8", "WS": "*fp8e4nv", "WG": "*fp32",
+               "BIAS": "*bf16", "GATE": "*bf16", "RES": "*bf16", "OUT": "*bf16"}
+    for use_ds, cap in ((True, 100), (False, 90)):
+        sig, ce = _sig(w4_ptrs, len(w4_ints), w4_ints,
+                       {**epi, "USE_DOT_SCALED": use_ds, "INTERPRET": False, **tiles})
+        name = "nvfp4_w4a4_dot_scaled_sm100" if use_ds else "nvfp4_w4a4_dequant_sm90"
+        if name in names:
+            out[name] = _mma(_compile(nvfp4._nvfp4_w4a4_kernel, sig, ce, cap))
+    return out
+
+
+if __name__ == "__main__":
+    json.dump(main(tuple(sys.argv[1:]) or NAMES), sys.stdout)
+    sys.stdout.write("\n")
