@@ -10,6 +10,7 @@
 #include <string>
 
 #include "kv_cache.h"
+#include "qk_norm_rope.h"
 
 #ifndef DZ_CUDA_ARCHS
 #define DZ_CUDA_ARCHS "unknown"
@@ -39,6 +40,53 @@ int vector_bytes(std::uintptr_t dst, std::uintptr_t src, int64_t row_bytes, int6
                                      row_bytes, dst_bstride, dst_tstride, src_bstride, src_tstride);
 }
 
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void check_result(const char* what, const char* err) {
+  if (err != nullptr) throw std::runtime_error(std::string(what) + ": " + err);
+}
+
+void qk_norm_rope_kv(int dtype, int cache_fp8, std::uintptr_t q, int64_t sqb, int64_t sql, std::uintptr_t k,
+                     int64_t skb, int64_t skl, std::uintptr_t v, int64_t svb, int64_t svl, std::uintptr_t wq,
+                     std::uintptr_t wk, int w_f32, std::uintptr_t cosp, int64_t scos, std::uintptr_t sinp,
+                     int64_t ssin, std::uintptr_t q_out, std::uintptr_t k_cache, std::uintptr_t v_cache, int64_t scb,
+                     int64_t sct, std::uintptr_t k_scale, std::uintptr_t v_scale, int64_t ssb, int64_t sst,
+                     std::uintptr_t pos, int64_t B, int64_t L, int64_t Tcap, int H, int D, float eps,
+                     float amax_floor, std::uintptr_t stream) {
+  if (B > 0 && L > 0) {
+    if (!q || !k || !v || !wq || !wk || !cosp || !sinp || !q_out || !k_cache || !v_cache || !pos)
+      throw std::invalid_argument("qk_norm_rope_kv: null device pointer");
+    if (cache_fp8 && (!k_scale || !v_scale))
+      throw std::invalid_argument("qk_norm_rope_kv: an FP8 cache needs k_scale and v_scale");
+  }
+  check_result("qk_norm_rope_kv",
+               dz::qk_norm_rope_kv(dtype, cache_fp8, ptr<const void>(q), sqb, sql, ptr<const void>(k), skb, skl,
+                                   ptr<const void>(v), svb, svl, ptr<const void>(wq), ptr<const void>(wk), w_f32,
+                                   ptr<const float>(cosp), scos, ptr<const float>(sinp), ssin, ptr<void>(q_out),
+                                   ptr<void>(k_cache), ptr<void>(v_cache), scb, sct, ptr<float>(k_scale),
+                                   ptr<float>(v_scale), ssb, sst, ptr<const int32_t>(pos), B, L, Tcap, H, D, eps,
+                                   amax_floor, ptr<void>(stream)));
+}
+
+void kv_write(int dtype, int cache_fp8, std::uintptr_t k, int64_t skb, int64_t skl, int64_t skh, std::uintptr_t v,
+              int64_t svb, int64_t svl, int64_t svh, std::uintptr_t k_cache, std::uintptr_t v_cache, int64_t scb,
+              int64_t sct, std::uintptr_t k_scale, std::uintptr_t v_scale, int64_t ssb, int64_t sst,
+              std::uintptr_t pos, int64_t B, int64_t L, int64_t Tcap, int H, int D, float amax_floor,
+              std::uintptr_t stream) {
+  if (B > 0 && L > 0) {
+    if (!k || !v || !k_cache || !v_cache || !pos) throw std::invalid_argument("kv_write: null device pointer");
+    if (cache_fp8 && (!k_scale || !v_scale))
+      throw std::invalid_argument("kv_write: an FP8 cache needs k_scale and v_scale");
+  }
+  check_result("kv_write", dz::kv_write(dtype, cache_fp8, ptr<const void>(k), skb, skl, skh, ptr<const void>(v), svb,
+                                        svl, svh, ptr<void>(k_cache), ptr<void>(v_cache), scb, sct,
+                                        ptr<float>(k_scale), ptr<float>(v_scale), ssb, sst, ptr<const int32_t>(pos),
+                                        B, L, Tcap, H, D, amax_floor, ptr<void>(stream)));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -53,4 +101,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dst_bstride"), py::arg("dst_tstride"), py::arg("src_bstride"), py::arg("src_tstride"),
         "Access width in bytes (16/8/4/2/1) that write_rows uses for these addresses and strides.");
   m.def("cuda_runtime_version", &dz::cuda_runtime_version, "cudaRuntimeGetVersion of the linked runtime.");
+  m.def("qk_norm_rope_kv", &qk_norm_rope_kv, py::call_guard<py::gil_scoped_release>(),
+        "Fused q/k RMSNorm + RoPE + KV-cache write (see csrc/qk_norm_rope.cu; wrapper: dz_kernels.kv_cache.cuda).");
+  m.def("kv_write", &kv_write, py::call_guard<py::gil_scoped_release>(),
+        "KV-cache write of new keys/values, FP8-quantized when the cache is E4M3 (wrapper: dz_kernels.kv_cache.cuda).");
 }

@@ -285,6 +285,8 @@ DZ_KV_WRITE_KERNEL(dz_kv_write_f16_fp8, __half, dzqk::Fp8)
 
 #include <cstdint>
 
+#include "qk_norm_rope.h"
+
 namespace dz {
 
 // Threads per block for H heads: one warp per head, at most 8 warps (the cupy path in

@@ -9,4 +9,10 @@ COMMANDS = {
               "serve a DreamZero policy over a websocket (msgpack); binds 127.0.0.1 unless --host"),
     "client": ("dreamzero.serve:client_main",
                "talk to a policy server: health and metadata, or --demo for a short episode"),
+    "make-synthetic-data": ("dreamzero.train.cli:make_synthetic_data_main",
+                            "write a small synthetic LeRobot dataset (tests and demos)"),
+    "prepare-data": ("dreamzero.train.cli:prepare_data_main",
+                     "encode a LeRobot dataset's latents and text/image features once, for training"),
+    "train": ("dreamzero.train.cli:train_main", "train DreamZero (flow matching, teacher forcing, FSDP2 via torchrun)"),
+    "export": ("dreamzero.train.cli:export_main", "export a training checkpoint to consolidated safetensors"),
 }

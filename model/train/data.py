@@ -13,7 +13,9 @@ The release's metadata (its LeRobot->GEAR converter writes them) is read as is w
 `meta/embodiment.json`, `meta/stats.json` (per-feature mean, std, min, max, q01, q99),
 `meta/relative_stats_dreamzero.json` (statistics of relative actions) and `meta/step_filter.jsonl` (steps to drop).
 Without modality.json the whole `observation.state` and `action` columns are one sub-key each and the video keys
-are the info.json features of dtype "video", in order. Missing statistics are computed once and written beside the
+are the info.json features of dtype "video", in order. The state/action sub-keys used are those the release trains
+on for a known embodiment (DROID: joint_position + gripper_position, out of the 3 state and 6 action sub-keys its
+converter writes), else all of them, or the ones DataConfig names. Missing statistics are computed once and written beside the
 dataset (meta/stats.json, meta/relative_stats_dreamzero.json), atomically.
 
 A training clip (the release's DROID sampler, ShardedLeRobotSubLangSingleActionChunkDatasetDROID, at a fixed K):
@@ -38,10 +40,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterator
 
@@ -57,6 +58,15 @@ __all__ = [
 
 DEFAULT_INSTRUCTION = "Perform the default behavior."
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
+# The release's training selection of state/action sub-keys per embodiment tag (its data YAMLs, in their order)
+RELEASE_KEYS = {
+    "oxe_droid": {"state": ("joint_position", "gripper_position"),
+                  "action": ("joint_position", "gripper_position")},
+    "agibot": {"state": ("left_arm_joint_position", "right_arm_joint_position", "left_effector_position",
+                         "right_effector_position", "head_position", "waist_position"),
+               "action": ("left_arm_joint_position", "right_arm_joint_position", "left_effector_position",
+                          "right_effector_position", "head_position", "waist_position", "robot_velocity")},
+}
 NORM_MODES = ("q99", "mean_std", "min_max", "none")
 VAE_TEMPORAL_STRIDE = 4
 
@@ -86,6 +96,10 @@ class DataConfig:
     embodiment_tag: override of meta/embodiment.json.
     video_only: treat the dataset as video only (no action loss) even if it has actions.
     prompt_template: "auto" (the release's per-embodiment wording of the instruction for DROID/AgiBot) or "none".
+    state_keys, action_keys: the modality.json sub-keys used, in this order (concatenated, then padded); "auto" =
+            the release's training selection for a known embodiment tag (RELEASE_KEYS: DROID uses joint_position +
+            gripper_position of the 3 state / 6 action sub-keys its converter writes), else every sub-key in
+            modality.json order.
     """
     num_chunks: int = 4
     action_horizon: int | None = None
@@ -103,6 +117,8 @@ class DataConfig:
     embodiment_tag: str | None = None
     video_only: bool = False
     prompt_template: str = "auto"
+    state_keys: Any = "auto"
+    action_keys: Any = "auto"
 
     def __post_init__(self):
         if self.num_chunks < 1:
@@ -113,6 +129,12 @@ class DataConfig:
             raise ValueError(f"normalization must be one of {NORM_MODES}, got {self.normalization!r}")
         if len(self.view_size) != 2 or min(self.view_size) < 1:
             raise ValueError(f"view_size must be (height, width), got {self.view_size}")
+        for name in ("state_keys", "action_keys"):
+            v = getattr(self, name)
+            if isinstance(v, str) and v != "auto":
+                raise ValueError(f"{name} must be 'auto' or a list of sub-keys, got {v!r}")
+            if not isinstance(v, str):
+                object.__setattr__(self, name, tuple(v))
         if self.prompt_template not in ("auto", "none"):
             raise ValueError(f"prompt_template must be 'auto' or 'none', got {self.prompt_template!r}")
 
@@ -130,8 +152,9 @@ class DataConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["view_size"] = list(self.view_size)
-        if not isinstance(self.relative_action_keys, str):
-            d["relative_action_keys"] = list(self.relative_action_keys)
+        for name in ("relative_action_keys", "state_keys", "action_keys"):
+            if not isinstance(getattr(self, name), str):
+                d[name] = list(getattr(self, name))
         return d
 
     @property
@@ -209,7 +232,11 @@ def read_parquet(path: str, columns: list | None = None) -> dict:
             if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
                 lengths = col.value_lengths().to_numpy(zero_copy_only=False) if len(col) else np.zeros(0, np.int64)
                 if len(col) and (lengths != lengths[0]).any():
-                    raise DataError(f"column {name!r} of {path} has rows of different lengths")
+                    # ragged rows (e.g. the task lists of v3 episode metadata): one array per row
+                    rows = np.empty(len(col), dtype=object)
+                    rows[:] = [np.asarray(r) for r in col.to_pylist()]
+                    out[name] = rows
+                    continue
                 flat = col.flatten().to_numpy(zero_copy_only=False)
                 out[name] = flat.reshape(len(col), -1) if len(col) else flat.reshape(0, 0)
             else:
@@ -448,8 +475,8 @@ class LeRobotDataset:
             raise DataError(f"{os.path.join(self.root, 'meta', 'info.json')} lacks 'fps' or 'features'")
         self.fps = float(self.info["fps"])
         self.stats_dir = stats_dir or os.path.join(self.root, "meta")
-        self.modality = self._read_modality()
         self.embodiment_tag = cfg.embodiment_tag or self._read_embodiment_tag()
+        self.modality = self._select_keys(self._read_modality())
         self.has_action = bool(self.modality.action) and not cfg.video_only
         self.tasks = self._read_tasks()
         self.episodes = self._read_episodes()
@@ -458,6 +485,7 @@ class LeRobotDataset:
         self.relative_keys = self._relative_keys()
         self._stats = None
         self._rel_stats = None
+        self._v3_cache = (None, None)          # (path, columns) of the last v3 data file read
         self._step_filter = self._read_step_filter()
 
     # -------------------------------------------------------------- metadata
@@ -493,6 +521,21 @@ class LeRobotDataset:
             action = (SubKey("action", "action", 0, int(np.prod(feats["action"]["shape"]))),)
         video = tuple((k, k) for k, v in feats.items() if v.get("dtype") == "video")
         return Modality(state, action, video, None)
+
+    def _select_keys(self, m: Modality) -> Modality:
+        out = {}
+        for section in ("state", "action"):
+            have = {k.name: k for k in getattr(m, section)}
+            want = getattr(self.cfg, f"{section}_keys")
+            if want == "auto":
+                rel = RELEASE_KEYS.get(self.embodiment_tag, {}).get(section)
+                want = rel if rel is not None and set(rel).issubset(have) else tuple(have)
+            missing = [k for k in want if k not in have]
+            if missing:
+                raise DataError(f"{self._meta('modality.json')}: {section} sub-key(s) {missing} not found; it has "
+                                f"{sorted(have)}")
+            out[section] = tuple(have[k] for k in want)
+        return dataclasses.replace(m, state=out["state"], action=out["action"])
 
     def _read_embodiment_tag(self) -> str:
         path = self._meta("embodiment.json")
@@ -614,6 +657,10 @@ class LeRobotDataset:
         """Read an episode's parquet rows (and locate its videos). Raises DataError naming a corrupt/missing file."""
         meta = self._episode_meta(index)
         L = meta["length"]
+        for key in ("data_path", "video_path"):
+            if not self.info.get(key):
+                raise DataError(f"{self._meta('info.json')} has no {key!r} (only datasets with parquet data and mp4 "
+                                f"videos are read)")
         if self.version == 2:
             chunk = index // int(self.info.get("chunks_size", 1000))
             data_path = os.path.join(self.root, self.info["data_path"].format(episode_chunk=chunk,
@@ -625,7 +672,9 @@ class LeRobotDataset:
         else:
             data_path = os.path.join(self.root, self.info["data_path"].format(
                 chunk_index=int(meta["data/chunk_index"]), file_index=int(meta["data/file_index"])))
-            allc = read_parquet(data_path)
+            if self._v3_cache[0] != data_path:
+                self._v3_cache = (data_path, read_parquet(data_path))
+            allc = self._v3_cache[1]
             if "episode_index" not in allc:
                 raise DataError(f"parquet file {data_path} has no 'episode_index' column")
             rows = np.nonzero(allc["episode_index"] == index)[0]
@@ -649,6 +698,8 @@ class LeRobotDataset:
             raise DataError(f"parquet file {data_path}: frame_index of episode {index} is not 0..{n - 1}")
         for c in self._needed_columns():
             v = cols[c]
+            if v.dtype == object:
+                raise DataError(f"parquet file {data_path}: column {c!r} has rows of different lengths")
             if c != "timestamp" and v.ndim == 1:
                 cols[c] = v.reshape(-1, 1)
             if not np.issubdtype(np.asarray(cols[c]).dtype, np.number):

@@ -1,0 +1,234 @@
+"""Command-line entry points of the trainer: `dz make-synthetic-data`, `dz prepare-data`, `dz train`, `dz export`.
+
+Each is a function taking argv (a list of str) and returning an exit code; `COMMANDS` maps the command names to them.
+
+A complete run on a CPU with the synthetic dataset and the tiny model (a few minutes at most):
+
+    dz make-synthetic-data /tmp/dz-syn
+    dz prepare-data /tmp/dz-syn --config tiny-synthetic --num-chunks 2 --encoders tiny
+    dz train --data /tmp/dz-syn/dz_prepared/tiny-k2 --out /tmp/dz-run --config tiny-synthetic \\
+        --steps 60 --batch-size 2 --lr 5e-3 --noise base
+    dz export /tmp/dz-run /tmp/dz-run/export
+
+On GPUs: `torchrun --nproc_per_node 8 -m dreamzero.train.cli train --data ... --config droid-14b --init <ckpt>`
+(FSDP2 across the ranks; `--nnodes`/`--rdzv-endpoint` as torchrun takes them for several nodes). The real encoders
+come from a local Wan2.1-I2V-14B-480P-Diffusers folder: `dz prepare-data <dataset> --encoders release
+--encoder-path <folder> --device cuda`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+__all__ = ["COMMANDS", "make_synthetic_data_main", "prepare_data_main", "train_main", "export_main"]
+
+
+def _size(text: str) -> tuple:
+    try:
+        h, w = text.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, got {text!r}") from None
+
+
+def _overrides(items) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"--override takes FIELD=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _dtype(name: str):
+    import torch
+    table = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+    if name not in table:
+        raise SystemExit(f"dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+# ------------------------------------------------------------------------------------------------ make-synthetic-data
+def make_synthetic_data_main(argv: list) -> int:
+    """Write a small synthetic LeRobot dataset (see dreamzero.train.synthetic)."""
+    from .synthetic import make_synthetic_dataset
+
+    p = argparse.ArgumentParser(prog="dz make-synthetic-data", description=make_synthetic_data_main.__doc__)
+    p.add_argument("out", help="folder to create")
+    p.add_argument("--episodes", type=int, default=4)
+    p.add_argument("--length", type=int, default=80, help="steps per episode")
+    p.add_argument("--fps", type=float, default=15.0)
+    p.add_argument("--view-size", type=_size, default=(16, 24), help="HxW of each camera (default 16x24)")
+    p.add_argument("--version", choices=("v2.1", "v3.0"), default="v2.1")
+    p.add_argument("--video-only", action="store_true", help="no action column (e.g. human videos)")
+    p.add_argument("--embodiment-tag", default="oxe_droid")
+    p.add_argument("--no-release-meta", action="store_true", help="skip meta/modality.json and embodiment.json")
+    p.add_argument("--idle-steps", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    root = make_synthetic_dataset(a.out, num_episodes=a.episodes, length=a.length, fps=a.fps, view_size=a.view_size,
+                                  version=a.version, with_actions=not a.video_only, embodiment_tag=a.embodiment_tag,
+                                  release_meta=not a.no_release_meta, idle_steps=a.idle_steps, seed=a.seed)
+    print(f"wrote a synthetic LeRobot {a.version} dataset of {a.episodes} episodes to {root}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ prepare-data
+def prepare_data_main(argv: list) -> int:
+    """Encode a LeRobot dataset's training clips once with the frozen VAE, CLIP and umT5 (stored beside it)."""
+    import torch
+
+    from .data import DataConfig
+    from .prepare import encoders_from_module, prepare_dataset
+    from .trainer import resolve_model_config
+
+    p = argparse.ArgumentParser(prog="dz prepare-data", description=prepare_data_main.__doc__)
+    p.add_argument("dataset", help="LeRobot dataset folder (meta/info.json inside)")
+    p.add_argument("--config", default="droid-14b", help="model config or trainer preset (e.g. tiny-synthetic)")
+    p.add_argument("--override", action="append", help="model config field override FIELD=VALUE (repeatable)")
+    p.add_argument("--num-chunks", type=int, default=None, help="chunks per clip (default: the model's max_chunks)")
+    p.add_argument("--out", default=None, help="output folder (default <dataset>/dz_prepared/<config>-k<K>)")
+    p.add_argument("--encoders", choices=("tiny", "release"), default="release")
+    p.add_argument("--encoder-path", default=None, help="local Wan2.1-I2V *-Diffusers folder (--encoders release)")
+    p.add_argument("--tokenizer-path", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--anchor-stride", type=int, default=None, help="steps between clip anchors (default: horizon)")
+    p.add_argument("--dtype", default="bf16", help="storage dtype of the features: bf16 or fp32")
+    p.add_argument("--batch-size", type=int, default=1, help="clips per encoder call")
+    p.add_argument("--embodiment-id", type=int, default=0, help="the model's embodiment slot for these clips")
+    p.add_argument("--embodiment-tag", default=None, help="override meta/embodiment.json")
+    p.add_argument("--video-only", action="store_true", help="no action loss for these clips")
+    p.add_argument("--video-fps", type=float, default=5.0)
+    p.add_argument("--tiling", choices=("auto", "droid", "grid", "single"), default="auto")
+    p.add_argument("--relative-keys", nargs="*", default=None,
+                   help="action sub-keys made relative to the state (default: joint sub-keys)")
+    p.add_argument("--state-keys", nargs="+", default=None,
+                   help="state sub-keys of modality.json, in order (default: the release's for a known embodiment)")
+    p.add_argument("--action-keys", nargs="+", default=None, help="action sub-keys, in order (same default)")
+    p.add_argument("--normalization", choices=("q99", "mean_std", "min_max", "none"), default="q99")
+    p.add_argument("--idle-threshold", type=float, default=0.01, help="negative disables the idle-action filter")
+    p.add_argument("--episodes", type=int, nargs="*", default=None, help="only these episode indices")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    mcfg = resolve_model_config(a.config, _overrides(a.override))
+    kw = dict(video_fps=a.video_fps, tiling=a.tiling, normalization=a.normalization,
+              idle_threshold=None if a.idle_threshold < 0 else a.idle_threshold, embodiment_id=a.embodiment_id,
+              embodiment_tag=a.embodiment_tag, video_only=a.video_only)
+    if a.num_chunks is not None:
+        kw["num_chunks"] = a.num_chunks
+    if a.relative_keys is not None:
+        kw["relative_action_keys"] = tuple(a.relative_keys)
+    if a.state_keys is not None:
+        kw["state_keys"] = tuple(a.state_keys)
+    if a.action_keys is not None:
+        kw["action_keys"] = tuple(a.action_keys)
+    dcfg = DataConfig.for_model(mcfg, **kw)
+    enc = encoders_from_module(mcfg, a.encoders, path=a.encoder_path, tokenizer_path=a.tokenizer_path,
+                               device=a.device)
+    with torch.inference_mode():
+        out = prepare_dataset(a.dataset, mcfg, enc, dcfg, out=a.out, anchor_stride=a.anchor_stride,
+                              dtype=_dtype(a.dtype), episodes=a.episodes, batch_size=a.batch_size,
+                              progress=not a.no_progress)
+    with open(f"{out}/prepared.json") as f:
+        n = json.load(f)["num_clips"]
+    print(f"prepared {n} clips in {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ train
+def _train_parser():
+    from .trainer import TrainConfig
+
+    p = argparse.ArgumentParser(prog="dz train", description="Train DreamZero (flow matching with teacher forcing; "
+                                "FSDP2 when launched by torchrun with several ranks).")
+    p.add_argument("--data", action="append", required=True, help="prepared folder (repeatable: a mixture)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard")
+    p.add_argument("--config", default="droid-14b", help="model config or trainer preset (e.g. tiny-synthetic)")
+    p.add_argument("--override", action="append", help="model config field override FIELD=VALUE (repeatable)")
+    p.add_argument("--betas", type=float, nargs=2, default=(0.95, 0.999))
+    p.add_argument("--export", default=None, help="write consolidated safetensors here at the end")
+    p.add_argument("--export-dtype", default="fp32", help="bf16 or fp32")
+    skip = {"data", "out_dir", "model", "model_overrides", "betas"}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, int):
+            p.add_argument(flag, type=int, default=default)
+        elif isinstance(default, float):
+            p.add_argument(flag, type=float, default=default)
+        elif f.name == "peak_tflops":
+            p.add_argument(flag, type=float, default=None)
+        else:
+            p.add_argument(flag, default=default)
+    return p
+
+
+def train_main(argv: list) -> int:
+    """Train (one process, or each rank of a torchrun launch)."""
+    from .trainer import TrainConfig, Trainer
+
+    a = _train_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in vars(a).items() if k in fields and k not in ("data", "betas")}
+    cfg = TrainConfig(data=a.data, out_dir=a.out, model=a.config, model_overrides=_overrides(a.override),
+                      betas=tuple(a.betas), **kw)
+    trainer = Trainer(cfg)
+    ms = trainer.train()
+    if a.export:
+        from .export import export_trainer
+        path = export_trainer(trainer, a.export, dtype=_dtype(a.export_dtype))
+        if path:
+            print(f"exported {path}")
+    if trainer.rank == 0 and ms:
+        last = ms[-1]
+        mfu = f", MFU {100 * last['mfu']:.1f}%" if last["mfu"] is not None else ""
+        print(f"step {last['step']}: loss {last['loss']:.4f} (video {last['video_loss']:.4f}, action "
+              f"{last['action_loss']:.4f}), {last['tokens_per_s']:.0f} tokens/s{mfu}")
+    trainer.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_main(argv: list) -> int:
+    """Consolidate a sharded training checkpoint into safetensors for inference."""
+    from .export import export_checkpoint
+
+    p = argparse.ArgumentParser(prog="dz export", description=export_main.__doc__)
+    p.add_argument("checkpoint", help="a checkpoints/step_XXXXXXXX folder, or a run folder (its latest)")
+    p.add_argument("out", help="output folder or .safetensors file")
+    p.add_argument("--dtype", default="fp32", help="bf16 or fp32")
+    p.add_argument("--layout", choices=("dreamzero", "wan", "diffusers"), default="dreamzero")
+    a = p.parse_args(argv)
+    path = export_checkpoint(a.checkpoint, a.out, layout=a.layout, dtype=_dtype(a.dtype))
+    print(f"exported {path}")
+    return 0
+
+
+COMMANDS = {
+    "train": train_main,
+    "prepare-data": prepare_data_main,
+    "make-synthetic-data": make_synthetic_data_main,
+    "export": export_main,
+}
+
+
+def main(argv: list | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m dreamzero.train.cli {{{','.join(COMMANDS)}}} [args...]", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
