@@ -20,6 +20,27 @@ import torch
 from .layout import SequenceLayout, layout_for_config
 
 
+def plan_slots(frames: tuple, new_frames: tuple, capacity_frames: int, overflow: str) -> list:
+    """The slots that `new_frames` are written to, given the frames cached now (in slot order): the next free
+    slots; when full, policy 'reset' refuses and policy 'roll' evicts the oldest non-sink frames (their slots are
+    reused in place, so the buffer stays full and the valid slots stay a prefix). Shared by every cache class."""
+    if not new_frames:
+        return []
+    frames = list(frames)
+    free = capacity_frames - len(frames)
+    if len(new_frames) <= free:
+        return list(range(len(frames), len(frames) + len(new_frames)))
+    if overflow == "reset":
+        raise RuntimeError(f"KV cache overflow: {len(frames)} frames cached, {len(new_frames)} new, capacity "
+                           f"{capacity_frames}; reset the cache (policy 'reset') before this chunk")
+    need = len(new_frames) - free
+    order = sorted((f, i) for i, f in enumerate(frames) if f != 0)
+    if need > len(order):
+        raise RuntimeError("KV cache too small to roll: it holds only the sink")
+    evicted = sorted(i for _, i in order[:need])
+    return evicted + list(range(len(frames), capacity_frames))
+
+
 class KVCache:
     def __init__(self, cfg, batch: int, dtype=torch.float32, device="cpu", overflow: str = "reset",
                  capacity_frames: int | None = None, num_layers: int | None = None):
@@ -63,24 +84,7 @@ class KVCache:
 
     # ------------------------------------------------------------------ the pass
     def _plan(self, layout: SequenceLayout) -> list:
-        """Slots for the frames this layout writes; evicts (roll) or refuses (reset) when full."""
-        new = layout.cache_write_frames()
-        if not new:
-            return []
-        frames = list(self.frames)
-        free = self.capacity_frames - len(frames)
-        if len(new) <= free:
-            return list(range(len(frames), len(frames) + len(new)))
-        if self.overflow == "reset":
-            raise RuntimeError(f"KV cache overflow: {len(frames)} frames cached, {len(new)} new, capacity "
-                               f"{self.capacity_frames}; reset the cache (policy 'reset') before this chunk")
-        # roll: evict the oldest non-sink frames (physical slots reused in place; the buffer stays full)
-        need = len(new) - free
-        order = sorted((f, i) for i, f in enumerate(frames) if f != 0)
-        if need > len(order):
-            raise RuntimeError("KV cache too small to roll: it holds only the sink")
-        evicted = sorted(i for _, i in order[:need])
-        return evicted + list(range(len(frames), self.capacity_frames))
+        return plan_slots(self.frames, layout.cache_write_frames(), self.capacity_frames, self.overflow)
 
     def extend(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: SequenceLayout) -> tuple:
         """Keys/values of the whole key sequence of `layout` (cached first, then the new ones), and store the

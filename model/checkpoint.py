@@ -617,10 +617,11 @@ def _write_safetensors_atomic(final_path: str, items: list, metadata: dict) -> N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
+    """fsync a directory (so a rename inside it is durable); a no-op where the OS does not allow it."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -712,7 +713,7 @@ def save_checkpoint(model: nn.Module, path, layout: str = "dreamzero", *,
     except BaseException:
         _remove_quietly(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for stale in sorted(old_shards - {os.path.join(folder, nm) for nm in names}) + [single]:
         _remove_quietly(stale)
     return index_path

@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from dreamzero.layout import SequenceLayout, layout_for_config
+from dreamzero.cache import plan_slots
 
 from . import ops
 from .reference import FP8_DTYPE, dequantize_fp8
@@ -158,23 +159,7 @@ class FusedKVCache:
 
     # ------------------------------------------------------------------ slot plan (same rule as the reference)
     def _plan(self, layout: SequenceLayout) -> list:
-        """Slots for the frames this layout writes; evicts (roll) or refuses (reset) when full."""
-        new = layout.cache_write_frames()
-        if not new:
-            return []
-        frames = list(self.frames)
-        free = self.capacity_frames - len(frames)
-        if len(new) <= free:
-            return list(range(len(frames), len(frames) + len(new)))
-        if self.overflow == "reset":
-            raise RuntimeError(f"KV cache overflow: {len(frames)} frames cached, {len(new)} new, capacity "
-                               f"{self.capacity_frames}; reset the cache (policy 'reset') before this chunk")
-        need = len(new) - free
-        order = sorted((f, i) for i, f in enumerate(frames) if f != 0)
-        if need > len(order):
-            raise RuntimeError("KV cache too small to roll: it holds only the sink")
-        evicted = sorted(i for _, i in order[:need])
-        return evicted + list(range(len(frames), self.capacity_frames))
+        return plan_slots(self.frames, layout.cache_write_frames(), self.capacity_frames, self.overflow)
 
     def _begin(self, layer: int, B: int, L: int, layout: SequenceLayout) -> int:
         """Checks shared by extend/project (plain Python on host state: traceable by torch.compile). Returns n,

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from ..config import DreamZeroConfig, get_config
 from ..dreamzero import DreamZero
+from ..checkpoint import fsync_dir
 from ..schedulers import FlowMatchTrainingSchedule
 from .data import atomic_write_json
 from .prepare import PreparedDataset
@@ -455,7 +456,7 @@ class Trainer:
                 old = final + f".old-{os.getpid()}"
                 os.rename(final, old)
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             _atomic_write_text(os.path.join(root, "latest"), name + "\n")
             if old:
                 shutil.rmtree(old, ignore_errors=True)
@@ -527,19 +528,6 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: str) -> None:
     for dirpath, _, files in os.walk(folder):
         for fn in files:
@@ -551,4 +539,4 @@ def _fsync_tree(folder: str) -> None:
                     os.close(fd)
             except OSError:
                 pass
-        _fsync_dir(dirpath)
+        fsync_dir(dirpath)
