@@ -73,6 +73,14 @@ class KVCache:
         self.frames = ()
         self._pending = {}
 
+    def rewind(self, frames: tuple) -> None:
+        """Go back to an earlier state whose frames the buffers still hold (a prefix of the slots written since):
+        used to replay one control step, e.g. in benchmarks."""
+        if tuple(frames) != tuple(self.frames[:len(frames)]):
+            raise ValueError(f"cannot rewind to {frames}: the cache holds {self.frames}")
+        self.frames = tuple(frames)
+        self._pending = {}
+
     def needs_reset(self, chunk: int) -> bool:
         """Release policy: reset when chunk `chunk` would start at or beyond local_attn_size frames."""
         start = 1 + (chunk - 1) * self.cfg.frames_per_chunk

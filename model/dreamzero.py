@@ -51,7 +51,22 @@ class DreamZero(nn.Module):
 
     # ------------------------------------------------------------------ set-up
     def init_weights(self) -> None:
-        """Wan's initialization: Xavier-uniform linears with zero bias, normal(0.02) embeddings, a zero head."""
+        """Initialize every parameter (also after `to_empty` from the meta device): Wan's scheme -- Xavier-uniform
+        linears with zero bias, normal(0.02) text/time embeddings, a zero head -- plus unit norms, the modulation
+        tables as at construction, and the category-specific matrices as the release (0.02 normal, zero bias)."""
+        C = self.cfg.dim
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("modulation"):
+                    p.normal_(0.0, C ** -0.5)
+                elif name.endswith(".W"):
+                    p.normal_(0.0, 0.02)
+                elif name.endswith(".b"):
+                    p.zero_()
+                elif p.dim() == 1 and ("norm" in name or name.startswith("img_emb.proj.")) and name.endswith("weight"):
+                    p.fill_(1.0)
+                elif p.dim() == 1:
+                    p.zero_()
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

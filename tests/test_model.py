@@ -320,3 +320,16 @@ def test_bad_input_gives_clear_errors():
     far = layout_for_config(cfg, "denoise", chunk=40, cached_frames=(0,), window=-1)
     with pytest.raises(ValueError, match="RoPE table"):
         rope_tables(far, cfg)
+
+
+def test_rewind_replays_a_step():
+    cfg = get_config("tiny")
+    m = make_model(cfg)
+    x = make_inputs(cfg)
+    with torch.no_grad():
+        _, _, cache = chunked(m, x, 2, "consistent")
+    full = cache.frames
+    cache.rewind(full[:3])
+    assert cache.frames == (0, 1, 2) and cache.num_tokens == 3 * cfg.frame_tokens
+    with pytest.raises(ValueError, match="rewind"):
+        cache.rewind((0, 5))

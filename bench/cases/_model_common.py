@@ -32,23 +32,17 @@ def random_model(ctx, name: str = "droid-14b", num_layers: int | None = None) ->
         m = m.to(dtype=dtype).to_empty(device=ctx.device)
         torch.manual_seed(0)
         with torch.no_grad():
-            m.init_weights()
-            for name_, p in m.named_parameters():      # Wan's init leaves norms at 0; use the usual 1 and a live head
-                if name_.endswith(("norm_q.weight", "norm_k.weight", "norm_k_img.weight", "norm3.weight")) or \
-                        name_.endswith(("proj.0.weight", "proj.4.weight")):
-                    p.fill_(1.0)
-                elif name_.endswith(("norm3.bias", "proj.0.bias", "proj.4.bias")):
-                    p.zero_()
-                elif name_.endswith("modulation"):
-                    p.normal_(0, cfg.dim ** -0.5)
-                elif name_.startswith(("action_", "state_")) and name_.endswith(".W"):
-                    p.normal_(0, 0.02)
-                elif name_.startswith(("action_", "state_")) and name_.endswith(".b"):
-                    p.zero_()
-            m.head.head.weight.normal_(0, 0.02)
+            m.init_weights()                      # every parameter (the memory of to_empty is garbage)
+            m.head.head.weight.normal_(0, 0.02)   # Wan zeroes the head; a live head keeps the outputs varied
         m.eval().requires_grad_(False)
         _MODELS[key] = m
     return _MODELS[key]
+
+
+def last_chunk_before_reset(cfg) -> int:
+    """The last chunk the release's reset rule lets the cache reach (its start frame is below local_attn_size):
+    chunk 4 at the DROID shape (6160 cached keys while denoising), chunk 3 for the tiny config."""
+    return (cfg.local_attn_size - 2) // cfg.frames_per_chunk + 1
 
 
 def episode_inputs(model, batch: int = 1, seed: int = 0) -> dict:

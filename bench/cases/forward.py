@@ -1,4 +1,5 @@
-"""forward: one DiT forward of the whole model at the droid-14b inference shape -- the denoising pass of chunk 4:
+"""forward: one DiT forward of the whole model at the droid-14b inference shape -- the denoising pass of chunk 4
+(the last before the release's cache reset; chunk 3 for the tiny config on a CPU):
 1785 query tokens (1760 video + 24 action + 1 state) against 6160 cached keys (7 latent frames) + themselves, 769
 cross-attention tokens whose keys/values are cached per instruction -- at batch 1 and 2 (both CFG branches batched).
 
@@ -15,7 +16,7 @@ from dz_bench.harness import Case, Unavailable, register
 
 from dreamzero.layout import layout_for_config
 
-from ._model_common import ModelState, bench_config, random_model, sdpa_backend
+from ._model_common import ModelState, bench_config, last_chunk_before_reset, random_model, sdpa_backend
 
 
 def forward_flops(cfg, layout, batch: int) -> int:
@@ -43,7 +44,8 @@ def cases(ctx):
 
             def r(*s):
                 return torch.randn(*s, generator=g).to(p.device, p.dtype)
-            lay = m.layout("denoise", chunk=4, cached_frames=tuple(range(1 + 3 * cfg.frames_per_chunk)))
+            chunk = last_chunk_before_reset(cfg)
+            lay = m.layout("denoise", chunk=chunk, cached_frames=tuple(range(1 + (chunk - 1) * cfg.frames_per_chunk)))
             with torch.no_grad():
                 ckv = m.context_kv(r(batch, cfg.text_len, cfg.text_dim), r(batch, cfg.clip_tokens, cfg.clip_dim))
             H, W, n = cfg.latent_height, cfg.latent_width, cfg.frames_per_chunk
@@ -52,7 +54,7 @@ def cases(ctx):
                           actions=r(batch, cfg.actions_per_chunk, cfg.action_dim),
                           t_action=torch.full((batch, cfg.actions_per_chunk), 500, device=p.device),
                           state=r(batch, cfg.states_per_chunk, cfg.state_dim))
-            clean = [r(batch, 16, 1, H, W)] + [r(batch, 16, n, H, W) for _ in range(3)]
+            clean = [r(batch, 16, 1, H, W)] + [r(batch, 16, n, H, W) for _ in range(chunk - 1)]
             state["x"] = (m, lay, ckv, clean, inputs)
             return state["x"]
 
@@ -74,7 +76,7 @@ def cases(ctx):
                         cond = lat.new_zeros(lat.shape[0], 20, *lat.shape[2:])
                         m(c.layout("first" if chunk == 0 else "observe", chunk), clean=lat, clean_cond=cond,
                           context_kv=ckv, cache=c)
-                assert c.layout("denoise", 4) == lay
+                assert c.layout("denoise", lay.parts[0].frames[0] // m.cfg.frames_per_chunk + 1) == lay
 
                 def run():
                     with torch.no_grad(), sdpa_backend(ctx, backend):
@@ -83,10 +85,12 @@ def cases(ctx):
             return factory
 
         m_cfg = bench_config(ctx)
-        lay = layout_for_config(m_cfg, "denoise", chunk=4, cached_frames=tuple(range(1 + 3 * m_cfg.frames_per_chunk)))
+        chunk = last_chunk_before_reset(m_cfg)
+        lay = layout_for_config(m_cfg, "denoise", chunk=chunk,
+                                cached_frames=tuple(range(1 + (chunk - 1) * m_cfg.frames_per_chunk)))
         impls = {"eager-flash": make("flash"), "eager-cudnn": make("cudnn"),
                  "compile-cudnn": make("cudnn", compiled=True), "dz": make(None, kernels=True),
                  "dz+compile": make(None, kernels=True, compiled=True)}
-        yield Case(case=f"denoise-chunk4-b{batch}", params={"config": m_cfg.name, "batch": batch,
+        yield Case(case=f"denoise-chunk{chunk}-b{batch}", params={"config": m_cfg.name, "batch": batch,
                                                             "q_tokens": lay.q_len, "cached_tokens": lay.n_cached},
                    flops=forward_flops(m_cfg, lay, batch), impls=impls)

@@ -27,7 +27,8 @@ import torch
 from dreamzero.engine import Policy, PolicyConfig
 from dz_bench.harness import Case, Unavailable, register
 
-from ._model_common import ModelState, episode_inputs, random_model, sdpa_backend
+from ._model_common import (ModelState, bench_config, episode_inputs, last_chunk_before_reset, random_model,
+                            sdpa_backend)
 
 PAPER = {  # paper Table 1, cumulative speedups
     "baseline": (1.0, 1.1), "dz+cfg-batched": (1.9, 1.8), "dz+dit-cache": (5.5, 5.4), "dz+compile": (8.9, 10.9),
@@ -47,6 +48,8 @@ ROWS = [
 
 # Dense bf16 peaks (REFERENCE.md section 8): the GB200 projection scales the measured time of each row by the
 # ratio of peaks at the efficiency measured here (a projection, not a measurement).
+CPU_NOTE = ("a CPU smoke run of the tiny config: our Triton kernels run in the interpreter here, so the rows with "
+            "them are not speed figures")
 PEAK_TFLOPS = {"h100": 989.0, "gb200": 2250.0}
 
 
@@ -90,16 +93,17 @@ def cases(ctx):
                 x = episode_inputs(model, batch)
                 policy.reset(x["text"], x["clip"], x["first"])
                 policy.step(None, x["state"])                   # chunk 1
-                for c in range(1, 3):                           # chunks 2 and 3
+                last = last_chunk_before_reset(model.cfg)
+                for c in range(1, last - 1):                    # chunks 2 .. last - 1
                     policy.step(x["obs"][c - 1], x["state"])
                 saved = {b: c.frames for b, c in policy.caches.items()}
-                obs = x["obs"][2]
+                obs = x["obs"][last - 2]
                 backend = "flash" if row == "baseline" else ("cudnn" if not mod_kw.get("kernels") else None)
 
-                def step():                                     # chunk 4: replacement of chunk 3 + denoising
+                def step():                                     # replacement of chunk last-1 + denoising of last
                     for b, c in policy.caches.items():
-                        c.frames = saved[b]
-                    policy.chunk = 3
+                        c.rewind(saved[b])
+                    policy.chunk = last - 1
                     with sdpa_backend(ctx, backend):
                         return policy.step(obs, x["state"]).actions_raw
                 return step
@@ -107,6 +111,7 @@ def cases(ctx):
 
         impls = {row: make(row, pk, mk) for row, pk, mk in _row_configs()}
         yield Case(case=f"{name}-control-step-b{batch}", params={"config": "tiny" if ctx.small else name,
-                                                                 "batch": batch, "chunk": 4,
-                                                                 "paper_speedup_h100_gb200": PAPER},
+                                                                 "batch": batch, "chunk": last_chunk_before_reset(bench_config(ctx)),
+                                                                 "paper_speedup_h100_gb200": PAPER,
+                                                                 "note": CPU_NOTE if ctx.device == "cpu" else ""},
                    flops=None, bytes=None, impls=impls)
