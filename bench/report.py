@@ -134,12 +134,27 @@ def plot(records: list[dict], path: str) -> str:
     return path
 
 
+def _extra_section(bench: str, records: list[dict]) -> str:
+    """A bench's own Markdown section: `report_extra(records) -> str` in dz_bench.cases.<bench>, if defined."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"dz_bench.cases.{bench}")
+    except ImportError:
+        return ""
+    fn = getattr(mod, "report_extra", None)
+    return fn(records) if callable(fn) else ""
+
+
 def write_report(records: list[dict], folder: str, bench: str) -> tuple[str, str]:
     """Write <folder>/<bench>.md and <folder>/<bench>.png; returns both paths."""
     os.makedirs(folder, exist_ok=True)
     md_path = os.path.join(folder, f"{bench}.md")
     with open(md_path, "w") as f:
         f.write(markdown_table(records, copy_bandwidth(folder)))
+        extra = _extra_section(bench, records)
+        if extra:
+            f.write("\n" + extra)
     png_path = plot(records, os.path.join(folder, f"{bench}.png"))
     return md_path, png_path
 

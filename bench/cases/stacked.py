@@ -58,6 +58,38 @@ def project_gb200(h100_ms: float) -> float:
     return h100_ms * PEAK_TFLOPS["h100"] / PEAK_TFLOPS["gb200"]
 
 
+def report_extra(records: list) -> str:
+    """The Table-1 view: each row's latency and speedup over our baseline beside the paper's cumulative ratios, and
+    a GB200 column projected from the measured time (labelled a projection: only measured on the device named)."""
+    rows = {r["impl"]: r for r in records if r.get("bench") == "stacked"}
+    base = rows.get("baseline")
+    if not base or base.get("status") != "ok":
+        return ""
+    on_h100 = "h100" in (base.get("device") or "").lower()
+    lines = ["## Table 1 view", "",
+             f"Measured on {base.get('device')}; speedups are over our baseline measured in the same run. "
+             "The paper's ratios are its own (one GPU baseline, two GPUs for CFG parallelism)." +
+             (" GB200 ms is a roofline PROJECTION (measured H100 time x H100/GB200 dense bf16 peak), not a "
+              "measurement." if on_h100 else ""), "",
+             "| row | ms per control step | speedup | paper H100 | paper GB200 |" + (" GB200 ms (projection) |"
+                                                                                   if on_h100 else ""),
+             "|---|---|---|---|---|" + ("---|" if on_h100 else "")]
+    for name, _, _ in ROWS:
+        r = rows.get(name)
+        h, g = PAPER.get(name, (None, None))
+        fmt = (lambda v: "-" if v is None else f"{v:g}x")  # noqa: E731
+        if r is None or r.get("status") != "ok":
+            why = "" if r is None else (r.get("unavailable") or r.get("error") or "")
+            lines.append(f"| {name} | {why} | | {fmt(h)} | {fmt(g)} |" + (" |" if on_h100 else ""))
+            continue
+        ms = r["median_ms"]
+        line = f"| {name} | {ms:.1f} | {base['median_ms'] / ms:.2f}x | {fmt(h)} | {fmt(g)} |"
+        if on_h100:
+            line += f" {project_gb200(ms):.1f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def _row_configs():
     acc_policy, acc_model = {}, {}
     for name, pol, mod in ROWS:
