@@ -27,7 +27,8 @@ class ApplyConfig:
     kv_cache: bool = True         # the fused q/k RMSNorm + RoPE + KV-cache write
     quant: Any = None             # a dz_kernels.quant config (e.g. Float8DynamicActivationFloat8Weight()) or None
     quant_filter: Callable | None = None   # filter_fn for quantize_ (None: its default, which keeps the release's
-                                           # bf16 modules: patch embedding, head, action/state modules, embeddings)
+                                           # bf16 modules: patch embedding, head, action/state modules, embeddings;
+                                           # for diffusers' Wan: the transformer blocks' linears only)
 
 
 class ApplyHandle:
@@ -83,10 +84,13 @@ def apply_(model, config: ApplyConfig = ApplyConfig()) -> ApplyHandle:
                             f"{type(model).__name__}")
         if config.quant is not None:
             from .quant import dequantize_, quantize_
-            if config.quant_filter is None:
+            filter_fn = config.quant_filter
+            if filter_fn is None and type(model).__name__ == "WanTransformer3DModel":
+                from .diffusers_wan import default_quant_filter as filter_fn   # the blocks' linears only
+            if filter_fn is None:
                 quantize_(model, config.quant)
             else:
-                quantize_(model, config.quant, filter_fn=config.quant_filter)
+                quantize_(model, config.quant, filter_fn=filter_fn)
             undo.append(lambda: dequantize_(model))
     except Exception:
         ApplyHandle(undo).undo()
