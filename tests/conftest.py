@@ -19,6 +19,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The suite's models and kernels are tiny: one intra-op thread is several times faster than several on a busy
+    2-core machine (threads contend for the cores). Subprocess tests (torchrun) set their own."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on a CPU with the reason)")
     config.addinivalue_line("markers", "slow: a longer test, still part of the default suite")

@@ -110,15 +110,6 @@ def _row_poison_ok(buf, lo, hi):
     return bool(torch.isnan(f[:, :lo]).all()) and bool(torch.isnan(f[:, hi:]).all())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """The tiny shapes here run several times faster on one intra-op thread on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def poison_outputs(monkeypatch):
     """Kernel outputs allocated by the ops come back NaN-filled, so an unwritten element fails the comparison."""

@@ -12,16 +12,6 @@ from dreamzero.layout import layout_for_config
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops are microseconds long: one intra-op thread is much faster than several, above all on a
-    busy CI machine (threads contend for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _flex_module():
     from dz_bench.cases import train_step
     return train_step

@@ -15,16 +15,6 @@ CFG = get_config("tiny")
 SCHED = FlowMatchTrainingSchedule()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops are microseconds long: one intra-op thread is much faster than several, above all on a
-    busy CI machine (threads contend for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_batch(cfg=CFG, B=2, K=2, seed=0, has_action=None):
     g = torch.Generator().manual_seed(seed)
     Fr, A, S = cfg.num_frames(K), K * cfg.actions_per_chunk, K * cfg.states_per_chunk

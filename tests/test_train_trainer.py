@@ -19,16 +19,6 @@ from dreamzero.train.trainer import TrainConfig, Trainer, latest_checkpoint, lr_
 PRESET = "tiny-synthetic"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops are microseconds long: one intra-op thread is much faster than several, above all on a
-    busy CI machine (threads contend for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A synthetic robot dataset (4 episodes -> 8 clips of 2 chunks) and a video-only one (embodiment slot 1), both
