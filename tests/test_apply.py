@@ -71,7 +71,8 @@ def test_apply_gradients_match_reference():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-4, msg=n)
 
 
-def test_apply_in_the_policy_loop():
+@pytest.mark.parametrize("kv_cache", [False, True], ids=["reference-cache", "fused-cache"])
+def test_apply_in_the_policy_loop(kv_cache):
     m = tiny()
     cfg = m.cfg
     g = torch.Generator().manual_seed(2)
@@ -87,7 +88,7 @@ def test_apply_in_the_policy_loop():
         return [pol.step(None, state).actions_raw, pol.step(obs, state).actions_raw]
 
     ref = run()
-    handle = apply_(m, ApplyConfig(attention=True, norms=True, kv_cache=False))
+    handle = apply_(m, ApplyConfig(attention=True, norms=True, kv_cache=kv_cache))
     got = run()
     handle.undo()
     for a, b in zip(got, ref):
