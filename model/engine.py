@@ -170,6 +170,11 @@ class Policy:
         neg = torch.zeros_like(text) if negative_text is None else negative_text
         if neg.shape != text.shape:
             raise ValueError(f"negative_text {list(neg.shape)} must match text {list(text.shape)}")
+        c = self.cfg
+        if cond is not None and (cond.dim() != 5 or tuple(cond.shape[:2]) != (B, c.cond_channels)
+                                 or cond.shape[2] < 1 + c.frames_per_chunk or cond.shape[3:] != first_latent.shape[3:]):
+            raise ValueError(f"cond must be [{B}, {c.cond_channels}, F >= {1 + c.frames_per_chunk}, "
+                             f"{first_latent.shape[3]}, {first_latent.shape[4]}], got {list(cond.shape)}")
         dev, dt = self.device, self.dtype
         self.batch = B
         self.embodiment = None if embodiment is None else torch.as_tensor(embodiment, device=dev)
@@ -274,6 +279,9 @@ class Policy:
         if self.chunk is None:
             raise RuntimeError("call reset(...) before step(...)")
         cfg, pc = self.cfg, self.config
+        if state.shape != (self.batch, cfg.states_per_chunk, cfg.state_dim):   # before any cache write
+            raise ValueError(f"state must be [{self.batch}, {cfg.states_per_chunk}, {cfg.state_dim}], got "
+                             f"{list(state.shape)}")
         timings = {}
         t0 = time.perf_counter()
         if self.chunk == 0:
@@ -281,8 +289,9 @@ class Policy:
                 raise ValueError("the first step after reset takes no observation (the first frame came with reset)")
             obs, obs_chunk = self._pending_obs, 0
         else:
-            if observation is None or observation.dim() != 5 or observation.shape[2] != cfg.frames_per_chunk:
-                raise ValueError(f"observation must be [B, 16, {cfg.frames_per_chunk}, H, W] latent frames, got "
+            want = (self.batch, cfg.latent_channels, cfg.frames_per_chunk, cfg.latent_height, cfg.latent_width)
+            if observation is None or tuple(observation.shape) != want:
+                raise ValueError(f"observation must be {list(want)} latent frames, got "
                                  f"{None if observation is None else list(observation.shape)}")
             obs, obs_chunk = observation.to(self.device, self.dtype), self.chunk
         c = obs_chunk + 1
@@ -312,8 +321,6 @@ class Policy:
         Sampler = FlowUniPCMultistepSampler if pc.sampler == "unipc" else FlowEulerSampler
         sv = Sampler(pc.num_steps, pc.shift, device=sdev)
         sa = Sampler(pc.num_steps, pc.shift, device=sdev)
-        if state.shape != (B, cfg.states_per_chunk, cfg.state_dim):
-            raise ValueError(f"state must be [{B}, {cfg.states_per_chunk}, {cfg.state_dim}], got {list(state.shape)}")
         state = state.to(self.device, self.dtype)
         noisy_cond = self._cond_frames(frames)
         mask = pc.step_mask()
@@ -338,9 +345,8 @@ class Policy:
                 history = (history + [v_guided])[-2:]
             x = sv.step(v_guided.to(sdev), x, i)
             xa = sa.step(a_cond.to(sdev), xa, i)
-        if pc.fused_control:
-            for cache in self.caches.values():
-                assert obs_frames[-1] in cache.frames
+        if pc.fused_control and any(obs_frames[-1] not in cache.frames for cache in self.caches.values()):
+            raise RuntimeError("the fused control step did not write the observed frames into the cache")
         self.chunk = c
         timings["denoise_ms"] = (time.perf_counter() - t1) * 1e3
         raw = xa.to(self.device)
@@ -376,7 +382,10 @@ class AsyncPolicy:
 
     def __init__(self, policy: Policy):
         self.policy = policy
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dz-policy")
+        # the worker keeps the caller's intra-op thread count, so its results are bit-identical to a direct run
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dz-policy",
+                                                           initializer=torch.set_num_threads,
+                                                           initargs=(torch.get_num_threads(),))
         self._lock = threading.Lock()
 
     def submit(self, observation, state) -> concurrent.futures.Future:

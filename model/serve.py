@@ -379,6 +379,8 @@ class PolicyServer:
         self._shutdown_task: asyncio.Task | None = None
         self._tasks: set = set()
         self._thread: threading.Thread | None = None
+        import torch
+        self._torch_threads = torch.get_num_threads()
 
     # ------------------------------------------------------------------ lifecycle (asyncio)
     async def start(self) -> int:
@@ -388,7 +390,13 @@ class PolicyServer:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self._shutdown_task = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dz-serve-policy")
+        import torch
+        # the worker runs with the intra-op thread count of the thread that built the server (a new thread would
+        # take torch's default, and a different count changes float reduction order: results would not be
+        # bit-identical to the same policy run directly)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dz-serve-policy",
+                                                               initializer=torch.set_num_threads,
+                                                               initargs=(self._torch_threads,))
         serve = _websockets_serve()
         try:
             self._server = await serve(self._handler, self.host, self.port, max_size=self.hard_limit_bytes,

@@ -41,10 +41,17 @@ def test_apply_teacher_forcing_same_outputs_and_undo(config):
     lay = m.layout("train", num_chunks=2)
     with torch.no_grad():
         v0, a0 = m(lay, **x)
+        ops0 = m.ops
         handle = apply_(m, config)
-        assert m.ops.attention is not None
+        # the swap really happened (else v1 == v0 trivially): the chosen fields are dz_kernels functions
+        swapped = (["attention"] if config.attention else []) + (["layernorm_modulate", "gated_residual",
+                                                                    "rms_norm", "gelu_tanh"] if config.norms else [])
+        for name in swapped:
+            assert getattr(m.ops, name) is not getattr(ops0, name)
+            assert getattr(m.ops, name).__module__.startswith("dz_kernels."), name
         v1, a1 = m(lay, **x)
         handle.undo()
+        assert m.ops is ops0
         v2, a2 = m(lay, **x)
     torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-4)

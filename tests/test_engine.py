@@ -149,8 +149,24 @@ def test_step_bad_input(model):
         pol.step(obs[1][:, :, :1], states[1])
     with pytest.raises(ValueError, match="state"):
         pol.step(obs[1], states[1][:, :, :-1])
+    # a refused step leaves the policy as it was: the cache holds no frame of it, the same step then succeeds
+    assert all(c.frames == (0,) for c in pol.caches.values()) and pol.chunk == 1
+    assert pol.step(obs[1], states[1]).chunk == 2
+    pol.step(obs[1], states[1])                                   # chunk 3; the next step resets at the window
+    frames = {b: c.frames for b, c in pol.caches.items()}
+    with pytest.raises(ValueError, match="observation"):
+        pol.step(obs[1][..., :-1], states[1])                     # wrong latent width, refused before the reset
+    assert {b: c.frames for b, c in pol.caches.items()} == frames and pol.chunk == 3
     with pytest.raises(ValueError, match="cfg_mode"):
         PolicyConfig(cfg_mode="both")
+    cfg = model.cfg
+    for F in (1, cfg.frames_per_chunk):         # too few frames: _cond_frames would wrap to negative indices
+        with pytest.raises(ValueError, match="cond"):
+            pol.reset(text, clip, first, cond=torch.zeros(1, cfg.cond_channels, F, cfg.latent_height,
+                                                          cfg.latent_width))
+    with pytest.raises(ValueError, match="cond"):
+        pol.reset(text, clip, first, cond=torch.zeros(2, cfg.cond_channels, cfg.local_attn_size,
+                                                      cfg.latent_height, cfg.latent_width))
 
 
 def test_smoothing():

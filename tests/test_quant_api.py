@@ -257,6 +257,27 @@ def test_save_and_load_round_trip(tmp_path, config):
         assert torch.equal(fresh(x), y)
 
 
+def test_save_modelopt_is_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous files whole (temporary file, then os.replace)."""
+    import safetensors.torch as st
+
+    m, _ = _model_and_input()
+    with torch.no_grad():
+        quantize_(m, Float8DynamicActivationFloat8Weight())
+    mio.save_modelopt(m, str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def half_write(tensors, filename, *a, **k):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 7)
+        raise OSError("disk full")
+    monkeypatch.setattr(st, "save_file", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        mio.save_modelopt(m, str(tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    mio.read_modelopt(str(tmp_path))
+
+
 def test_load_modelopt_strict_reports_missing_keys():
     m, _ = _model_and_input()
     quantize_(m, NVFP4WeightOnly())

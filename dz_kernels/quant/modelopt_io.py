@@ -179,9 +179,14 @@ def save_modelopt(model: nn.Module, directory: str) -> None:
 
     os.makedirs(directory, exist_ok=True)
     state, config = export_modelopt(model)
-    save_file({k: v.cpu() for k, v in state.items()}, os.path.join(directory, SAFETENSORS_NAME))
-    with open(os.path.join(directory, QUANT_CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
+    def write_json(path):
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
+    for name, write in ((SAFETENSORS_NAME, lambda p: save_file({k: v.cpu() for k, v in state.items()}, p)),
+                        (QUANT_CONFIG_NAME, write_json)):
+        final = os.path.join(directory, name)
+        write(final + ".tmp")           # atomic: a failed write never leaves a half-written file under `name`
+        os.replace(final + ".tmp", final)
 
 
 def read_modelopt(directory: str, device="cpu") -> tuple[dict[str, torch.Tensor], Optional[dict]]:
