@@ -91,6 +91,25 @@ def _cast(x, DT: tl.constexpr, FIX: tl.constexpr):
 
 
 @triton.jit
+def _rms_norm_pairs(ROW, W, even, odd, mask, C, eps, DT: tl.constexpr, ACT_FIX: tl.constexpr,
+                    ROUND_W: tl.constexpr):
+    """Wan's RMSNorm of rows of C (x at ROW + even/odd offsets: the pairs rotated by RoPE) with weight W, rounded
+    as the chain rounds it (to DT after the normalization, and after the weight when ROUND_W). fp32 (even, odd)."""
+    xe = tl.load(ROW + even, mask=mask, other=0.0).to(tl.float32)
+    xo = tl.load(ROW + odd, mask=mask, other=0.0).to(tl.float32)
+    ss = tl.sum(tl.sum(xe * xe + xo * xo, axis=2), axis=1)
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, C * 1.0) + eps))[:, None, None]
+    we = tl.load(W + even, mask=mask, other=0.0).to(tl.float32)
+    wo = tl.load(W + odd, mask=mask, other=0.0).to(tl.float32)
+    ye = _round(xe * rstd, DT, ACT_FIX) * we
+    yo = _round(xo * rstd, DT, ACT_FIX) * wo
+    if ROUND_W:
+        ye = _round(ye, DT, ACT_FIX)
+        yo = _round(yo, DT, ACT_FIX)
+    return ye, yo
+
+
+@triton.jit
 def _e4m3(x, INTERPRET: tl.constexpr):
     """Clamp to +-448 and round to E4M3 (returns fp32 holding an exact E4M3 value under the interpreter)."""
     x = tl.minimum(tl.maximum(x, -448.0), 448.0)
@@ -153,32 +172,12 @@ def _qk_norm_rope_kv_kernel(
     s = tl.load(SIN + l * ssin + p, mask=cmask, other=0.0)
 
     # ---- q: RMSNorm over C, weight, RoPE -> q_rot
-    qe = tl.load(Q + b * sqb + l * sql + even, mask=mask, other=0.0).to(tl.float32)
-    qo = tl.load(Q + b * sqb + l * sql + odd, mask=mask, other=0.0).to(tl.float32)
-    ss = tl.sum(tl.sum(qe * qe + qo * qo, axis=2), axis=1)
-    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, C * 1.0) + eps))[:, None, None]
-    we = tl.load(WQ + even, mask=mask, other=0.0).to(tl.float32)
-    wo = tl.load(WQ + odd, mask=mask, other=0.0).to(tl.float32)
-    ye = _round(qe * rstd, DT, ACT_FIX) * we
-    yo = _round(qo * rstd, DT, ACT_FIX) * wo
-    if ROUND_W:
-        ye = _round(ye, DT, ACT_FIX)
-        yo = _round(yo, DT, ACT_FIX)
+    ye, yo = _rms_norm_pairs(Q + b * sqb + l * sql, WQ, even, odd, mask, C, eps, DT, ACT_FIX, ROUND_W)
     tl.store(QO + r * C + even, _cast(ye * c - yo * s, DT, ACT_FIX), mask=mask)
     tl.store(QO + r * C + odd, _cast(ye * s + yo * c, DT, ACT_FIX), mask=mask)
 
     # ---- k: the same, into the cache row
-    ke = tl.load(K + b * skb + l * skl + even, mask=mask, other=0.0).to(tl.float32)
-    ko = tl.load(K + b * skb + l * skl + odd, mask=mask, other=0.0).to(tl.float32)
-    ss = tl.sum(tl.sum(ke * ke + ko * ko, axis=2), axis=1)
-    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, C * 1.0) + eps))[:, None, None]
-    we = tl.load(WK + even, mask=mask, other=0.0).to(tl.float32)
-    wo = tl.load(WK + odd, mask=mask, other=0.0).to(tl.float32)
-    ye = _round(ke * rstd, DT, ACT_FIX) * we
-    yo = _round(ko * rstd, DT, ACT_FIX) * wo
-    if ROUND_W:
-        ye = _round(ye, DT, ACT_FIX)
-        yo = _round(yo, DT, ACT_FIX)
+    ye, yo = _rms_norm_pairs(K + b * skb + l * skl, WK, even, odd, mask, C, eps, DT, ACT_FIX, ROUND_W)
     re = _round(ye * c - yo * s, DT, ACT_FIX)      # the rotated key as the chain rounds it
     ro = _round(ye * s + yo * c, DT, ACT_FIX)
 

@@ -1,4 +1,4 @@
-"""Triton device functions shared by the FP8 and NVFP4 kernels (no launches here).
+"""Triton device functions shared by the FP8 and NVFP4 kernels, and their one GEMM launch rule (launch_gemm).
 
 E4M3 rounding: `_round_to_e4m3` rounds a float32 to the nearest E4M3 value (ties to even) before the cast to
 float8e4nv. On the GPU the cast itself rounds to nearest-even, so this changes nothing there; the Triton CPU
@@ -17,6 +17,22 @@ shared by all tokens is passed with row stride 0.
 """
 import triton
 import triton.language as tl
+
+# Fixed tiles for the CPU interpreter (autotuning would run every config there); the GPU uses the autotuned kernel.
+INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}
+
+
+def launch_gemm(kernel, tuned, M: int, N: int, args: tuple, flags: dict, interpreting: bool) -> None:
+    """Launch a grouped-tile GEMM kernel over an M x N output: the plain kernel with INTERPRET_GEMM tiles in the
+    interpreter, else its autotuned wrapper `tuned`."""
+    if interpreting:
+        cfg = INTERPRET_GEMM
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        kernel[grid](*args, **flags, **cfg, num_warps=1)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        tuned[grid](*args, **flags)
+
 
 ACT_NONE = 0
 ACT_GELU_TANH = 1

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import _common as cm
-from ._tl import _cast_out, _epilogue_store, _grouped_pid, _round_to_e4m3, activation_code
+from ._tl import launch_gemm, _cast_out, _epilogue_store, _grouped_pid, _round_to_e4m3, activation_code
 from .formats import (
     FP8_AMAX_FLOOR, FP8_BLOCK, dequantize_fp8_reference, fp8_gemm_reference, fp8_scale_shape,
     quantize_fp8_reference,
@@ -153,7 +153,6 @@ _fp8_gemm_tuned = triton.autotune(
     configs=_GEMM_CONFIGS, key=["M", "N", "K", "BLOCK_SCALED", "HAS_BIAS", "ACT", "HAS_GATE", "HAS_RES"],
 )(_fp8_gemm_kernel)
 # The interpreter runs one small configuration (several K steps, several 128-blocks of N, ragged edges).
-_INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------- launchers
@@ -237,13 +236,7 @@ def _launch_gemm(a, a_scale, b, b_scale, block_scaled, bias, activation, gate, r
             res2.stride(0) if res2 is not None else 0, res2.stride(1) if res2 is not None else 0, out.stride(0))
     flags = dict(BLOCK_SCALED=block_scaled, HAS_BIAS=bias is not None, ACT=activation_code(activation),
                  HAS_GATE=gate2 is not None, HAS_RES=res2 is not None)
-    if cm.interpreting():
-        cfg = _INTERPRET_GEMM
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _fp8_gemm_kernel[grid](*args, **flags, **cfg, num_warps=1)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _fp8_gemm_tuned[grid](*args, **flags)
+    launch_gemm(_fp8_gemm_kernel, _fp8_gemm_tuned, M, N, args, flags, cm.interpreting())
     return out
 
 

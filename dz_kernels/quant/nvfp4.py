@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from . import _common as cm
-from ._tl import _cast_out, _e2m1_decode, _e2m1_encode, _epilogue_store, _grouped_pid, _round_to_e4m3, activation_code
+from ._tl import (_cast_out, _e2m1_decode, _e2m1_encode, _epilogue_store, _grouped_pid, _round_to_e4m3, activation_code,
+                  launch_gemm)
 from .formats import (
     E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, dequantize_nvfp4_reference, nvfp4_gemm_w4a4_reference,
     nvfp4_gemm_w4a16_reference, quantize_nvfp4_reference,
@@ -194,7 +195,6 @@ _W4A4_CONFIGS = [  # BLOCK_K a multiple of 64 so the packed K tile is >= 32 byte
 ]
 _w4a16_tuned = triton.autotune(configs=_W4A16_CONFIGS, key=_EPI_KEYS)(_nvfp4_w4a16_kernel)
 _w4a4_tuned = triton.autotune(configs=_W4A4_CONFIGS, key=_EPI_KEYS + ["USE_DOT_SCALED"])(_nvfp4_w4a4_kernel)
-_INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}
 
 
 def dot_scaled_available(device) -> bool:
@@ -251,13 +251,7 @@ def _launch_w4a16(x, w, ws, wg, bias, activation, gate, residual, out_dtype):
             x.stride(0), w.stride(0), ws.stride(0), sgm, sgn, srm, srn, out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACT=activation_code(activation), HAS_GATE=has_gate, HAS_RES=has_res,
                  INTERPRET=cm.interpreting())
-    if cm.interpreting():
-        cfg = _INTERPRET_GEMM
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _nvfp4_w4a16_kernel[grid](*args, **flags, **cfg, num_warps=1)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _w4a16_tuned[grid](*args, **flags)
+    launch_gemm(_nvfp4_w4a16_kernel, _w4a16_tuned, M, N, args, flags, cm.interpreting())
     return out
 
 
@@ -273,13 +267,7 @@ def _launch_w4a4(a, a_s, ag, w, ws, wg, bias, activation, gate, residual, out_dt
             a.stride(0), a_s.stride(0), w.stride(0), ws.stride(0), sgm, sgn, srm, srn, out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACT=activation_code(activation), HAS_GATE=has_gate, HAS_RES=has_res,
                  USE_DOT_SCALED=use_dot_scaled, INTERPRET=cm.interpreting())
-    if cm.interpreting():
-        cfg = _INTERPRET_GEMM
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _nvfp4_w4a4_kernel[grid](*args, **flags, **cfg, num_warps=1)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _w4a4_tuned[grid](*args, **flags)
+    launch_gemm(_nvfp4_w4a4_kernel, _w4a4_tuned, M, N, args, flags, cm.interpreting())
     return out
 
 
