@@ -20,8 +20,8 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# import name -> folder
-PACKAGE_DIRS = {"dz_kernels": "dz_kernels", "dreamzero": "model", "dz_bench": "bench"}
+# import name -> its package folder: dz_kernels at the top, dreamzero and dz_bench under the source roots model/ and bench/
+PACKAGE_DIRS = {"dz_kernels": "dz_kernels", "dreamzero": "model/dreamzero", "dz_bench": "bench/dz_bench"}
 CSRC_PATTERNS = ("*.cu", "*.cuh", "*.h", "*.cpp")
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint loading and saving (model/checkpoint.py): round trips in the three key layouts, sharding, the one error
+"""Checkpoint loading and saving (model/dreamzero/checkpoint.py): round trips in the three key layouts, sharding, the one error
 that lists every mismatch, corrupt files, layout detection, LoRA merging, memory, and the diffusers layout checked
 against diffusers' own WanTransformer3DModel on the same input."""
 import json

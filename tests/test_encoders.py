@@ -1,4 +1,4 @@
-"""The frozen encoders (model/encoders.py) built from tiny random configs: shapes, Wan's conventions (padding zeroed,
+"""The frozen encoders (model/dreamzero/encoders.py) built from tiny random configs: shapes, Wan's conventions (padding zeroed,
 penultimate CLIP block, latent normalization, the I2V mask layout), and loading from a local folder."""
 import pytest
 import torch

@@ -22,7 +22,7 @@ PRESET = "tiny-synthetic"
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A synthetic robot dataset (4 episodes -> 8 clips of 2 chunks) and a video-only one (embodiment slot 1), both
-    encoded by the tiny random VAE / CLIP / umT5 of model/encoders.py."""
+    encoded by the tiny random VAE / CLIP / umT5 of model/dreamzero/encoders.py."""
     root = tmp_path_factory.mktemp("train")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -3,7 +3,7 @@
 One step, for a batch of clips of K chunks (F = 1 + K*n latent frames, n = frames per chunk, A action tokens and S
 state tokens per chunk):
 
-1. noise levels, from the scheduler's 1000-entry noise-first table (model/schedulers.py):
+1. noise levels, from the scheduler's 1000-entry noise-first table (model/dreamzero/schedulers.py):
    - video: one table index per latent frame block; the first frame draws its own index, and every frame of chunk k
      takes the index of the chunk's first frame (the release draws [B, F] and copies within each block);
    - ``mode="base"``: video indices uniform; the actions of chunk k take chunk k's video index (coupled);

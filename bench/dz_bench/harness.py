@@ -1,6 +1,6 @@
 """Benchmark harness: cases register here, run on CUDA (or small on CPU), and leave JSON records plus a report.
 
-A bench file bench/cases/<bench>.py::
+A bench file bench/dz_bench/cases/<bench>.py::
 
     from dz_bench.harness import register, Case, Unavailable
 
@@ -41,8 +41,9 @@ __all__ = [
     "run_bench", "lazy", "device_slug", "versions", "commit", "RECORD_FIELDS", "RESULTS_DIR",
 ]
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/ (the source root of dz_bench)
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+REPO_DIR = os.path.dirname(BENCH_DIR)
 OURS = "dz"
 
 

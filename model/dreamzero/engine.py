@@ -91,7 +91,7 @@ class PolicyConfig:
 
 @dataclass
 class Encoders:
-    """The frozen encoders the policy needs for raw inputs (model/encoders.py): umT5 text, CLIP image, Wan VAE."""
+    """The frozen encoders the policy needs for raw inputs (model/dreamzero/encoders.py): umT5 text, CLIP image, Wan VAE."""
     text: object
     image: object
     vae: object

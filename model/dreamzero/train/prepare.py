@@ -17,7 +17,7 @@ marked complete at the end, so an interrupted preparation leaves an index of fin
 the same settings skips them, and the trainer refuses an incomplete folder.
 
 Encoders: anything with the four methods of `FeatureEncoders` (encode_video, i2v_condition, encode_image,
-encode_text). `encoders_from_module` adapts model/encoders.py (the Wan VAE, CLIP and umT5 wrappers from a local
+encode_text). `encoders_from_module` adapts model/dreamzero/encoders.py (the Wan VAE, CLIP and umT5 wrappers from a local
 Wan2.1-I2V *-Diffusers folder, or their tiny random versions for tests and demos).
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ class FeatureEncoders(Protocol):
 
 def encoders_from_module(cfg, kind: str = "tiny", path: str | None = None, tokenizer_path: str | None = None,
                          device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> FeatureEncoders:
-    """The frozen encoders of model/encoders.py (dreamzero.encoders) as FeatureEncoders.
+    """The frozen encoders of model/dreamzero/encoders.py (dreamzero.encoders) as FeatureEncoders.
 
     kind "tiny": random small versions shaped for `cfg` (the Wan VAE's real strides, CLIP with cfg.clip_tokens
     tokens of cfg.clip_dim, umT5 of cfg.text_dim over cfg.text_len tokens), for tests and demos.

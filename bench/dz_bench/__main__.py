@@ -1,7 +1,7 @@
 """python -m dz_bench [--all | NAME ...] [--small | --full] [--out DIR] [--device cuda|cpu] [--list]
                     [--no-l2-flush] [--fail-on-error] [--no-progress]
 
-Runs benches registered in bench/cases/*.py and writes bench/results/<device-slug>/<bench>.{json,md,png}.
+Runs benches registered in bench/dz_bench/cases/*.py and writes bench/results/<device-slug>/<bench>.{json,md,png}.
 Default shapes: small on CPU, full on CUDA.
 """
 from __future__ import annotations
