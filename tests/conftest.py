@@ -34,4 +34,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a longer test, still part of the default suite")
 
 
+# The one device rule of the suite: kernels run on CUDA when there is one, else on the CPU under the Triton
+# interpreter. The same test bodies run on both; float64 oracles stay on the CPU. Test files import these two names
+# (`from conftest import DEVICE, requires_cuda`) or take the `device` fixture.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device a kernel test runs on: CUDA when present, else the CPU (Triton interpreter)."""
+    return DEVICE
