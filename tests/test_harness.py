@@ -11,7 +11,7 @@ import torch
 from dz_bench import harness, report
 from dz_bench.harness import BenchContext, Case, Unavailable
 
-FAST_CTX = dict(device="cpu", small=True, cpu_budget_s=0.01, cpu_min_reps=3, cpu_max_reps=5)
+FAST_CTX = dict(device="cpu", small=True, cpu_budget_s=0.01, min_samples=3, cpu_max_reps=5)
 
 
 @pytest.fixture
@@ -187,3 +187,28 @@ def test_commit_override(monkeypatch):
     monkeypatch.delenv("DZ_COMMIT")
     c = harness.commit()
     assert c == "unknown" or len(c.split("-")[0]) == 40
+
+
+def test_rows_stream_samples_and_deadline(dummy_bench, tmp_path, capsys):
+    """Every row is appended to <bench>.rows.jsonl and printed as it is measured, carries its sample count (at
+    least min_samples), setup and first-call times; after the deadline no new row starts and the rest say why."""
+    name, _ = dummy_bench
+    ctx = BenchContext(**dict(FAST_CTX, min_samples=7, echo=True))
+    records = harness.run_benches([name], ctx=ctx, out_dir=str(tmp_path), progress=False, report=False)[name]
+    folder = tmp_path / harness.device_slug(ctx)
+    with open(folder / f"{name}.rows.jsonl") as f:
+        streamed = [json.loads(line) for line in f]
+    assert streamed == records
+    printed = capsys.readouterr().out
+    ok = [r for r in records if r["status"] == "ok"]
+    assert len(ok) == 4
+    for r in ok:
+        assert r["samples"] >= 7 and r["setup_s"] >= 0 and r["first_call_s"] >= 0
+        assert f"{r['bench']}/{r['case']}/{r['impl']}: ok" in printed and f"n={r['samples']}" in printed
+    slow = _by_impl(records, "double")["peer-slow"]
+    assert slow["median_ms"] >= 2.0  # it sleeps 2 ms per call
+
+    late = BenchContext(**dict(FAST_CTX, deadline=time.time() - 1))
+    skipped = harness.run_bench(name, late, progress=False)
+    assert [r["status"] for r in skipped] == ["skipped"] * len(skipped) and len(skipped) == 6
+    assert all("time budget" in r["unavailable"] for r in skipped)

@@ -1,14 +1,18 @@
 """python -m dz_bench [--all | NAME ...] [--small | --full] [--out DIR] [--device cuda|cpu] [--list]
-                    [--no-l2-flush] [--fail-on-error] [--no-progress]
+                    [--no-l2-flush] [--fail-on-error] [--no-progress] [--echo] [--budget-s S]
+                    [--min-samples N]
 
 Runs benches registered in bench/dz_bench/cases/*.py and writes bench/results/<device-slug>/<bench>.{json,md,png}.
-Default shapes: small on CPU, full on CUDA.
+Default shapes: small on CPU, full on CUDA. Every row is also appended to <bench>.rows.jsonl as it is measured
+(--echo prints it too), so a run cut short keeps what it measured; --budget-s stops starting new rows after that
+many seconds (the rest are recorded as skipped).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +29,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="CUDA: time with CUDA events and no L2 flush between calls (warm-cache figures)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--fail-on-error", action="store_true", help="exit 1 when any row is an error")
+    parser.add_argument("--echo", action="store_true", help="print every row the moment it is measured")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new row after this many seconds (the rows left are recorded as skipped)")
+    parser.add_argument("--min-samples", type=int, default=None, help="timed calls per row, at least (default 5)")
     args = parser.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    if args.min_samples is not None and args.min_samples < 1:
+        parser.error(f"--min-samples must be at least 1, got {args.min_samples}")
 
     import torch
     if args.device == "cpu" or not torch.cuda.is_available():
@@ -51,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown bench(es) {unknown}; known: {sorted(reg)}")
     ctx = harness.BenchContext.detect(small=args.small, device=args.device)
     ctx.flush_l2 = not args.no_l2_flush
+    ctx.echo = args.echo
+    if args.budget_s is not None:
+        ctx.deadline = time.time() + args.budget_s
+    if args.min_samples is not None:
+        ctx.min_samples = args.min_samples
     results = harness.run_benches(names, ctx=ctx, out_dir=args.out, progress=not args.no_progress)
     n_err = 0
     for name, records in results.items():

@@ -15,9 +15,17 @@ factories, or in a `lazy(...)` shared by them): the harness lists a bench's case
 and drops each before the next. `check`, if given, receives the value returned by an impl's first call and returns
 an error figure (e.g. max abs error against a reference), recorded as `max_err`.
 
-Timing: on CUDA, triton.testing.do_bench (L2 flushed, quantiles 0.5/0.2/0.8) when triton imports, else CUDA events
-around each call with warm-up and an optional L2 flush; on CPU, time.perf_counter over a few calls. Each record is
-a dict with the fields listed in RECORD_FIELDS; a failing impl becomes an "error" row and the run goes on.
+Timing: on CUDA, CUDA events around each call after a warm-up, the L2 flushed before each call (the method of
+triton.testing.do_bench, kept here so that the number of samples is known and at least `min_samples` even for calls
+of seconds); on CPU, time.perf_counter over at least `min_samples` calls. Every record carries its sample count
+(`samples`), the time of the factory (`setup_s`, where compilation ahead of time lands) and of the first call
+(`first_call_s`, where lazy compilation lands). Each record is a dict with the fields listed in RECORD_FIELDS; a
+failing impl becomes an "error" row and the run goes on.
+
+Rows are written as they are measured: each one is printed (with `echo=True`) and appended to
+`<out>/<device-slug>/<bench>.rows.jsonl`, and the bench's JSON is rewritten after every case, so a run cut short by
+a time limit keeps what it measured. `BenchContext.deadline` (a time.time() value) stops a run from starting new
+cases after it; the cases left are recorded as "skipped" rows that say so.
 """
 from __future__ import annotations
 
@@ -53,8 +61,8 @@ def is_ours(impl: str) -> bool:
 
 RECORD_FIELDS = (
     "bench", "case", "impl", "is_peer", "status", "device", "device_slug", "small", "params", "flops", "bytes",
-    "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "max_err", "speedup_vs_best_peer", "best_peer",
-    "unavailable", "error", "timer", "versions", "commit", "timestamp",
+    "median_ms", "p20_ms", "p80_ms", "samples", "setup_s", "first_call_s", "tflops", "gbps", "max_err",
+    "speedup_vs_best_peer", "best_peer", "unavailable", "error", "timer", "versions", "commit", "timestamp",
 )
 
 
@@ -84,15 +92,21 @@ class Case:
 
 @dataclasses.dataclass
 class BenchContext:
-    """Where and how big: `device` is "cuda" or "cpu"; `small` selects tiny shapes (the default on CPU)."""
+    """Where and how big: `device` is "cuda" or "cpu"; `small` selects tiny shapes (the default on CPU).
+
+    Timing: at least `min_samples` timed calls per row (also for calls of seconds), more while the total stays under
+    `rep_ms` (CUDA, at most 2000) or `cpu_budget_s` (CPU, at most `cpu_max_reps`). `deadline`: a time.time() after
+    which no new case starts (None: no limit). `echo`: print each row as it is measured."""
     device: str = "cpu"
     small: bool = True
     flush_l2: bool = True
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
-    cpu_min_reps: int = 3
+    min_samples: int = 5
     cpu_max_reps: int = 20
     cpu_budget_s: float = 0.2
+    deadline: float | None = None
+    echo: bool = False
 
     @classmethod
     def detect(cls, small: bool | None = None, device: str | None = None) -> "BenchContext":
@@ -279,30 +293,30 @@ def _quantiles(values: list[float], qs=(0.5, 0.2, 0.8)) -> list[float]:
 def _time_cpu(fn, ctx: BenchContext) -> tuple[list[float], str]:
     times = []
     start_all = time.perf_counter()
-    while len(times) < ctx.cpu_max_reps:
+    while len(times) < max(ctx.cpu_max_reps, ctx.min_samples):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= ctx.cpu_min_reps and time.perf_counter() - start_all > ctx.cpu_budget_s:
+        if len(times) >= ctx.min_samples and time.perf_counter() - start_all > ctx.cpu_budget_s:
             break
-    return _quantiles(times), "perf_counter"
+    return times, "perf_counter"
 
 
-def _time_cuda_events(fn, ctx: BenchContext) -> tuple[list[float], str]:
+def _time_cuda(fn, ctx: BenchContext) -> tuple[list[float], str]:
+    """CUDA events around each call; the L2 flushed (a 256 MB buffer zeroed) before each call when ctx.flush_l2."""
     import torch
 
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda") if ctx.flush_l2 else None
     torch.cuda.synchronize()
-    # estimate one call
+    # estimate one call (after the first call the harness already made)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(5):
-        fn()
+    fn()
     end.record()
     torch.cuda.synchronize()
-    est = max(start.elapsed_time(end) / 5, 1e-4)
-    n_warm = max(1, int(ctx.warmup_ms / est))
-    n_rep = min(max(5, int(ctx.rep_ms / est)), 2000)
+    est = max(start.elapsed_time(end), 1e-4)
+    n_warm = min(max(1, int(ctx.warmup_ms / est)), 100)
+    n_rep = min(max(ctx.min_samples, int(ctx.rep_ms / est)), 2000)
     for _ in range(n_warm):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
@@ -315,25 +329,14 @@ def _time_cuda_events(fn, ctx: BenchContext) -> tuple[list[float], str]:
         ends[i].record()
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return _quantiles(times), "cuda-events" + ("+l2flush" if flush is not None else "")
+    return times, "cuda-events" + ("+l2flush" if flush is not None else "")
 
 
-def _time_cuda(fn, ctx: BenchContext) -> tuple[list[float], str]:
-    if ctx.flush_l2:
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
-        if do_bench is not None:
-            qs = do_bench(fn, warmup=ctx.warmup_ms, rep=ctx.rep_ms, quantiles=[0.5, 0.2, 0.8])
-            return [float(q) for q in qs], "triton.do_bench"
-    return _time_cuda_events(fn, ctx)
-
-
-def time_fn(fn: Callable[[], Any], ctx: BenchContext) -> tuple[float, float, float, str]:
-    """(median_ms, p20_ms, p80_ms, timer name) of `fn` on ctx.device."""
-    (median, p20, p80), timer = (_time_cuda if ctx.device == "cuda" else _time_cpu)(fn, ctx)
-    return median, p20, p80, timer
+def time_fn(fn: Callable[[], Any], ctx: BenchContext) -> tuple[float, float, float, int, str]:
+    """(median_ms, p20_ms, p80_ms, samples, timer name) of `fn` on ctx.device."""
+    times, timer = (_time_cuda if ctx.device == "cuda" else _time_cpu)(fn, ctx)
+    median, p20, p80 = _quantiles(times)
+    return median, p20, p80, len(times), timer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,19 +356,25 @@ def _json_safe(value):
 
 def _run_impl(name: str, factory, case: Case, ctx: BenchContext, base: dict) -> dict:
     row = dict(base, impl=name, is_peer=not is_ours(name), status="ok", median_ms=None, p20_ms=None, p80_ms=None,
-               tflops=None, gbps=None, max_err=None, unavailable=None, error=None, timer=None)
+               samples=None, setup_s=None, first_call_s=None, tflops=None, gbps=None, max_err=None,
+               unavailable=None, error=None, timer=None)
     fn = None
     try:
+        t0 = time.perf_counter()
         fn = factory()
+        ctx.sync()
+        row["setup_s"] = time.perf_counter() - t0
         if not callable(fn):
             raise TypeError(f"factory of {name!r} returned {type(fn).__name__}, not a callable")
+        t0 = time.perf_counter()
         out = fn()
         ctx.sync()
+        row["first_call_s"] = time.perf_counter() - t0
         if case.check is not None:
             row["max_err"] = float(case.check(out))
         del out
-        median, p20, p80, timer = time_fn(fn, ctx)
-        row.update(median_ms=median, p20_ms=p20, p80_ms=p80, timer=timer)
+        median, p20, p80, samples, timer = time_fn(fn, ctx)
+        row.update(median_ms=median, p20_ms=p20, p80_ms=p80, samples=samples, timer=timer)
         if case.flops is not None and median > 0:
             row["tflops"] = case.flops / (median * 1e-3) / 1e12
         if case.bytes is not None and median > 0:
@@ -398,8 +407,27 @@ def _fill_speedups(rows: list[dict]) -> None:
             r["speedup_vs_best_peer"] = best["median_ms"] / r["median_ms"]
 
 
-def run_bench(name: str, ctx: BenchContext, progress: bool = True) -> list[dict]:
-    """Run every case of bench `name`; returns its records (not written)."""
+def _echo(row: dict) -> None:
+    """One line per measured row, printed the moment it is measured."""
+    parts = [f"{row['bench']}/{row['case']}/{row['impl']}: {row['status']}"]
+    if row.get("median_ms") is not None:
+        parts.append(f"{row['median_ms']:.4g} ms (p20-p80 {row['p20_ms']:.4g}-{row['p80_ms']:.4g}, "
+                     f"n={row['samples']})")
+    for key, unit in (("tflops", "TFLOP/s"), ("gbps", "GB/s")):
+        if row.get(key) is not None:
+            parts.append(f"{row[key]:.4g} {unit}")
+    if row.get("max_err") is not None:
+        parts.append(f"err {row['max_err']:.3g}")
+    if row.get("first_call_s") is not None and row["first_call_s"] + (row.get("setup_s") or 0) > 5:
+        parts.append(f"setup {row.get('setup_s') or 0:.1f} s + first call {row['first_call_s']:.1f} s")
+    if row.get("unavailable") or row.get("error"):
+        parts.append(str(row.get("unavailable") or row.get("error")))
+    print("  " + ", ".join(parts), flush=True)
+
+
+def run_bench(name: str, ctx: BenchContext, progress: bool = True, out_root: str | None = None) -> list[dict]:
+    """Run every case of bench `name`; returns its records. With `out_root`, every row is appended to
+    <out_root>/<device-slug>/<name>.rows.jsonl as it is measured and <name>.json is rewritten after every case."""
     reg = registry()
     common = {"bench": name, "device": device_name(ctx), "device_slug": device_slug(ctx), "small": ctx.small,
               "versions": versions(), "commit": commit()}
@@ -417,6 +445,12 @@ def run_bench(name: str, ctx: BenchContext, progress: bool = True) -> list[dict]
         return [dict(common, case="*", impl="*", is_peer=False, status="error", params={}, flops=None, bytes=None,
                      error=f"listing cases failed: {type(e).__name__}: {e}", timestamp=stamp())]
     records: list[dict] = []
+    rows_path = None
+    if out_root is not None:
+        folder = os.path.join(out_root, common["device_slug"])
+        os.makedirs(folder, exist_ok=True)
+        rows_path = os.path.join(folder, f"{name}.rows.jsonl")
+        open(rows_path, "w").close()  # this run's rows only, as <name>.json holds this run's records
     bar = None
     if progress:
         from tqdm import tqdm
@@ -427,17 +461,31 @@ def run_bench(name: str, ctx: BenchContext, progress: bool = True) -> list[dict]
         base = dict(common, case=case.case, params=case.params, flops=case.flops, bytes=case.bytes)
         rows = []
         for impl_name, factory in case.impls.items():
-            if bar is not None:
-                bar.set_postfix_str(f"{case.case} / {impl_name}")
-            rows.append(dict(_run_impl(impl_name, factory, case, ctx, base), timestamp=stamp()))
+            if ctx.deadline is not None and time.time() > ctx.deadline:
+                row = dict(base, impl=impl_name, is_peer=not is_ours(impl_name), status="skipped",
+                           unavailable="the run's time budget was spent before this row started")
+            else:
+                if bar is not None:
+                    bar.set_postfix_str(f"{case.case} / {impl_name}")
+                row = _run_impl(impl_name, factory, case, ctx, base)
+            rows.append(dict(row, timestamp=stamp()))
         del case, base
         _fill_speedups(rows)
+        rows = [_json_safe({k: r.get(k) for k in RECORD_FIELDS}) for r in rows]
         records.extend(rows)
+        for row in rows:
+            if ctx.echo:
+                _echo(row)
+            if rows_path is not None:
+                with open(rows_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        if out_root is not None:
+            write_records(records, out_root, name)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return [_json_safe({k: r.get(k) for k in RECORD_FIELDS}) for r in records]
+    return records
 
 
 def write_records(records: list[dict], out_root: str, bench: str) -> str:
@@ -465,7 +513,7 @@ def run_benches(names: Iterable[str] | None = None, ctx: BenchContext | None = N
         names = sorted(set(reg) | set(_IMPORT_ERRORS))
     results = {}
     for name in names:
-        records = run_bench(name, ctx, progress=progress)
+        records = run_bench(name, ctx, progress=progress, out_root=out_root)
         path = write_records(records, out_root, name)
         if report:
             from dz_bench import report as report_mod
