@@ -193,12 +193,14 @@ def test_rows_stream_samples_and_deadline(dummy_bench, tmp_path, capsys):
     """Every row is appended to <bench>.rows.jsonl and printed as it is measured, carries its sample count (at
     least min_samples), setup and first-call times; after the deadline no new row starts and the rest say why."""
     name, _ = dummy_bench
-    ctx = BenchContext(**dict(FAST_CTX, min_samples=7, echo=True))
+    combined = tmp_path / "all-rows.jsonl"
+    ctx = BenchContext(**dict(FAST_CTX, min_samples=7, echo=True, rows_file=str(combined)))
     records = harness.run_benches([name], ctx=ctx, out_dir=str(tmp_path), progress=False, report=False)[name]
     folder = tmp_path / harness.device_slug(ctx)
-    with open(folder / f"{name}.rows.jsonl") as f:
-        streamed = [json.loads(line) for line in f]
-    assert streamed == records
+    for path in (folder / f"{name}.rows.jsonl", combined):
+        with open(path) as f:
+            streamed = [json.loads(line) for line in f]
+        assert streamed == records
     printed = capsys.readouterr().out
     ok = [r for r in records if r["status"] == "ok"]
     assert len(ok) == 4

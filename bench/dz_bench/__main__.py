@@ -1,6 +1,6 @@
 """python -m dz_bench [--all | NAME ...] [--small | --full] [--out DIR] [--device cuda|cpu] [--list]
                     [--no-l2-flush] [--fail-on-error] [--no-progress] [--echo] [--budget-s S]
-                    [--min-samples N]
+                    [--min-samples N] [--rows FILE]
 
 Runs benches registered in bench/dz_bench/cases/*.py and writes bench/results/<device-slug>/<bench>.{json,md,png}.
 Default shapes: small on CPU, full on CUDA. Every row is also appended to <bench>.rows.jsonl as it is measured
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new row after this many seconds (the rows left are recorded as skipped)")
     parser.add_argument("--min-samples", type=int, default=None, help="timed calls per row, at least (default 5)")
+    parser.add_argument("--rows", default=None, help="also append every row of every bench to this JSON-lines file")
     args = parser.parse_args(argv)
     if args.budget_s is not None and args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.deadline = time.time() + args.budget_s
     if args.min_samples is not None:
         ctx.min_samples = args.min_samples
+    ctx.rows_file = args.rows
     results = harness.run_benches(names, ctx=ctx, out_dir=args.out, progress=not args.no_progress)
     n_err = 0
     for name, records in results.items():

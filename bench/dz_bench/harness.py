@@ -96,7 +96,8 @@ class BenchContext:
 
     Timing: at least `min_samples` timed calls per row (also for calls of seconds), more while the total stays under
     `rep_ms` (CUDA, at most 2000) or `cpu_budget_s` (CPU, at most `cpu_max_reps`). `deadline`: a time.time() after
-    which no new case starts (None: no limit). `echo`: print each row as it is measured."""
+    which no new case starts (None: no limit). `echo`: print each row as it is measured. `rows_file`: also append
+    every row of every bench to this one file (JSON lines), e.g. one file that a GPU run brings back."""
     device: str = "cpu"
     small: bool = True
     flush_l2: bool = True
@@ -107,6 +108,7 @@ class BenchContext:
     cpu_budget_s: float = 0.2
     deadline: float | None = None
     echo: bool = False
+    rows_file: str | None = None
 
     @classmethod
     def detect(cls, small: bool | None = None, device: str | None = None) -> "BenchContext":
@@ -476,9 +478,10 @@ def run_bench(name: str, ctx: BenchContext, progress: bool = True, out_root: str
         for row in rows:
             if ctx.echo:
                 _echo(row)
-            if rows_path is not None:
-                with open(rows_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            for path in (rows_path, ctx.rows_file):
+                if path is not None:
+                    with open(path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
         if out_root is not None:
             write_records(records, out_root, name)
         if bar is not None:
