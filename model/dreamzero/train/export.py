@@ -1,4 +1,4 @@
-"""Export trained weights to consolidated safetensors that the inference engine loads (model/dreamzero/checkpoint.py).
+"""Export trained weights to consolidated safetensors that the inference engine loads (dreamzero.checkpoint).
 
 Two sources:
 - `export_checkpoint(ckpt_dir, out)`: a sharded training checkpoint (torch.distributed.checkpoint, written by

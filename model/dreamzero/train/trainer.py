@@ -3,7 +3,7 @@
 What it does (REFERENCE.md section 4):
 - model: the DiT with its action/state encoders and action decoder, trained; the text encoder, image encoder and VAE
   are not in the training graph at all (their outputs are precomputed by `dz prepare-data`, so they stay frozen);
-  optionally initialized from a safetensors checkpoint (model/dreamzero/checkpoint.py) and given a new embodiment slot
+  optionally initialized from a safetensors checkpoint (dreamzero.checkpoint) and given a new embodiment slot
   (copied from an existing one, or fresh) for a new robot;
 - optimizer: AdamW, betas (0.95, 0.999), eps 1e-8, weight decay 1e-5 (not on biases and norm weights, as the
   release's HF Trainer), lr 1e-5 with a linear warmup over the first 5% of the steps and a cosine decay to 0,
@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from ..config import DreamZeroConfig, get_config
 from ..dreamzero import DreamZero
-from ..checkpoint import fsync_dir
+from ..checkpoint.safetensors_io import fsync_dir
 from ..schedulers import FlowMatchTrainingSchedule
 from .data import atomic_write_json
 from .prepare import PreparedDataset
