@@ -8,11 +8,11 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from ..atomic import atomic_write
 from .keys import CheckpointError
 
 
@@ -151,7 +151,6 @@ def read_checkpoint_index(path) -> tuple:
     return tensors, files
 
 
-
 def _tensor_bytes(t: torch.Tensor):
     """A little-endian byte view of a CPU tensor (no copy when it is contiguous)."""
     t = t.contiguous()
@@ -161,8 +160,8 @@ def _tensor_bytes(t: torch.Tensor):
 
 
 def write_safetensors_atomic(final_path: str, items: list, metadata: dict) -> None:
-    """Write [(key, tensor-producing callable, dtype, shape)] to `final_path` through a temporary file in the same
-    folder (fsync, then os.replace). Tensors are produced and written one at a time."""
+    """Write [(key, tensor-producing callable, dtype, shape)] to `final_path` atomically (dreamzero.atomic).
+    Tensors are produced and written one at a time."""
     header, off = {}, 0
     for key, _, dt, shape in items:
         n = math.prod(shape) * dt.itemsize
@@ -171,36 +170,11 @@ def write_safetensors_atomic(final_path: str, items: list, metadata: dict) -> No
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    folder = os.path.dirname(os.path.abspath(final_path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(final_path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(hb)))
-            f.write(hb)
-            for key, produce, dt, shape in items:
-                t = produce()
-                if t.dtype != dt or tuple(t.shape) != tuple(shape):
-                    raise RuntimeError(f"{key}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {tuple(shape)}")
-                f.write(_tensor_bytes(t))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder)
-
-
-def fsync_dir(folder: str) -> None:
-    """fsync a directory (so a rename inside it is durable); a no-op where the OS does not allow it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_write(final_path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for key, produce, dt, shape in items:
+            t = produce()
+            if t.dtype != dt or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"{key}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {tuple(shape)}")
+            f.write(_tensor_bytes(t))

@@ -6,13 +6,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 
 import torch
 import torch.nn as nn
 
+from ..atomic import atomic_write_json
 from .keys import HEAD_PREFIXES, check_layout, to_layout_name
-from .safetensors_io import ST_NAMES, fsync_dir, write_safetensors_atomic
+from .safetensors_io import ST_NAMES, write_safetensors_atomic
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
 _BASENAME = {"dreamzero": "model", "wan": "diffusion_pytorch_model", "diffusers": "diffusion_pytorch_model"}
@@ -85,19 +85,7 @@ def save_checkpoint(model: nn.Module, path, layout: str = "dreamzero", *,
         for key, _, dt, shape in shard:
             weight_map[key] = name
             total += math.prod(shape) * dt.itemsize
-    body = json.dumps({"metadata": {"total_size": total, "dz_layout": layout}, "weight_map": weight_map},
-                      indent=2).encode()
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(index_path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, index_path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    fsync_dir(folder)
+    atomic_write_json(index_path, {"metadata": {"total_size": total, "dz_layout": layout}, "weight_map": weight_map})
     for stale in sorted(old_shards - {os.path.join(folder, nm) for nm in names}) + [single]:
         _remove_quietly(stale)
     return index_path

@@ -40,11 +40,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from ..config import DreamZeroConfig, get_config
 from ..dreamzero import DreamZero
-from ..checkpoint.safetensors_io import fsync_dir
 from ..schedulers import FlowMatchTrainingSchedule
-from .data import atomic_write_json
 from .prepare import PreparedDataset
 from .step import NoiseConfig, draw_noise, flow_matching_loss, sample_seed, training_flops
 
@@ -450,14 +449,14 @@ class Trainer:
                 "history_tail": self.history[-20:]})
         self._barrier()
         if self.rank == 0:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             old = None
             if os.path.exists(final):
                 old = final + f".old-{os.getpid()}"
                 os.rename(final, old)
             os.rename(tmp, final)
             fsync_dir(root)
-            _atomic_write_text(os.path.join(root, "latest"), name + "\n")
+            atomic_write_text(os.path.join(root, "latest"), name + "\n")
             if old:
                 shutil.rmtree(old, ignore_errors=True)
             self._prune(root)
@@ -517,26 +516,3 @@ def _quiet_single_process():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
         yield
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(folder: str) -> None:
-    for dirpath, _, files in os.walk(folder):
-        for fn in files:
-            try:
-                fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
-        fsync_dir(dirpath)

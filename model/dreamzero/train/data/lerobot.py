@@ -46,8 +46,9 @@ from typing import Iterator
 
 import numpy as np
 
+from ...atomic import atomic_write_json
 from .config import RELEASE_KEYS, VAE_TEMPORAL_STRIDE, DataConfig, DataError
-from .files import atomic_write_json, decode_frames, read_json, read_jsonl, read_parquet
+from .files import decode_frames, read_json, read_jsonl, read_parquet
 from .prompts import DEFAULT_INSTRUCTION, build_prompt
 from .stats import STAT_NAMES, compute_feature_stats, normalize
 from .tiling import tile_views
