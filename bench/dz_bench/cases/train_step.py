@@ -20,16 +20,15 @@ from __future__ import annotations
 import torch
 
 from dz_bench.harness import Case, Unavailable, lazy, register
-
-# dense bf16 peak (TFLOP/s) per device-name substring, for the MFU parameter (REFERENCE.md section 8)
-_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("B200", 2250.0), ("A100", 312.0))
+from dz_bench.peaks import dense_peak_flops
 
 
 def _peak(ctx) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s (dz_bench.peaks), for the MFU parameter; None on a CPU."""
     if ctx.device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((p for k, p in _PEAK_TFLOPS if k in name), None)
+    flops = dense_peak_flops(torch.cuda.get_device_name(), "bf16")
+    return None if flops is None else flops / 1e12
 
 
 def flex_attention_for(layout, device):

@@ -50,10 +50,6 @@ from .step import NoiseConfig, draw_noise, flow_matching_loss, sample_seed, trai
 __all__ = ["TrainConfig", "Trainer", "PRESETS", "resolve_model_config", "lr_at", "peak_flops", "model_config_from_dict",
            "latest_checkpoint"]
 
-# dense bf16 peaks (FLOP/s) by device-name substring, for MFU; REFERENCE.md section 8
-_PEAKS = (("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("GB200", 2500e12),
-          ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12))
-
 
 @dataclass
 class TrainConfig:
@@ -141,14 +137,13 @@ def lr_at(step: int, total: int, lr: float, warmup_ratio: float) -> float:
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a CUDA device from its name (None on CPU, for fp32, or an unknown device)."""
+    """Dense bf16 peak FLOP/s of a CUDA device from its name, from the project's one table of published peaks
+    (dz_bench.peaks); None on a CPU, for fp32, or for a device the table does not know."""
     if device.type != "cuda" or precision != "bf16":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in _PEAKS:
-        if key in name:
-            return peak
-    return None
+    from dz_bench.peaks import dense_peak_flops
+
+    return dense_peak_flops(torch.cuda.get_device_name(device), "bf16")
 
 
 def model_config_from_dict(d: dict) -> DreamZeroConfig:
