@@ -1,4 +1,4 @@
-"""Checkpoint loading and saving (model/dreamzero/checkpoint.py): round trips in the three key layouts, sharding, the one error
+"""Checkpoint loading and saving (model/dreamzero/checkpoint/): round trips in the three key layouts, sharding, the one error
 that lists every mismatch, corrupt files, layout detection, LoRA merging, memory, and the diffusers layout checked
 against diffusers' own WanTransformer3DModel on the same input."""
 import json
@@ -308,7 +308,7 @@ def test_lora_only_file_applies_on_loaded_base(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- writing
 def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
-    import dreamzero.checkpoint as ck
+    import dreamzero.checkpoint.safetensors_io as ck
     src = _random_model(seed=0)
     path = save_checkpoint(src, tmp_path, layout="dreamzero")
     before = open(path, "rb").read()
@@ -355,7 +355,7 @@ def test_loading_does_not_hold_the_weights_twice(tmp_path):
     save_checkpoint(m, tmp_path, layout="dreamzero")
     del m
     script = textwrap.dedent(f"""
-        import torch, dreamzero.checkpoint as ck
+        import torch, dreamzero.checkpoint.load as ck
         from dreamzero.config import get_config
         def anon():
             for line in open("/proc/self/status"):

@@ -375,7 +375,7 @@ def test_a_policy_failure_is_reported_and_a_reset_recovers(model):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_legacy_websockets_server_api(model, monkeypatch):
     """The fallback for websockets 12 (no websockets.asyncio): the same protocol through websockets' legacy API."""
-    import dreamzero.serve as serve_mod
+    import dreamzero.serve.server as serve_mod
 
     try:
         from websockets.legacy.server import serve as legacy_serve
@@ -560,3 +560,53 @@ def test_dz_serve_and_client_demo(capsys):
         killer.cancel()
     assert proc.returncode == 0, err
     assert "dz serve: stopped" in out
+
+
+_NO_TORCH_CLIENT = r'''
+import sys, types
+
+
+class NoTorch:
+    """Makes `import torch` fail, as on a robot computer without it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+
+sys.meta_path.insert(0, NoTorch())
+import numpy as np
+
+import dreamzero.serve                                   # the whole package imports without torch
+from dreamzero.serve.client import PolicyClient
+from dreamzero.serve.demo import run_demo
+from dreamzero.serve.protocol import RequestError, pack, request_shapes, unpack, validate_step
+
+a = np.arange(6, dtype=np.float32).reshape(2, 3)
+assert np.array_equal(unpack(pack({"a": a}))["a"], a)
+cfg = types.SimpleNamespace(**{k: 2 for k in ("latent_height", "latent_width", "text_len", "text_dim", "clip_tokens",
+                                             "clip_dim", "latent_channels", "cond_channels", "local_attn_size",
+                                             "frames_per_chunk", "states_per_chunk", "state_dim", "actions_per_chunk",
+                                             "action_dim")})
+assert request_shapes(cfg)["state"] == ["B", 2, 2]
+try:
+    validate_step({"state": np.zeros((1, 2, 3), np.float32)}, cfg)
+    raise AssertionError("a wrong shape passed")
+except RequestError as e:
+    assert "expected [B, 2, 2]" in str(e), e
+with PolicyClient(sys.argv[1], timeout=120) as client:
+    replies = run_demo(client, chunks=2, batch=1, out=lambda s: None)
+assert [r["chunk"] for r in replies] == [1, 2] and replies[1]["actions"].dtype == np.float32
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+print("client ok without torch")
+'''
+
+
+def test_the_client_needs_no_torch(model):
+    """The protocol, client and demo import and run an episode in a process where `import torch` fails."""
+    with PolicyServer(new_policy(model), port=0) as srv:
+        proc = subprocess.run([sys.executable, "-c", _NO_TORCH_CLIENT, srv.url], capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "client ok without torch" in proc.stdout

@@ -44,6 +44,8 @@ import time
 import traceback
 from typing import Any, Callable, Iterable
 
+from dreamzero.atomic import atomic_write
+
 __all__ = [
     "register", "unregister", "registry", "load_cases", "Case", "Unavailable", "BenchContext", "run_benches",
     "run_bench", "lazy", "device_slug", "versions", "commit", "RECORD_FIELDS", "RESULTS_DIR",
@@ -497,11 +499,9 @@ def write_records(records: list[dict], out_root: str, bench: str) -> str:
     folder = os.path.join(out_root, slug)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{bench}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(records, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
     return path
 
 

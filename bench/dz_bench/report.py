@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from dreamzero.atomic import atomic_write
+
 __all__ = ["write_report", "markdown_table", "plot", "copy_bandwidth", "main"]
 
 
@@ -129,7 +131,8 @@ def plot(records: list[dict], path: str) -> str:
     first = records[0] if records else {}
     ax.set_title(f"{bench} on {first.get('device', '?')} ({str(first.get('commit', ''))[:12]})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return path
 
@@ -150,7 +153,7 @@ def write_report(records: list[dict], folder: str, bench: str) -> tuple[str, str
     """Write <folder>/<bench>.md and <folder>/<bench>.png; returns both paths."""
     os.makedirs(folder, exist_ok=True)
     md_path = os.path.join(folder, f"{bench}.md")
-    with open(md_path, "w") as f:
+    with atomic_write(md_path, "w") as f:
         f.write(markdown_table(records, copy_bandwidth(folder)))
         extra = _extra_section(bench, records)
         if extra:

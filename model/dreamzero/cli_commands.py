@@ -5,9 +5,9 @@ code. Nothing is imported here: a command's module loads only when that command 
 """
 
 COMMANDS = {
-    "serve": ("dreamzero.serve:serve_main",
+    "serve": ("dreamzero.serve.cli:serve_main",
               "serve a DreamZero policy over a websocket (msgpack); binds 127.0.0.1 unless --host"),
-    "client": ("dreamzero.serve:client_main",
+    "client": ("dreamzero.serve.cli:client_main",
                "talk to a policy server: health and metadata, or --demo for a short episode"),
     "make-synthetic-data": ("dreamzero.train.cli:make_synthetic_data_main",
                             "write a small synthetic LeRobot dataset (tests and demos)"),

@@ -32,6 +32,8 @@ import torch
 
 from dz_bench.harness import Case, Unavailable, lazy, register
 
+from ._flex import flex_attention_for, flex_block_mask
+
 DTYPE = torch.bfloat16
 FWD_BWD_FLOP_FACTOR = 3.5
 
@@ -123,33 +125,6 @@ def _fn_sdpa(backend):
     return run
 
 
-def _flex_block_mask(lay, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    tt = _attn().token_tables(lay)
-    seg = torch.from_numpy(lay.segment_mask().copy()).to(device)
-    q_seg = torch.from_numpy(tt.q_seg.astype("int64")).to(device)
-    k_seg = torch.from_numpy(tt.k_seg.astype("int64")).to(device)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return seg[q_seg[q_idx], k_seg[kv_idx]]
-
-    return create_block_mask(mask_mod, None, None, lay.q_len, lay.k_len, device=device)
-
-
-def _fn_flex(lay, device):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    block_mask = _flex_block_mask(lay, device)
-    compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False)
-
-    def run(q, k, v):
-        o = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
-        return o.transpose(1, 2)
-
-    return run
-
-
 def _warm(run):
     """Call once (compiles Triton kernels or a torch.compile peer); a compile failure becomes Unavailable."""
     try:
@@ -232,7 +207,7 @@ def _peers(ctx, lay, with_flex=True, with_dense=True, with_release=True):
     dev = ctx.device
     out = {}
     if with_flex:
-        out["flex"] = (lambda: _fn_flex(lay, dev), lambda: _cuda_only(ctx, "FlexAttention (compiled)"))
+        out["flex"] = (lambda: flex_attention_for(lay, dev), lambda: _cuda_only(ctx, "FlexAttention (compiled)"))
     if with_dense:
         out["sdpa-cudnn"] = (lambda: _fn_sdpa("cudnn"), lambda: _cuda_only(ctx, "SDPA cuDNN"))
         out["sdpa-flash"] = (lambda: _fn_sdpa("flash"), lambda: _cuda_only(ctx, "SDPA flash"))
@@ -334,7 +309,7 @@ def _control_case(ctx, ctl, obs, den, B, H, D, dz_req, sdpa_blocks=False):
         "two-calls-dz": dz_two_calls,
         "two-calls-sdpa-cudnn": cuda_two_calls("cudnn"),
         "two-calls-sdpa-flash": cuda_two_calls("flash"),
-        "flex": one(lambda: _fn_flex(ctl, ctx.device), lambda: _cuda_only(ctx, "FlexAttention (compiled)")),
+        "flex": one(lambda: flex_attention_for(ctl, ctx.device), lambda: _cuda_only(ctx, "FlexAttention (compiled)")),
         "release-loop": one(lambda: _fn_release(ctl)),
     }
     return Case(case=f"control/B{B}", params={"layout": "control", "pass": "fwd", "B": B, "H": H, "D": D,
@@ -371,7 +346,7 @@ def _schedule_case(ctx, sh):
 
     def impl_flex():
         _cuda_only(ctx, "create_block_mask at the full shape")
-        return lambda: _flex_block_mask(fresh_layout(), ctx.device)
+        return lambda: flex_block_mask(fresh_layout(), ctx.device)
 
     lay = sh["train"]()
     return Case(case="schedule/train", params={"layout": "train", "Lq": lay.q_len, "Lk": lay.k_len,

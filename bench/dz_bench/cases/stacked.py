@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dreamzero.engine import Policy, PolicyConfig
 from dz_bench.harness import Case, Unavailable, register
+from dz_bench.peaks import PEAKS
 
 from ._model_common import (ModelState, bench_config, episode_inputs, last_chunk_before_reset, random_model,
                             sdpa_backend)
@@ -45,16 +46,14 @@ ROWS = [
     ("dz+fused-control", dict(fused_control=True), {}),
 ]
 
-# Dense bf16 peaks (REFERENCE.md section 8): the GB200 projection scales the measured time of each row by the
-# ratio of peaks at the efficiency measured here (a projection, not a measurement).
 CPU_NOTE = ("a CPU smoke run of the tiny config: our Triton kernels run in the interpreter here, so the rows with "
             "them are not speed figures")
-PEAK_TFLOPS = {"h100": 989.0, "gb200": 2250.0}
 
 
 def project_gb200(h100_ms: float) -> float:
-    """Roofline projection of a row measured on an H100 to one GB200 GPU at the same efficiency (compute bound)."""
-    return h100_ms * PEAK_TFLOPS["h100"] / PEAK_TFLOPS["gb200"]
+    """Roofline projection of a row measured on an H100 to one GB200 GPU at the same efficiency (compute bound): the
+    measured time scaled by the ratio of the two dense bf16 peaks (dz_bench.peaks). A projection, not a measurement."""
+    return h100_ms * PEAKS["H100"].bf16_flops / PEAKS["GB200"].bf16_flops
 
 
 def report_extra(records: list) -> str:

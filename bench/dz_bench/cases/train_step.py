@@ -20,41 +20,17 @@ from __future__ import annotations
 import torch
 
 from dz_bench.harness import Case, Unavailable, lazy, register
+from dz_bench.peaks import dense_peak_flops
 
-# dense bf16 peak (TFLOP/s) per device-name substring, for the MFU parameter (REFERENCE.md section 8)
-_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("B200", 2250.0), ("A100", 312.0))
+from ._flex import flex_attention_for
 
 
 def _peak(ctx) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s (dz_bench.peaks), for the MFU parameter; None on a CPU."""
     if ctx.device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((p for k, p in _PEAK_TFLOPS if k in name), None)
-
-
-def flex_attention_for(layout, device):
-    """An attention function with the model's signature (q, k, v, layout, scale) -> [B, Lq, H, D] that runs
-    FlexAttention under the layout's mask: a BlockMask from mask_mod(q, kv) = segment_mask[seg(q), seg(kv)]."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    seg = torch.as_tensor(layout.segment_mask().copy(), device=device)
-    q_seg = torch.repeat_interleave(torch.arange(len(layout.q)), torch.tensor([s.length for s in layout.q])).to(device)
-    k_seg = torch.repeat_interleave(torch.arange(len(layout.k)), torch.tensor([s.length for s in layout.k])).to(device)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return seg[q_seg[q_idx], k_seg[kv_idx]]
-
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=layout.q_len, KV_LEN=layout.k_len,
-                                   device=str(device))
-    fn = torch.compile(flex_attention, dynamic=False) if torch.device(device).type == "cuda" else flex_attention
-
-    def attention(q, k, v, lay, scale=None):
-        if lay.key() != layout.key():
-            raise ValueError("this FlexAttention adapter was built for another layout")
-        o = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
-        return o.transpose(1, 2)
-
-    return attention
+    flops = dense_peak_flops(torch.cuda.get_device_name(), "bf16")
+    return None if flops is None else flops / 1e12
 
 
 def _setup(ctx):

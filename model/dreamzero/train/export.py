@@ -1,4 +1,4 @@
-"""Export trained weights to consolidated safetensors that the inference engine loads (model/dreamzero/checkpoint.py).
+"""Export trained weights to consolidated safetensors that the inference engine loads (dreamzero.checkpoint).
 
 Two sources:
 - `export_checkpoint(ckpt_dir, out)`: a sharded training checkpoint (torch.distributed.checkpoint, written by
@@ -19,9 +19,9 @@ import os
 
 import torch
 
+from ..atomic import atomic_write_json
 from ..checkpoint import save_checkpoint
 from ..dreamzero import DreamZero
-from .data import atomic_write_json
 from .trainer import model_config_from_dict
 
 __all__ = ["export_checkpoint", "export_trainer", "load_trained_config"]

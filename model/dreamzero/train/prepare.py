@@ -12,7 +12,7 @@ and the low-dimensional parts: actions, action_mask, state, has_action, embodime
 Layout of a prepared folder (default `<dataset>/dz_prepared/<name>`):
     prepared.json                 format, model shapes, data config, source, per-file clip counts
     episode_XXXXXX.safetensors    the clips of one episode, stacked on dim 0; text [m, ...] + text_index [n]
-Every file is written atomically (temporary file + os.replace); prepared.json is rewritten after each episode and
+Every file is written atomically (dreamzero.atomic); prepared.json is rewritten after each episode and
 marked complete at the end, so an interrupted preparation leaves an index of finished episodes only, a rerun with
 the same settings skips them, and the trainer refuses an incomplete folder.
 
@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from .data import DataConfig, DataError, LeRobotDataset, atomic_write_json
+from ..atomic import atomic_output, atomic_write_json
+from .data import DataConfig, DataError, LeRobotDataset
 from .step import Batch
 
 __all__ = ["FeatureEncoders", "encoders_from_module", "prepare_dataset", "PreparedDataset",
@@ -115,18 +115,8 @@ class _ModuleEncoders:
 def _atomic_save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _to_video(frames: np.ndarray) -> torch.Tensor:

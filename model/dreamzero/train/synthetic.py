@@ -19,6 +19,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from ..atomic import atomic_output, atomic_write_json, atomic_write_text
+
 __all__ = ["make_synthetic_dataset", "write_mp4", "write_parquet", "SYNTHETIC_CAMERAS", "SYNTHETIC_TASKS"]
 
 SYNTHETIC_CAMERAS = ("exterior_image_1_left", "exterior_image_2_left", "wrist_image_left")
@@ -40,8 +42,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, crf: int = 10) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     rate = Fraction(fps).limit_denominator(1000)
-    tmp = path + ".tmp.mp4"
-    with av.open(tmp, mode="w") as out:
+    with atomic_output(path) as tmp, av.open(tmp, mode="w") as out:
         stream = out.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         if codec == "libx264":
@@ -55,7 +56,6 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, crf: int = 10) -> None:
                 out.mux(pkt)
         for pkt in stream.encode():
             out.mux(pkt)
-    os.replace(tmp, path)
 
 
 def write_parquet(path: str, columns: dict) -> None:
@@ -72,8 +72,8 @@ def write_parquet(path: str, columns: dict) -> None:
         else:
             arrays[name] = pa.array(v)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(pa.table(arrays), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_output(path) as tmp:
+        pq.write_table(pa.table(arrays), tmp)
 
 
 def _trajectory(rng: np.random.Generator, length: int, idle_steps: int) -> np.ndarray:
@@ -172,12 +172,10 @@ def make_synthetic_dataset(root: str, *, num_episodes: int = 4, length: int = 80
     if version == "v2.1":
         info["data_path"] = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
         info["video_path"] = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
-        with open(os.path.join(root, "meta", "episodes.jsonl"), "w") as f:
-            for ep in episodes:
-                f.write(json.dumps({k: ep[k] for k in ("episode_index", "tasks", "length")}) + "\n")
-        with open(os.path.join(root, "meta", "tasks.jsonl"), "w") as f:
-            for i, t in enumerate(tasks):
-                f.write(json.dumps({"task_index": i, "task": t}) + "\n")
+        atomic_write_text(os.path.join(root, "meta", "episodes.jsonl"), "".join(
+            json.dumps({k: ep[k] for k in ("episode_index", "tasks", "length")}) + "\n" for ep in episodes))
+        atomic_write_text(os.path.join(root, "meta", "tasks.jsonl"), "".join(
+            json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks)))
     else:
         info["data_path"] = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
         info["video_path"] = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
@@ -201,8 +199,7 @@ def make_synthetic_dataset(root: str, *, num_episodes: int = 4, length: int = 80
         write_parquet(os.path.join(root, "meta/episodes/chunk-000/file-000.parquet"), ep_cols)
         write_parquet(os.path.join(root, "meta/tasks.parquet"),
                       {"task_index": np.arange(len(tasks), dtype=np.int64), "task": np.array(tasks, dtype=object)})
-    with open(os.path.join(root, "meta", "info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    atomic_write_json(os.path.join(root, "meta", "info.json"), info)
     if release_meta:
         modality = {
             "state": {"joint_position": {"original_key": "observation.state", "start": 0, "end": 7},
@@ -212,8 +209,7 @@ def make_synthetic_dataset(root: str, *, num_episodes: int = 4, length: int = 80
             "video": {c: {"original_key": f"observation.images.{c}"} for c in SYNTHETIC_CAMERAS},
             "annotation": {"language.language_instruction": {"original_key": "task_index"}},
         }
-        with open(os.path.join(root, "meta", "modality.json"), "w") as f:
-            json.dump(modality, f, indent=2)
-        with open(os.path.join(root, "meta", "embodiment.json"), "w") as f:
-            json.dump({"embodiment_tag": embodiment_tag}, f)
+        atomic_write_json(os.path.join(root, "meta", "modality.json"), modality)
+        atomic_write_json(os.path.join(root, "meta", "embodiment.json"), {"embodiment_tag": embodiment_tag},
+                          indent=None)
     return root

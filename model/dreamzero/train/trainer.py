@@ -3,7 +3,7 @@
 What it does (REFERENCE.md section 4):
 - model: the DiT with its action/state encoders and action decoder, trained; the text encoder, image encoder and VAE
   are not in the training graph at all (their outputs are precomputed by `dz prepare-data`, so they stay frozen);
-  optionally initialized from a safetensors checkpoint (model/dreamzero/checkpoint.py) and given a new embodiment slot
+  optionally initialized from a safetensors checkpoint (dreamzero.checkpoint) and given a new embodiment slot
   (copied from an existing one, or fresh) for a new robot;
 - optimizer: AdamW, betas (0.95, 0.999), eps 1e-8, weight decay 1e-5 (not on biases and norm weights, as the
   release's HF Trainer), lr 1e-5 with a linear warmup over the first 5% of the steps and a cosine decay to 0,
@@ -40,20 +40,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from ..config import DreamZeroConfig, get_config
 from ..dreamzero import DreamZero
-from ..checkpoint import fsync_dir
 from ..schedulers import FlowMatchTrainingSchedule
-from .data import atomic_write_json
 from .prepare import PreparedDataset
 from .step import NoiseConfig, draw_noise, flow_matching_loss, sample_seed, training_flops
 
 __all__ = ["TrainConfig", "Trainer", "PRESETS", "resolve_model_config", "lr_at", "peak_flops", "model_config_from_dict",
            "latest_checkpoint"]
-
-# dense bf16 peaks (FLOP/s) by device-name substring, for MFU; REFERENCE.md section 8
-_PEAKS = (("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("GB200", 2500e12),
-          ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12))
 
 
 @dataclass
@@ -142,14 +137,13 @@ def lr_at(step: int, total: int, lr: float, warmup_ratio: float) -> float:
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a CUDA device from its name (None on CPU, for fp32, or an unknown device)."""
+    """Dense bf16 peak FLOP/s of a CUDA device from its name, from the project's one table of published peaks
+    (dz_bench.peaks); None on a CPU, for fp32, or for a device the table does not know."""
     if device.type != "cuda" or precision != "bf16":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in _PEAKS:
-        if key in name:
-            return peak
-    return None
+    from dz_bench.peaks import dense_peak_flops
+
+    return dense_peak_flops(torch.cuda.get_device_name(device), "bf16")
 
 
 def model_config_from_dict(d: dict) -> DreamZeroConfig:
@@ -450,14 +444,14 @@ class Trainer:
                 "history_tail": self.history[-20:]})
         self._barrier()
         if self.rank == 0:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             old = None
             if os.path.exists(final):
                 old = final + f".old-{os.getpid()}"
                 os.rename(final, old)
             os.rename(tmp, final)
             fsync_dir(root)
-            _atomic_write_text(os.path.join(root, "latest"), name + "\n")
+            atomic_write_text(os.path.join(root, "latest"), name + "\n")
             if old:
                 shutil.rmtree(old, ignore_errors=True)
             self._prune(root)
@@ -517,26 +511,3 @@ def _quiet_single_process():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
         yield
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(folder: str) -> None:
-    for dirpath, _, files in os.walk(folder):
-        for fn in files:
-            try:
-                fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
-        fsync_dir(dirpath)

@@ -1,4 +1,4 @@
-"""LeRobot datasets for DreamZero training: the reader, the clip sampler, statistics and normalization.
+"""The LeRobot reader and the DreamZero training clip sampler.
 
 Formats read (`meta/info.json` "codebase_version"):
 - v2.x: `meta/episodes.jsonl`, one parquet per episode at `info["data_path"]`, one mp4 per camera and episode at
@@ -15,8 +15,8 @@ The release's metadata (its LeRobot->GEAR converter writes them) is read as is w
 Without modality.json the whole `observation.state` and `action` columns are one sub-key each and the video keys
 are the info.json features of dtype "video", in order. The state/action sub-keys used are those the release trains
 on for a known embodiment (DROID: joint_position + gripper_position, out of the 3 state and 6 action sub-keys its
-converter writes), else all of them, or the ones DataConfig names. Missing statistics are computed once and written beside the
-dataset (meta/stats.json, meta/relative_stats_dreamzero.json), atomically.
+converter writes), else all of them, or the ones DataConfig names. Missing statistics are computed once and written
+beside the dataset (meta/stats.json, meta/relative_stats_dreamzero.json), atomically.
 
 A training clip (the release's DROID sampler, ShardedLeRobotSubLangSingleActionChunkDatasetDROID, at a fixed K):
 anchor step a, K chunks of H action steps (H = 24 at 15 Hz for DROID, 48 at 30 Hz for AgiBot):
@@ -39,380 +39,21 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-__all__ = [
-    "DataError", "DataConfig", "Modality", "Episode", "Clip", "LeRobotDataset", "normalize", "tile_views",
-    "decode_frames", "read_parquet", "compute_feature_stats", "build_prompt", "atomic_write_json",
-    "DEFAULT_INSTRUCTION",
-]
-
-DEFAULT_INSTRUCTION = "Perform the default behavior."
-STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
-# The release's training selection of state/action sub-keys per embodiment tag (its data YAMLs, in their order)
-RELEASE_KEYS = {
-    "oxe_droid": {"state": ("joint_position", "gripper_position"),
-                  "action": ("joint_position", "gripper_position")},
-    "agibot": {"state": ("left_arm_joint_position", "right_arm_joint_position", "left_effector_position",
-                         "right_effector_position", "head_position", "waist_position"),
-               "action": ("left_arm_joint_position", "right_arm_joint_position", "left_effector_position",
-                          "right_effector_position", "head_position", "waist_position", "robot_velocity")},
-}
-NORM_MODES = ("q99", "mean_std", "min_max", "none")
-VAE_TEMPORAL_STRIDE = 4
+from ...atomic import atomic_write_json
+from .config import RELEASE_KEYS, VAE_TEMPORAL_STRIDE, DataConfig, DataError
+from .files import decode_frames, read_json, read_jsonl, read_parquet
+from .prompts import DEFAULT_INSTRUCTION, build_prompt
+from .stats import STAT_NAMES, compute_feature_stats, normalize
+from .tiling import tile_views
 
 
-class DataError(ValueError):
-    """A dataset file is missing, corrupt or inconsistent; the message names the file."""
-
-
-# ------------------------------------------------------------------------------------------------ config
-@dataclass(frozen=True)
-class DataConfig:
-    """How clips are cut from a LeRobot dataset.
-
-    num_chunks: K chunks per clip (4 in DROID training).
-    action_horizon: H action steps per chunk; None = the model's actions_per_chunk (24 DROID, 48 AgiBot).
-    video_fps: frame rate of the video fed to the VAE (5); the dataset fps must be a multiple of it.
-    frames_per_chunk: latent frames per chunk (the model's, 2); H / (fps / video_fps) must be 4x this.
-    view_size: (height, width) of one view before tiling (176, 320); the tiled frame is twice both.
-    tiling: "auto" (DROID layout for the oxe_droid tag or a dataset with a wrist view and 3 cameras, else "grid"),
-            "droid", "grid" or "single" (one view resized to the full frame).
-    relative_action_keys: action sub-keys made relative to the state of the same sub-key; "auto" = sub-keys in both
-            state and action whose name contains "joint" (the release's DROID/AgiBot choice); () for none.
-    normalization: "q99" (the release), "mean_std", "min_max" or "none".
-    idle_threshold: drop anchors whose first chunk's normalized action changes by less than this (None: off).
-    action_dim, state_dim: padded widths (the model's 32 / 64).
-    embodiment_id: the model's embodiment slot for this dataset's clips.
-    embodiment_tag: override of meta/embodiment.json.
-    video_only: treat the dataset as video only (no action loss) even if it has actions.
-    prompt_template: "auto" (the release's per-embodiment wording of the instruction for DROID/AgiBot) or "none".
-    state_keys, action_keys: the modality.json sub-keys used, in this order (concatenated, then padded); "auto" =
-            the release's training selection for a known embodiment tag (RELEASE_KEYS: DROID uses joint_position +
-            gripper_position of the 3 state / 6 action sub-keys its converter writes), else every sub-key in
-            modality.json order.
-    """
-    num_chunks: int = 4
-    action_horizon: int | None = None
-    video_fps: float = 5.0
-    frames_per_chunk: int = 2
-    view_size: tuple = (176, 320)
-    tiling: str = "auto"
-    relative_action_keys: Any = "auto"
-    normalization: str = "q99"
-    idle_threshold: float | None = 0.01
-    action_dim: int = 32
-    state_dim: int = 64
-    states_per_chunk: int = 1
-    embodiment_id: int = 0
-    embodiment_tag: str | None = None
-    video_only: bool = False
-    prompt_template: str = "auto"
-    state_keys: Any = "auto"
-    action_keys: Any = "auto"
-
-    def __post_init__(self):
-        if self.num_chunks < 1:
-            raise ValueError(f"num_chunks must be >= 1, got {self.num_chunks}")
-        if self.tiling not in ("auto", "droid", "grid", "single"):
-            raise ValueError(f"tiling must be auto/droid/grid/single, got {self.tiling!r}")
-        if self.normalization not in NORM_MODES:
-            raise ValueError(f"normalization must be one of {NORM_MODES}, got {self.normalization!r}")
-        if len(self.view_size) != 2 or min(self.view_size) < 1:
-            raise ValueError(f"view_size must be (height, width), got {self.view_size}")
-        for name in ("state_keys", "action_keys"):
-            v = getattr(self, name)
-            if isinstance(v, str) and v != "auto":
-                raise ValueError(f"{name} must be 'auto' or a list of sub-keys, got {v!r}")
-            if not isinstance(v, str):
-                object.__setattr__(self, name, tuple(v))
-        if self.prompt_template not in ("auto", "none"):
-            raise ValueError(f"prompt_template must be 'auto' or 'none', got {self.prompt_template!r}")
-
-    @classmethod
-    def for_model(cls, model_cfg, **kw) -> "DataConfig":
-        """A DataConfig matching a DreamZeroConfig: chunk sizes, padded widths, and a view size such that the tiled
-        frame is exactly 8x the latent size (176x320 views -> 352x640 -> 44x80 latents at droid-14b)."""
-        base = dict(action_horizon=model_cfg.actions_per_chunk, frames_per_chunk=model_cfg.frames_per_chunk,
-                    action_dim=model_cfg.action_dim, state_dim=model_cfg.state_dim,
-                    states_per_chunk=model_cfg.states_per_chunk, num_chunks=model_cfg.max_chunks,
-                    view_size=(model_cfg.latent_height * 4, model_cfg.latent_width * 4))
-        base.update(kw)
-        return cls(**base)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["view_size"] = list(self.view_size)
-        for name in ("relative_action_keys", "state_keys", "action_keys"):
-            if not isinstance(getattr(self, name), str):
-                d[name] = list(getattr(self, name))
-        return d
-
-    @property
-    def frame_size(self) -> tuple:
-        return (2 * self.view_size[0], 2 * self.view_size[1])
-
-
-# ------------------------------------------------------------------------------------------------ small I/O helpers
-def atomic_write_json(path: str, obj: Any) -> None:
-    """Write JSON to `path` through a temporary file in the same directory and os.replace (never half-written)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _read_json(path: str, what: str = "metadata") -> Any:
-    if not os.path.exists(path):
-        raise DataError(f"{what} file not found: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"corrupt JSON in {path}: {e}") from None
-
-
-def _read_jsonl(path: str) -> list:
-    if not os.path.exists(path):
-        raise DataError(f"metadata file not found: {path}")
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"corrupt JSON line {n} in {path}: {e}") from None
-    return out
-
-
-def read_parquet(path: str, columns: list | None = None) -> dict:
-    """Read a parquet file into {column: numpy array}; list columns become 2-D float arrays [rows, dim].
-
-    Raises DataError naming the file when it is missing, unreadable, or a requested column is absent.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if not os.path.exists(path):
-        raise DataError(f"parquet file not found: {path}")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"cannot read parquet file {path}: {e}") from None
-    names = table.column_names
-    if columns is not None:
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise DataError(f"parquet file {path} has no column(s) {missing}; it has {names}")
-        names = [c for c in names if c in columns]
-    out = {}
-    for name in names:
-        col = table.column(name).combine_chunks()
-        typ = col.type
-        try:
-            if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
-                lengths = col.value_lengths().to_numpy(zero_copy_only=False) if len(col) else np.zeros(0, np.int64)
-                if len(col) and (lengths != lengths[0]).any():
-                    # ragged rows (e.g. the task lists of v3 episode metadata): one array per row
-                    rows = np.empty(len(col), dtype=object)
-                    rows[:] = [np.asarray(r) for r in col.to_pylist()]
-                    out[name] = rows
-                    continue
-                flat = col.flatten().to_numpy(zero_copy_only=False)
-                out[name] = flat.reshape(len(col), -1) if len(col) else flat.reshape(0, 0)
-            else:
-                out[name] = col.to_numpy(zero_copy_only=False)
-        except pa.ArrowException as e:
-            raise DataError(f"cannot decode column {name!r} of {path}: {e}") from None
-    return out
-
-
-def decode_frames(path: str, timestamps, tolerance: float | None = None) -> np.ndarray:
-    """Decode the frames nearest to `timestamps` (seconds) from the first video stream of `path` with PyAV.
-
-    Returns uint8 [T, H, W, 3] (RGB). Raises DataError naming the file when it cannot be opened or decoded, or when a
-    requested time has no frame within `tolerance` seconds (default: one frame interval).
-    """
-    import av
-
-    ts = np.asarray(timestamps, dtype=np.float64).reshape(-1)
-    if not os.path.exists(path):
-        raise DataError(f"video file not found: {path}")
-    try:
-        container = av.open(path)
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise DataError(f"cannot open video file {path}: {e}") from None
-    try:
-        if not container.streams.video:
-            raise DataError(f"video file {path} has no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        interval = 1.0 / float(rate) if rate else 1.0 / 30.0
-        tol = interval * 0.5 + 1e-6 if tolerance is None else tolerance
-        start, stop = float(ts.min()), float(ts.max())
-        if stream.time_base is not None and start > 2 * interval:
-            container.seek(int(max(start - interval, 0.0) / stream.time_base), stream=stream, backward=True,
-                           any_frame=False)
-        times, frames = [], []
-        for frame in container.decode(stream):
-            if frame.pts is None or frame.time is None:
-                continue
-            t = float(frame.time)
-            if t < start - tol:
-                continue
-            if t > stop + tol:
-                break
-            times.append(t)
-            frames.append(frame)
-        if not times:
-            raise DataError(f"video file {path} has no frame near {start:.3f}..{stop:.3f} s")
-        times_a = np.asarray(times)
-        pick = np.abs(times_a[:, None] - ts[None, :]).argmin(axis=0)
-        err = np.abs(times_a[pick] - ts)
-        if (err > tol).any():
-            bad = ts[err > tol]
-            raise DataError(f"video file {path} has no frame within {tol * 1000:.1f} ms of t = {bad[:4].tolist()} s "
-                            f"(decoded {times_a.min():.3f}..{times_a.max():.3f} s)")
-        cache: dict = {}
-        out = []
-        for i in pick:
-            if i not in cache:
-                cache[i] = frames[i].to_ndarray(format="rgb24")
-            out.append(cache[i])
-        return np.stack(out)
-    except av.error.FFmpegError as e:
-        raise DataError(f"cannot decode video file {path}: {e}") from None
-    finally:
-        container.close()
-
-
-# ------------------------------------------------------------------------------------------------ statistics
-def compute_feature_stats(values: np.ndarray) -> dict:
-    """mean, std, min, max, q01, q99 over axis 0 of a [N, D] array (the release's calculate_dataset_statistics)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim == 1:
-        v = v[:, None]
-    if v.shape[0] == 0:
-        raise ValueError("cannot compute statistics of an empty array")
-    return {"mean": v.mean(0).tolist(), "std": v.std(0).tolist(), "min": v.min(0).tolist(), "max": v.max(0).tolist(),
-            "q01": np.quantile(v, 0.01, axis=0).tolist(), "q99": np.quantile(v, 0.99, axis=0).tolist()}
-
-
-def normalize(x: np.ndarray, stats: dict, mode: str) -> np.ndarray:
-    """Normalize [..., D] with per-dim statistics (the release's Normalizer.forward).
-
-    q99: 2 (x - q01) / (q99 - q01) - 1 where q01 != q99 (x unchanged elsewhere), clipped to [-1, 1];
-    mean_std: (x - mean) / std where std != 0; min_max: 2 (x - min) / (max - min) - 1 where max != min, clipped.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if mode == "none":
-        return x.astype(np.float32)
-    if mode == "q99":
-        lo, hi = np.asarray(stats["q01"], np.float64), np.asarray(stats["q99"], np.float64)
-        ok = lo != hi
-        y = np.where(ok, 2.0 * (x - lo) / np.where(ok, hi - lo, 1.0) - 1.0, x)
-        return np.clip(y, -1.0, 1.0).astype(np.float32)
-    if mode == "min_max":
-        lo, hi = np.asarray(stats["min"], np.float64), np.asarray(stats["max"], np.float64)
-        ok = lo != hi
-        y = np.where(ok, 2.0 * (x - lo) / np.where(ok, hi - lo, 1.0) - 1.0, x)
-        return np.clip(y, -1.0, 1.0).astype(np.float32)
-    if mode == "mean_std":
-        mu, sd = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
-        ok = sd != 0
-        return np.where(ok, (x - mu) / np.where(ok, sd, 1.0), x).astype(np.float32)
-    raise ValueError(f"unknown normalization mode {mode!r}")
-
-
-# ------------------------------------------------------------------------------------------------ views
-def _resize(frames: np.ndarray, size: tuple) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> uint8 [T, h, w, 3], bilinear with antialiasing (identity when the size matches)."""
-    if tuple(frames.shape[1:3]) == tuple(size):
-        return frames
-    t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    r = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-    return r.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def tile_views(views: list, tiling: str, view_size: tuple, wrist_index: int | None = None) -> np.ndarray:
-    """Tile camera views (each uint8 [T, H_i, W_i, 3]) into one [T, 2h, 2w, 3] frame, (h, w) = view_size.
-
-    "droid": the wrist view stretched 2x in width (pixel repeat) across the top row, the two other views below it
-             (left | right), in their order;
-    "grid":  [view0 | view2] over [view1 | black] (missing views black);
-    "single": the first view resized to the full frame.
-    """
-    h, w = view_size
-    T = views[0].shape[0]
-    if any(v.shape[0] != T for v in views):
-        raise ValueError(f"views have different frame counts: {[v.shape[0] for v in views]}")
-    out = np.zeros((T, 2 * h, 2 * w, 3), dtype=np.uint8)
-    if tiling == "single":
-        return _resize(views[0], (2 * h, 2 * w))
-    views = [_resize(v, (h, w)) for v in views]
-    if tiling == "droid":
-        if len(views) != 3:
-            raise ValueError(f"the DROID tiling needs 3 views, got {len(views)}")
-        wi = 2 if wrist_index is None else wrist_index
-        others = [v for i, v in enumerate(views) if i != wi]
-        out[:, :h, :] = np.repeat(views[wi], 2, axis=2)
-        out[:, h:, :w] = others[0]
-        out[:, h:, w:] = others[1]
-        return out
-    if tiling == "grid":
-        if len(views) > 3:
-            raise ValueError(f"the grid tiling holds at most 3 views, got {len(views)}")
-        slots = [(slice(0, h), slice(0, w)), (slice(h, 2 * h), slice(0, w)), (slice(0, h), slice(w, 2 * w))]
-        for v, (ys, xs) in zip(views, slots):
-            out[:, ys, xs] = v
-        return out
-    raise ValueError(f"unknown tiling {tiling!r}")
-
-
-_DROID_PROMPT = ("A multi-view video shows that a robot {t} The video is split into three views: The top view shows "
-                 "the camera view from the robot's wrist, the bottom-left view shows the camera view from the left "
-                 "exterior camera, and the bottom-right view shows the camera view from the right exterior camera. "
-                 "During training, one of the two bottom exterior views may be a black screen (dropped view). The "
-                 "robot {t}")
-_AGIBOT_PROMPT = ("A multi-view video shows that a robot {t} The video is split into four views: The top-left view "
-                  "shows the camera view from the robot's head, the top-right view shows the camera view from the "
-                  "right hand, the bottom-left view shows the camera view from the left hand, and the bottom-right "
-                  "view is a black screen (inactive view). The robot {t}")
-
-
-def build_prompt(task: str, embodiment_tag: str | None, template: str = "auto") -> str:
-    """The instruction as the release's collator words it for the text encoder (DROID and AgiBot templates; other
-    embodiments, or template "none", get the task text itself)."""
-    if template == "none":
-        return task
-    t = task.lower()
-    if embodiment_tag == "oxe_droid":
-        return _DROID_PROMPT.format(t=t)
-    if embodiment_tag in ("agibot", "xdof"):
-        return _AGIBOT_PROMPT.format(t=t)
-    return task
-
-
-# ------------------------------------------------------------------------------------------------ dataset
 @dataclass(frozen=True)
 class SubKey:
     name: str
@@ -465,7 +106,7 @@ class LeRobotDataset:
     def __init__(self, root: str, cfg: DataConfig = DataConfig(), stats_dir: str | None = None):
         self.root = os.path.abspath(root)
         self.cfg = cfg
-        self.info = _read_json(os.path.join(self.root, "meta", "info.json"), "LeRobot info")
+        self.info = read_json(os.path.join(self.root, "meta", "info.json"), "LeRobot info")
         version = str(self.info.get("codebase_version", "v2.1"))
         if not version.startswith(("v2", "v3")):
             raise DataError(f"{os.path.join(self.root, 'meta', 'info.json')}: unsupported codebase_version "
@@ -496,7 +137,7 @@ class LeRobotDataset:
         feats = self.info["features"]
         path = self._meta("modality.json")
         if os.path.exists(path):
-            m = _read_json(path)
+            m = read_json(path)
 
             def sub(section, default_key):
                 out = []
@@ -540,7 +181,7 @@ class LeRobotDataset:
     def _read_embodiment_tag(self) -> str:
         path = self._meta("embodiment.json")
         if os.path.exists(path):
-            tag = _read_json(path).get("embodiment_tag")
+            tag = read_json(path).get("embodiment_tag")
             if tag:
                 return str(tag)
         return str(self.info.get("robot_type") or "unknown")
@@ -550,7 +191,7 @@ class LeRobotDataset:
             path = self._meta("tasks.jsonl")
             if not os.path.exists(path):
                 return {}
-            return {int(r["task_index"]): str(r["task"]) for r in _read_jsonl(path)}
+            return {int(r["task_index"]): str(r["task"]) for r in read_jsonl(path)}
         path = self._meta("tasks.parquet")
         if not os.path.exists(path):
             return {}
@@ -563,7 +204,7 @@ class LeRobotDataset:
     def _read_episodes(self) -> list:
         eps = []
         if self.version == 2:
-            for r in _read_jsonl(self._meta("episodes.jsonl")):
+            for r in read_jsonl(self._meta("episodes.jsonl")):
                 eps.append({"episode_index": int(r["episode_index"]), "length": int(r["length"]),
                             "tasks": list(r.get("tasks") or [])})
         else:
@@ -631,7 +272,7 @@ class LeRobotDataset:
         path = self._meta("step_filter.jsonl")
         if not os.path.exists(path):
             return {}
-        return {int(r["episode_index"]): set(int(i) for i in r["step_indices"]) for r in _read_jsonl(path)}
+        return {int(r["episode_index"]): set(int(i) for i in r["step_indices"]) for r in read_jsonl(path)}
 
     # -------------------------------------------------------------- episodes
     def __len__(self) -> int:
@@ -744,7 +385,7 @@ class LeRobotDataset:
         if self._stats is None:
             path = self._stats_path("stats.json")
             needed = {s.original_key for s in self.modality.state + self.modality.action}
-            stats = _read_json(path) if os.path.exists(path) else {}
+            stats = read_json(path) if os.path.exists(path) else {}
             if not needed.issubset(stats) or any(not set(STAT_NAMES).issubset(stats[k]) for k in needed):
                 stats = dict(stats)
                 stats.update(self._compute_stats(sorted(needed)))
@@ -757,7 +398,7 @@ class LeRobotDataset:
         """Statistics of relative actions per sub-key (meta/relative_stats_dreamzero.json, computed once if absent)."""
         if self._rel_stats is None:
             path = self._stats_path("relative_stats_dreamzero.json")
-            stats = _read_json(path) if os.path.exists(path) else {}
+            stats = read_json(path) if os.path.exists(path) else {}
             missing = [k for k in self.relative_keys if k not in stats]
             if missing:
                 stats = dict(stats)
