@@ -68,16 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ET.ParseError) as e:
         print(f"suite_record: cannot read {args.junit}: {e}; run pytest with --junitxml first", file=sys.stderr)
         return 2
+    from dreamzero.atomic import atomic_write_json
     from dz_bench import harness
 
     ctx = harness.BenchContext.detect()
     record = suite_record(cases, harness.device_name(ctx), harness.device_slug(ctx), harness.versions(),
                           harness.commit(), args.duration_s)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
-    os.replace(args.out + ".tmp", args.out)
+    atomic_write_json(args.out, record, indent=1)
     print(f"suite on {record['device']}: {record['passed']} passed, {record['failed']} failed, {record['error']} "
           f"errors, {record['skipped']} skipped ({'ok' if record['ok'] else 'NOT ok'}) -> {args.out}")
     return 0
