@@ -9,8 +9,10 @@
 | `CUDA_HOME` | setup.py | unset | CUDA toolkit root, used to find nvcc when `CUDACXX` is unset |
 | `DZ_DISABLE_CUDA_EXT` | dz_kernels._ext | `0` | `1` makes `cuda_ext()` report the extension as absent (forces the cupy/torch fallbacks) |
 | `DZ_CSRC_DIR` | dz_kernels._ext | the package's csrc | folder holding the `.cu` sources that the cupy (NVRTC) fallback compiles |
-| `TRITON_INTERPRET` | Triton, tests | unset | `1` runs Triton kernels in the CPU interpreter; tests/conftest.py sets it when there is no GPU |
+| `TRITON_INTERPRET` | Triton, tests, dz_bench | unset | `1` runs Triton kernels in the CPU interpreter; tests/conftest.py and `python -m dz_bench` set it when there is no GPU |
 | `DZ_COMMIT` | dz_bench | `git rev-parse HEAD` | commit written into benchmark records (for a copy of the tree without `.git`) |
+| `WORLD_SIZE` | dreamzero.train | `1` | processes in a distributed run (set by torchrun); above 1 the trainer joins the process group |
+| `LOCAL_RANK` | dreamzero.train | `0` | this process's GPU on its machine (set by torchrun) |
 | `DZ_VENV` | scripts/*.sh | `<repo>/.venv` | virtual environment that scripts/test.sh and scripts/bench.sh create or reuse |
 | `DZ_WHEELHOUSE` | scripts/gpu_run.sh | `<repo>/wheelhouse` | folder of wheels installed (`--no-deps`) on the GPU machine when a package is missing there |
 
@@ -40,8 +42,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CUDA_HOME", "setup.py", "", "CUDA toolkit root (nvcc at $CUDA_HOME/bin/nvcc)"),
     EnvVar("DZ_DISABLE_CUDA_EXT", "dz_kernels._ext", "0", "report dz_kernels._C as absent (use the fallbacks)"),
     EnvVar("DZ_CSRC_DIR", "dz_kernels._ext", "", "folder of the .cu sources for the cupy/NVRTC fallback"),
-    EnvVar("TRITON_INTERPRET", "triton, tests", "", "run Triton kernels in the CPU interpreter"),
+    EnvVar("TRITON_INTERPRET", "triton, tests, dz_bench", "", "run Triton kernels in the CPU interpreter"),
     EnvVar("DZ_COMMIT", "dz_bench", "", "commit recorded in benchmark records"),
+    EnvVar("WORLD_SIZE", "dreamzero.train", "1", "processes in a distributed run (set by torchrun)"),
+    EnvVar("LOCAL_RANK", "dreamzero.train", "0", "this process's GPU on its machine (set by torchrun)"),
     EnvVar("DZ_VENV", "scripts/*.sh", "<repo>/.venv", "virtual environment used by the scripts"),
     EnvVar("DZ_WHEELHOUSE", "scripts/gpu_run.sh", "<repo>/wheelhouse", "wheels installed on the GPU machine"),
 )
@@ -149,6 +153,35 @@ def commit_override() -> str | None:
     """DZ_COMMIT, or None when unset."""
     value = os.environ.get("DZ_COMMIT", "").strip()
     return value or None
+
+
+def default_triton_interpret() -> None:
+    """Set TRITON_INTERPRET=1 unless it is set already: a run without a GPU runs the Triton kernels in the
+    interpreter. Only takes effect before triton is first imported."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _count(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def world_size() -> int:
+    """WORLD_SIZE (torchrun sets it): the number of processes of the run; 1 when unset."""
+    return _count("WORLD_SIZE", 1, 1)
+
+
+def local_rank() -> int:
+    """LOCAL_RANK (torchrun sets it): this process's GPU index on its machine; 0 when unset."""
+    return _count("LOCAL_RANK", 0, 0)
 
 
 def current_values() -> dict[str, str | None]:

@@ -10,9 +10,10 @@ many seconds (the rest are recorded as skipped).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
+
+from dz_kernels import env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     if args.device == "cpu" or not torch.cuda.is_available():
         # our Triton kernels run in the interpreter on a CPU (set before triton is first imported)
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        env.default_triton_interpret()
     from dz_bench import harness
 
     import_errors = harness.load_cases()

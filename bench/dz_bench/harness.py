@@ -45,6 +45,7 @@ import traceback
 from typing import Any, Callable, Iterable
 
 from dreamzero.atomic import atomic_write
+from dz_kernels import env
 
 __all__ = [
     "register", "unregister", "registry", "load_cases", "Case", "Unavailable", "BenchContext", "run_benches",
@@ -265,7 +266,7 @@ def versions() -> dict:
 def commit() -> str:
     """DZ_COMMIT, else `git rev-parse HEAD` of the repository (+ "-dirty" when tracked files changed), else
     "unknown"."""
-    override = os.environ.get("DZ_COMMIT", "").strip()
+    override = env.commit_override()
     if override:
         return override
     try:

@@ -126,9 +126,9 @@ def cases(ctx):
                     from dz_kernels.kv_cache import qk_norm_rope_kv_write
 
                     if backend == "triton" and ctx.device != "cuda":
-                        import os
+                        from dz_kernels import env
 
-                        if os.environ.get("TRITON_INTERPRET") != "1":
+                        if not env.triton_interpret():
                             raise Unavailable("Triton needs CUDA here (or TRITON_INTERPRET=1 set before import)")
                     if backend == "cuda":
                         ok, reason = kv_cuda.available()

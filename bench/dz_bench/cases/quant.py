@@ -46,9 +46,9 @@ def _q():
 
 
 def _need_kernels(ctx):
-    import os
+    from dz_kernels import env
 
-    if ctx.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if ctx.device != "cuda" and not env.triton_interpret():
         raise Unavailable("the Triton kernels need CUDA (or TRITON_INTERPRET=1 set before triton is imported)")
 
 

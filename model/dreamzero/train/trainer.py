@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+from dz_kernels import env
 
 from ..atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from ..config import DreamZeroConfig, get_config
@@ -215,7 +216,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _init_distributed(self) -> None:
         cfg = self.cfg
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = env.world_size()
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but CUDA is not available")
@@ -225,7 +226,7 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         if want_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
+            local = env.local_rank()
             torch.cuda.set_device(local)
             self.device = torch.device("cuda", local)
         else:
