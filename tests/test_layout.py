@@ -9,7 +9,8 @@ from dreamzero.layout import Kind, inference_layout, layout_for_config, train_la
 
 
 def rule_mask_train(ft, fpc, A, S, K, W):
-    """REFERENCE.md section 3, written token by token: [clean F0, clean chunks][noisy F0, noisy chunks][A1..AK][S1..SK].
+    """docs/reference.md#training-sequence-and-mask, written token by token:
+    [clean F0, clean chunks][noisy F0, noisy chunks][A1..AK][S1..SK].
     Window: a chunk starting at frame s sees earlier frames f >= s - (W - 1), the first frame always."""
     nf = 1 + K * fpc
     half = nf * ft

@@ -4,11 +4,11 @@ Storage per layer: k, v [B, capacity_frames * frame_tokens, H, D], B being the b
 branches batched). Slots hold whole latent frames; `frames` lists the frame held by each valid slot in physical
 order, and the valid slots always form a prefix of the buffer, so the cached keys are one contiguous view.
 
-Rules (REFERENCE.md section 3): only video keys/values are cached (never action/state); the first frame is a sink
-that stays; the cache is written only by passes that carry observed frames (the first frame, ground-truth
-replacement, or the observed part of a fused control step); denoising passes only read it. When the window would
-overflow, policy 'reset' (the release: a reset when the next chunk starts at or beyond local_attn_size frames) or
-'roll' (evict the oldest non-sink frames, keep the sink) applies. `reset()` empties it (new instruction).
+Rules (docs/reference.md#control-step-and-kv-cache): only video keys/values are cached (never action/state); the
+first frame is a sink that stays; the cache is written only by passes that carry observed frames (the first frame,
+ground-truth replacement, or the observed part of a fused control step); denoising passes only read it. When the
+window would overflow, policy 'reset' (the release: a reset when the next chunk starts at or beyond local_attn_size
+frames) or 'roll' (evict the oldest non-sink frames, keep the sink) applies. `reset()` empties it (new instruction).
 
 This class is the reference path: `extend` concatenates the cached keys with the new ones and then stores the
 observed frames into their slots. The fused kernels of dz_kernels implement the same contract.

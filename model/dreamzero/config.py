@@ -1,7 +1,7 @@
 """Model configurations: the tiny test model and the real DreamZero shapes.
 
 Every size the model, the layout, the KV cache and the benchmarks need comes from one `DreamZeroConfig`.
-Sizes follow ../shared/REFERENCE.md sections 2 and 3 (Wan2.1-I2V-14B backbone, DreamZero DROID/AgiBot heads).
+Sizes follow docs/reference.md#backbone (Wan2.1-I2V-14B) and docs/reference.md#dreamzero-heads-and-shapes.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Closed-loop inference: the DreamZero policy, chunk by chunk, with a KV cache and every optimization as a switch.
 
-A control step (REFERENCE.md section 3):
+A control step (docs/reference.md#control-step-and-kv-cache):
   1. ground-truth replacement: the newly observed latent frames run through the DiT at t = 0 and are written into
      the KV cache (the first frame after a reset; afterwards the frames of the chunk just executed);
   2. the next chunk (noisy video, noisy actions, the state token) is denoised against the read-only cache with

@@ -13,7 +13,8 @@ Video segments are one latent frame long, so every visibility rule, the frame wi
 segments: the dense mask is a block matrix of the segment mask. The queries are `q`; the keys are `k`, which is
 always `cached segments + q` (the new tokens attend to the cache and to each other).
 
-Visibility (REFERENCE.md section 3; W = local_attn_size in frames, the first frame always visible):
+Visibility (docs/reference.md#training-sequence-and-mask; W = local_attn_size in frames, the first frame always
+visible):
   FIRST, FIRST_NOISY   see only themselves
   CLEAN of chunk c     the clean first frame and clean frames of chunks <= c inside the window
   NOISY, ACTION of c   the clean first frame, clean frames of chunks < c inside the window, and the noisy frames,

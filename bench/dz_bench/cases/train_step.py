@@ -1,7 +1,6 @@
 """train_step: one DreamZero training step (forward + backward of the flow-matching loss) of a 2-layer model at
 droid-14b width over the full teacher-forcing sequence (K = 4 chunks: 15,940 tokens), batch 1, bf16 autocast with
-fp32 weights, activation checkpointing per block (as the release trains; REFERENCE.md section 7 measured its own
-2-block step there).
+fp32 weights, activation checkpointing per block (as the release trains).
 
 The implementations differ only in the self-attention over the layout (model.ops.attention):
   "dz"            dz_kernels.attention.layout_attention (the fused block-sparse Triton kernel, forward + backward);

@@ -1,4 +1,4 @@
-"""The training step of DreamZero: flow matching with teacher forcing (REFERENCE.md section 4).
+"""The training step of DreamZero: flow matching with teacher forcing (docs/reference.md#training).
 
 One step, for a batch of clips of K chunks (F = 1 + K*n latent frames, n = frames per chunk, A action tokens and S
 state tokens per chunk):

@@ -1,6 +1,6 @@
 """The DreamZero trainer: one process per GPU under torchrun (or a single process), FSDP2 across ranks.
 
-What it does (REFERENCE.md section 4):
+What it does (docs/reference.md#training):
 - model: the DiT with its action/state encoders and action decoder, trained; the text encoder, image encoder and VAE
   are not in the training graph at all (their outputs are precomputed by `dz prepare-data`, so they stay frozen);
   optionally initialized from a safetensors checkpoint (dreamzero.checkpoint) and given a new embodiment slot
