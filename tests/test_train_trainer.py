@@ -240,3 +240,31 @@ def test_command_line(prepared, tmp_path):
     assert (tmp_path / "run" / "tensorboard").is_dir()
     assert COMMANDS["export"]([str(tmp_path / "run"), str(tmp_path / "exp.safetensors"), "--dtype", "bf16"]) == 0
     assert (tmp_path / "exp.safetensors").exists()
+
+
+def test_fast_ops_come_through_the_backend_switch():
+    """ops="dz" is installed by dreamzero.backend.install_ops from the "dreamzero.ops" entry point (dz_kernels.apply_):
+    the trainer imports no kernel module (dz_kernels.env, the environment reader, is not one)."""
+    import ast
+    import inspect
+
+    from dreamzero.backend import REFERENCE_OPS, available_ops, install_ops
+    from dreamzero.dreamzero import DreamZero
+    from dreamzero.train import trainer
+
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(trainer))):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {f"{node.module}.{a.name}" for a in node.names}
+    assert sorted(m for m in imported if m.startswith("dz_kernels")) == ["dz_kernels.env"]
+
+    assert "dz" in available_ops()
+    model = DreamZero("tiny")
+    handle = install_ops(model, "dz")
+    assert model.ops.attention.__module__.startswith("dz_kernels.")
+    handle.undo()
+    assert model.ops == REFERENCE_OPS
+    with pytest.raises(ValueError, match="no installed package provides the op set 'fast'"):
+        install_ops(model, "fast")

@@ -3,12 +3,18 @@
 The model calls every swappable op through `model.ops`, an `Ops` instance whose fields default to the plain PyTorch
 references below. `dz_kernels.apply_` (or a user) replaces fields; nothing else in the model changes. The reference
 functions are the correctness oracles of the kernels.
+
+Code that picks its ops by name (the trainer's `ops="dz"`) calls `install_ops(model, name)`: the op sets are found
+through the "dreamzero.ops" entry points of the installed packages (dz-kernels declares `dz = dz_kernels.apply:apply_`
+in pyproject.toml), so the model package imports no kernel library itself. A provider is called as
+`provider(model)` and returns a handle whose `undo()` restores the model's ops.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from importlib.metadata import entry_points
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,3 +93,21 @@ class Ops:
 
 
 REFERENCE_OPS = Ops()
+
+
+OPS_ENTRY_POINTS = "dreamzero.ops"
+
+
+def available_ops() -> list[str]:
+    """Names of the op sets installed packages provide ("dreamzero.ops" entry points)."""
+    return sorted({ep.name for ep in entry_points(group=OPS_ENTRY_POINTS)})
+
+
+def install_ops(model, name: str) -> Any:
+    """Install the op set `name` into `model` (in place) through its provider; returns the provider's handle, whose
+    undo() restores the model's previous ops. Raises ValueError naming the installed op sets when `name` is not one."""
+    eps = [ep for ep in entry_points(group=OPS_ENTRY_POINTS) if ep.name == name]
+    if not eps:
+        raise ValueError(f"no installed package provides the op set {name!r} (the {OPS_ENTRY_POINTS!r} entry points "
+                         f"name {available_ops()}); install dz-kernels for 'dz'")
+    return eps[0].load()(model)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from dz_kernels import env
 
 from ..atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
+from ..backend import install_ops
 from ..config import DreamZeroConfig, get_config
 from ..dreamzero import DreamZero
 from ..schedulers import FlowMatchTrainingSchedule
@@ -76,7 +77,7 @@ class TrainConfig:
     beta_b: float = 1.0
     precision: str = "auto"               # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
     gradient_checkpointing: bool = True
-    ops: str = "reference"                # "reference" or "dz" (dz_kernels.apply_: fused attention + norms)
+    ops: str = "reference"                # "reference" or "dz" (dz_kernels' op set, installed by its apply_)
     save_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 1
@@ -281,10 +282,8 @@ class Trainer:
         else:
             model.to(self.device)
         model.gradient_checkpointing = cfg.gradient_checkpointing
-        if cfg.ops == "dz":
-            import dz_kernels
-            self._ops_handle = dz_kernels.apply_(model, dz_kernels.ApplyConfig(attention=True, norms=True,
-                                                                               kv_cache=False))
+        if cfg.ops != "reference":
+            self._ops_handle = install_ops(model, cfg.ops)       # dreamzero.backend: the op set's provider
         model.train()
         return model
 
