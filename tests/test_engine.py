@@ -10,20 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from dreamzero.config import get_config
-from dreamzero.dreamzero import DreamZero
 from dreamzero.engine import STATIC_MASK_16, Policy, PolicyConfig, playback_loop
 from dreamzero.smoothing import smooth_actions
-
-
-def tiny_model(seed=0):
-    cfg = get_config("tiny", num_embodiments=1)
-    torch.manual_seed(seed)
-    m = DreamZero(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m
+from tiny import tiny_model
 
 
 def episode(cfg, B=1, steps=6, seed=3):
@@ -50,7 +39,7 @@ def max_diff(ra, rb):
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model()
+    return tiny_model(num_embodiments=1)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +109,7 @@ def test_dynamic_schedule_rule():
 
 
 def test_compiled_blocks_give_the_same_actions(baseline):
-    m = tiny_model()
+    m = tiny_model(num_embodiments=1)
     res, _ = run(m, num_steps=3, compile="aot_eager")
     assert max_diff(res, baseline) < 1e-5
 
@@ -194,7 +183,7 @@ def test_cfg_parallel_on_two_gloo_ranks_matches_one_rank(tmp_path, baseline):
         from test_engine import tiny_model, episode
         from dreamzero.engine import Policy, PolicyConfig
         dist.init_process_group("gloo")
-        m = tiny_model()
+        m = tiny_model(num_embodiments=1)
         text, clip, first, obs, states = episode(m.cfg)
         pol = Policy(m, PolicyConfig(num_steps=3, cfg_mode="parallel"))
         pol.reset(text, clip, first)
@@ -217,9 +206,8 @@ def test_policy_from_raw_images_with_tiny_encoders():
     from dreamzero.encoders import ImageEncoder, TextEncoder, VideoVAE
     from dreamzero.engine import Encoders
 
-    cfg = get_config("tiny", num_embodiments=1)
-    torch.manual_seed(0)
-    m = DreamZero(cfg)
+    m = tiny_model(num_embodiments=1, std=None)
+    cfg = m.cfg
     enc = Encoders(text=TextEncoder.tiny(text_dim=cfg.text_dim, text_len=cfg.text_len),
                    image=ImageEncoder.tiny(clip_dim=cfg.clip_dim, clip_tokens=cfg.clip_tokens), vae=VideoVAE.tiny())
     H, W = cfg.latent_height * 8, cfg.latent_width * 8
@@ -245,7 +233,7 @@ def test_fp8_linears_stay_within_a_documented_bound(baseline):
     from dz_kernels.quant import Float8DynamicActivationFloat8Weight, dequantize_, quantize_
     from dz_kernels.testing import sqnr_db
 
-    m = tiny_model()
+    m = tiny_model(num_embodiments=1)
     quantize_(m, Float8DynamicActivationFloat8Weight())
     assert any(type(mod).__name__ == "Float8Linear" for mod in m.modules())
     res, _ = run(m, num_steps=3)

@@ -12,16 +12,12 @@ from dreamzero.dreamzero import DreamZero, count_parameters
 from dreamzero.layout import layout_for_config
 from dreamzero.modules import action_time_encoding, sinusoidal_embedding
 from dreamzero.rope import rope_tables
+from tiny import tiny_model
 
 
-def make_model(cfg=None, **over):
-    cfg = cfg or get_config("tiny", **over)
-    torch.manual_seed(0)
-    m = DreamZero(cfg).double()
-    with torch.no_grad():
-        for p in m.parameters():        # random everywhere (Wan's init zeroes the head)
-            p.normal_(0, 0.2)
-    return m
+def make_model(cfg):
+    """The tiny model in float64, random everywhere."""
+    return tiny_model(cfg, std=0.2, dtype=torch.float64)
 
 
 def make_inputs(cfg, B=2, K=None, seed=1):

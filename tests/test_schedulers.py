@@ -19,6 +19,7 @@ from dreamzero.schedulers import (
     shift_sigma,
     velocity_target,
 )
+from conftest import requires_cuda
 
 try:  # optional extra ("encoders"); only the cross-checks need it
     import diffusers
@@ -491,7 +492,7 @@ def test_sampler_bad_input():
         FlowUniPCMultistepSampler(4, solver_order=3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+@requires_cuda
 def test_samplers_on_cuda_match_cpu():
     n = 16
     g = torch.Generator().manual_seed(14)

@@ -8,8 +8,7 @@ import torch
 from dreamzero.attention import attention_dense_reference
 from dreamzero.config import get_config
 from dreamzero.layout import layout_for_config
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+from conftest import requires_cuda
 
 
 def _flex_module():

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dreamzero.config import get_config
-from dreamzero.dreamzero import DreamZero
 from dreamzero.schedulers import FlowMatchTrainingSchedule
 from dreamzero.train.step import (Batch, NoiseConfig, draw_noise, flow_matching_loss, forward_flops, sample_seed,
                                   sample_timesteps, training_flops)
+from tiny import tiny_model
 
 CFG = get_config("tiny")
 SCHED = FlowMatchTrainingSchedule()
@@ -30,8 +30,7 @@ def make_batch(cfg=CFG, B=2, K=2, seed=0, has_action=None):
 
 
 def make_model(cfg=CFG, seed=0):
-    torch.manual_seed(seed)
-    m = DreamZero(cfg)
+    m = tiny_model(cfg, seed=seed, std=None)           # Wan's init, as training starts
     with torch.no_grad():
         m.head.head.weight.normal_(0, 0.02)            # Wan zero-inits the head; give it a gradient path
     return m
