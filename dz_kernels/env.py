@@ -66,6 +66,20 @@ def _flag(name: str) -> bool:
     raise ValueError(f"{name}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
 
 
+def _int(name: str, minimum: int) -> int | None:
+    """An integer variable (None when unset); ValueError naming it when it is not an integer >= minimum."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
 def skip_cuda() -> bool:
     """DZ_SKIP_CUDA: True when the CUDA extension should not be built."""
     return _flag("DZ_SKIP_CUDA")
@@ -98,14 +112,8 @@ def _available_memory_gib() -> float | None:
 def max_jobs() -> int:
     """DZ_MAX_JOBS, or by default min(cores, available GiB / 3): an nvcc job for two architectures can take
     a few GiB, so memory rather than cores bounds the parallelism on small machines."""
-    raw = os.environ.get("DZ_MAX_JOBS", "").strip()
-    if raw:
-        try:
-            jobs = int(raw)
-        except ValueError:
-            raise ValueError(f"DZ_MAX_JOBS={raw!r} is not an integer") from None
-        if jobs < 1:
-            raise ValueError(f"DZ_MAX_JOBS={raw!r} must be at least 1")
+    jobs = _int("DZ_MAX_JOBS", 1)
+    if jobs is not None:
         return jobs
     cores = os.cpu_count() or 1
     mem = _available_memory_gib()
@@ -161,27 +169,16 @@ def default_triton_interpret() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _count(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
-    return value
-
-
 def world_size() -> int:
     """WORLD_SIZE (torchrun sets it): the number of processes of the run; 1 when unset."""
-    return _count("WORLD_SIZE", 1, 1)
+    value = _int("WORLD_SIZE", 1)
+    return 1 if value is None else value
 
 
 def local_rank() -> int:
     """LOCAL_RANK (torchrun sets it): this process's GPU index on its machine; 0 when unset."""
-    return _count("LOCAL_RANK", 0, 0)
+    value = _int("LOCAL_RANK", 0)
+    return 0 if value is None else value
 
 
 def current_values() -> dict[str, str | None]:

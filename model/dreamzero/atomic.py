@@ -39,16 +39,20 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(folder: str) -> None:
     """fsync every file and directory under `folder` (best effort, as fsync_dir)."""
     for dirpath, _, files in os.walk(folder):
         for fn in files:
             try:
-                fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_file(os.path.join(dirpath, fn))
             except OSError:
                 pass
         fsync_dir(dirpath)
@@ -63,36 +67,12 @@ def _temp_beside(path: str, suffix: str) -> tuple[str, str]:
     return folder, tmp
 
 
-def _commit(tmp: str, path: str, folder: str) -> None:
-    os.replace(tmp, path)
-    fsync_dir(folder)
-
-
-def _remove(tmp: str) -> None:
+def remove_quietly(path: str) -> None:
+    """Remove a file if it is there."""
     try:
-        os.unlink(tmp)
+        os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode: str = "wb", **open_kw) -> Iterator[Any]:
-    """Open a temporary file beside `path` for writing (mode "w" or "wb"); when the block ends without an
-    exception, flush, fsync, os.replace it onto `path` and fsync the folder. On an exception it is removed and
-    `path` is untouched."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
-    path = os.fspath(path)
-    folder, tmp = _temp_beside(path, ".tmp")
-    try:
-        with open(tmp, mode, **open_kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, path, folder)
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -104,15 +84,22 @@ def atomic_output(path) -> Iterator[str]:
     folder, tmp = _temp_beside(path, ".tmp" + os.path.splitext(path)[1])
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _commit(tmp, path, folder)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(folder)
     except BaseException:
-        _remove(tmp)
+        remove_quietly(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb", **open_kw) -> Iterator[Any]:
+    """An open file (mode "w" or "wb") that replaces `path` as atomic_output does when the block ends without an
+    exception (closed, fsynced, renamed, folder fsynced); on an exception `path` is untouched."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_output(path) as tmp, open(tmp, mode, **open_kw) as f:
+        yield f
 
 
 def atomic_write_json(path, obj: Any, indent: int | None = 2) -> None:

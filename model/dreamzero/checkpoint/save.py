@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, remove_quietly
 from .keys import HEAD_PREFIXES, check_layout, to_layout_name
 from .safetensors_io import ST_NAMES, write_safetensors_atomic
 
@@ -75,7 +75,7 @@ def save_checkpoint(model: nn.Module, path, layout: str = "dreamzero", *,
     if len(shards) == 1:
         write_safetensors_atomic(single, shards[0], meta)
         for stale in [index_path] + sorted(old_shards):
-            _remove_quietly(stale)
+            remove_quietly(stale)
         return single
     n = len(shards)
     names = [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -87,7 +87,7 @@ def save_checkpoint(model: nn.Module, path, layout: str = "dreamzero", *,
             total += math.prod(shape) * dt.itemsize
     atomic_write_json(index_path, {"metadata": {"total_size": total, "dz_layout": layout}, "weight_map": weight_map})
     for stale in sorted(old_shards - {os.path.join(folder, nm) for nm in names}) + [single]:
-        _remove_quietly(stale)
+        remove_quietly(stale)
     return index_path
 
 
@@ -99,11 +99,3 @@ def _indexed_files(index_path: str) -> set:
         return {os.path.join(base, v) for v in set(wm.values()) if os.path.basename(v) == v}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
-
-
-def _remove_quietly(p: str) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
-
