@@ -2,7 +2,7 @@
 
     step.py       the training step: noise levels from the scheduler's table (base / Flash), the teacher-forcing
                   sequence, flow-matching targets, the weighted video + masked action loss; FLOP counts
-    data.py       LeRobot v2.x / v3.x reader: clips of K chunks (tiled views at 5 FPS, action chunks, relative
+    data/         LeRobot v2.x / v3.x reader: clips of K chunks (tiled views at 5 FPS, action chunks, relative
                   actions, q99 normalization, idle-action filter), the release's metadata files read as is
     prepare.py    `dz prepare-data`: clips encoded once with the frozen VAE / CLIP / umT5, stored beside the dataset;
                   PreparedDataset reads them back for the trainer
