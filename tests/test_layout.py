@@ -8,10 +8,13 @@ from dreamzero.config import get_config
 from dreamzero.layout import Kind, inference_layout, layout_for_config, train_layout
 
 
-def rule_mask_train(ft, fpc, A, S, K, W):
+def rule_mask_train(ft, fpc, A, S, K, W, rule="consistent"):
     """docs/reference.md#training-sequence-and-mask, written token by token:
     [clean F0, clean chunks][noisy F0, noisy chunks][A1..AK][S1..SK].
-    Window: a chunk starting at frame s sees earlier frames f >= s - (W - 1), the first frame always."""
+    Window W (the first frame always visible), by the rule's text:
+      consistent: a chunk starting at frame s sees earlier frames f >= s - (W - 1) (clean, noisy and action alike);
+      release:    the clean tokens of chunk c see clean frames from max(1, 1 + c*fpc - W) on; noisy and action tokens
+                  see every earlier clean frame."""
     nf = 1 + K * fpc
     half = nf * ft
     L = 2 * half + K * A + K * S
@@ -29,8 +32,12 @@ def rule_mask_train(ft, fpc, A, S, K, W):
     def st(k):
         return slice(2 * half + K * A + (k - 1) * S, 2 * half + K * A + k * S)
 
-    def in_window(f, k):
-        return W < 0 or f == 0 or f >= (1 + (k - 1) * fpc) - (W - 1)
+    def in_window(f, k, clean_query):
+        if W < 0 or f == 0:
+            return True
+        if rule == "release":
+            return f >= max(1, 1 + k * fpc - W) if clean_query else True
+        return f >= (1 + (k - 1) * fpc) - (W - 1)
 
     m[frame_rng(0, 0), frame_rng(0, 0)] = True              # clean first frame: itself
     m[frame_rng(half, 0), frame_rng(half, 0)] = True        # noisy first frame: itself
@@ -39,12 +46,12 @@ def rule_mask_train(ft, fpc, A, S, K, W):
             q = frame_rng(0, f)                              # clean chunk k
             m[q, frame_rng(0, 0)] = True
             for g in range(1, 1 + k * fpc):                   # clean frames of chunks <= k, in the window
-                if in_window(g, k):
+                if in_window(g, k, True):
                     m[q, frame_rng(0, g)] = True
         for qs in [frame_rng(half, f) for f in chunk_frames(k)] + [act(k)]:   # noisy chunk k and action block k
             m[qs, frame_rng(0, 0)] = True
             for g in range(1, 1 + (k - 1) * fpc):
-                if in_window(g, k):
+                if in_window(g, k, False):
                     m[qs, frame_rng(0, g)] = True
             for g in chunk_frames(k):
                 m[qs, frame_rng(half, g)] = True
@@ -54,14 +61,79 @@ def rule_mask_train(ft, fpc, A, S, K, W):
     return m
 
 
+def release_loop_mask(ft, fpc, A, S, K, W):
+    """The release's training attention as its code runs it (CausalWanSelfAttention: _process_clean_image_only,
+    _process_noisy_image_blocks, _process_noisy_action_blocks, _process_state_blocks), in token offsets: each query
+    block attends to the concatenation of key ranges, which we mark here."""
+    half = (1 + K * fpc) * ft
+    L = 2 * half + K * (A + S)
+    m = np.zeros((L, L), dtype=bool)
+    block = ft * fpc
+    m[:ft, :ft] = True                                       # clean first frame
+    for i in range(K):                                       # clean blocks, windowed from the block's end
+        b0, b1 = ft + i * block, ft + (i + 1) * block
+        kv0 = max(ft, b1 - W * ft) if W > 0 else ft
+        m[b0:b1, :ft] = True
+        m[b0:b1, kv0:b1] = True
+    n0, a0, s0 = half, 2 * half, 2 * half + K * A
+    m[n0:n0 + ft, n0:n0 + ft] = True                         # noisy first frame
+    for i in range(K):
+        clean_end = ft + i * block                           # first clean frame + clean blocks < i: no window
+        nb0, nb1 = n0 + ft + i * block, n0 + ft + (i + 1) * block
+        ab0, ab1 = a0 + i * A, a0 + (i + 1) * A
+        sb0, sb1 = s0 + i * S, s0 + (i + 1) * S
+        for q0, q1 in ((nb0, nb1), (ab0, ab1)):              # noisy block i and action block i
+            m[q0:q1, :clean_end] = True
+            m[q0:q1, nb0:nb1] = True
+            m[q0:q1, ab0:ab1] = True
+            m[q0:q1, sb0:sb1] = True
+        m[sb0:sb1, sb0:sb1] = True                           # state block: itself
+    return m
+
+
+@pytest.mark.parametrize("rule", ["consistent", "release"])
 @pytest.mark.parametrize("ft,fpc,A,S,K,W", [(3, 2, 2, 1, 3, -1), (2, 1, 3, 1, 4, 3), (5, 2, 4, 2, 3, 4),
-                                            (1, 3, 1, 1, 2, 9), (4, 2, 24, 1, 4, 9)])
-def test_train_mask_matches_rule_text(ft, fpc, A, S, K, W):
-    lay = train_layout(ft, fpc, A, S, K, W)
-    expect = rule_mask_train(ft, fpc, A, S, K, W)
-    assert lay.q_len == expect.shape[0]
+                                            (1, 3, 1, 1, 2, 9), (4, 2, 24, 1, 4, 9), (2, 2, 3, 1, 6, 9),
+                                            (1, 2, 2, 1, 7, 5), (2, 3, 2, 1, 4, 2)])
+def test_train_mask_matches_rule_text(ft, fpc, A, S, K, W, rule):
+    lay = train_layout(ft, fpc, A, S, K, W, rule)
+    expect = rule_mask_train(ft, fpc, A, S, K, W, rule)
+    assert lay.rule == rule and lay.q_len == expect.shape[0]
     got = lay.dense_mask().numpy()
     assert (got == expect).all(), lay.describe()
+
+
+@pytest.mark.parametrize("ft,fpc,A,S,K,max_chunks", [(2, 2, 3, 1, 6, 4), (3, 2, 2, 1, 5, 4), (1, 2, 4, 1, 7, 2),
+                                                     (2, 1, 2, 2, 6, 3), (1, 3, 2, 1, 4, 1)])
+def test_release_rule_matches_the_release_loop(ft, fpc, A, S, K, max_chunks):
+    W = max_chunks * fpc + 1
+    lay = train_layout(ft, fpc, A, S, K, W, "release")
+    assert (lay.dense_mask().numpy() == release_loop_mask(ft, fpc, A, S, K, W)).all(), lay.describe()
+
+
+def test_rules_differ_only_past_max_chunks_plus_one():
+    ft, fpc, A, S, max_chunks = 2, 2, 3, 1, 4
+    W = max_chunks * fpc + 1                                  # 9, as local_attn_size
+    for K in range(1, max_chunks + 2):
+        r, c = (train_layout(ft, fpc, A, S, K, W, rule) for rule in ("release", "consistent"))
+        diff = r.segment_mask() != c.segment_mask()
+        # at K = max_chunks + 1 only clean chunk K's queries differ (it loses frame 1), and nothing else sees them
+        rows = {(r.q[i].kind.name, r.q[i].chunk) for i in np.nonzero(diff.any(axis=1))[0]}
+        assert rows == ({("CLEAN", K)} if K == max_chunks + 1 else set()), (K, rows)
+    K = 6                                                      # the issue's case: 6 chunks with max_chunks = 4
+    r, c = (train_layout(ft, fpc, A, S, K, W, rule) for rule in ("release", "consistent"))
+    frames_seen = {}
+    for lay in (r, c):
+        for qs_kind, chunk in (("CLEAN", 5), ("CLEAN", 6), ("NOISY", 6), ("ACTION", 6)):
+            i = next(i for i, s in enumerate(lay.q) if s.kind.name == qs_kind and s.chunk == chunk)
+            frames_seen[(lay.rule, qs_kind, chunk)] = sorted(
+                ks.frame for j, ks in enumerate(lay.k) if lay.segment_mask()[i, j] and ks.kind.name in ("FIRST", "CLEAN"))
+    assert frames_seen[("release", "CLEAN", 5)] == [0] + list(range(2, 11))
+    assert frames_seen[("release", "CLEAN", 6)] == [0] + list(range(4, 13))
+    assert frames_seen[("release", "NOISY", 6)] == frames_seen[("release", "ACTION", 6)] == list(range(0, 11))
+    assert frames_seen[("consistent", "CLEAN", 5)] == list(range(0, 11))
+    assert frames_seen[("consistent", "CLEAN", 6)] == [0] + list(range(3, 13))
+    assert frames_seen[("consistent", "NOISY", 6)] == [0] + list(range(3, 11))
 
 
 def test_droid_training_shape():
@@ -129,7 +201,7 @@ def _random_layouts():
         ft, fpc, A, S = int(rng.integers(1, 5)), int(rng.integers(1, 3)), int(rng.integers(1, 5)), 1
         K = int(rng.integers(1, 4))
         W = int(rng.choice([-1, 2, 3, 9]))
-        out.append(train_layout(ft, fpc, A, S, K, W))
+        out.append(train_layout(ft, fpc, A, S, K, W, str(rng.choice(["release", "consistent"]))))
         c = int(rng.integers(1, 4))
         cached = tuple(range(0, 1 + (c - 1) * fpc))
         out.append(inference_layout(ft, fpc, A, S, "denoise", c, cached, W, str(rng.choice(["release", "consistent"]))))
@@ -158,6 +230,10 @@ def test_layout_bad_input():
         inference_layout(4, 2, 3, 1, "bogus", 1, (0,), 5, "release")
     with pytest.raises(ValueError, match="rule"):
         inference_layout(4, 2, 3, 1, "denoise", 1, (0,), 5, "strict")
+    with pytest.raises(ValueError, match="rule"):
+        train_layout(4, 2, 3, 1, 2, 5, "strict")
+    with pytest.raises(ValueError, match="window"):
+        train_layout(4, 2, 3, 1, 2, 0)
     lay = train_layout(2, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="query tokens"):
         attention_blockwise(torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, 4), lay)

@@ -153,7 +153,7 @@ def test_rolling_cache_beyond_the_window_matches_windowed_teacher_forcing():
     K = 5
     m = make_model(cfg)
     x = make_inputs(cfg, K=K)
-    lay = layout_for_config(cfg, "train", num_chunks=K)
+    lay = layout_for_config(cfg, "train", num_chunks=K, rule="consistent")   # the window a W-frame cache holds
     v_tf, a_tf = m(lay, clean=x["clean"], clean_cond=x["cond"], noisy=x["noisy"], noisy_cond=x["cond"],
                    t_video=x["t_video"], actions=x["actions"], t_action=x["t_action"], state=x["state"],
                    embodiment=x["embodiment"], text=x["text"], clip=x["clip"])
@@ -163,6 +163,30 @@ def test_rolling_cache_beyond_the_window_matches_windowed_teacher_forcing():
     torch.testing.assert_close(a, a_tf, rtol=1e-9, atol=1e-9)
     assert 0 in cache.frames and len(cache.frames) == cfg.local_attn_size
     assert sorted(cache.frames) == [0] + list(range(2 * K + 1 - (cfg.local_attn_size - 1), 2 * K + 1))
+
+
+def test_training_rules_agree_up_to_max_chunks_plus_one_and_differ_past_it():
+    # tiny: max_chunks 3, local_attn_size 7. The video and action outputs (what the loss sees) agree for K <= 4.
+    cfg = get_config("tiny")
+    m = make_model(cfg)
+    for K, same in ((cfg.max_chunks + 1, True), (cfg.max_chunks + 2, False)):
+        x = make_inputs(cfg, K=K)
+        out = {}
+        for rule in ("release", "consistent"):
+            lay = layout_for_config(cfg, "train", num_chunks=K, rule=rule)
+            out[rule] = m(lay, clean=x["clean"], clean_cond=x["cond"], noisy=x["noisy"], noisy_cond=x["cond"],
+                          t_video=x["t_video"], actions=x["actions"], t_action=x["t_action"], state=x["state"],
+                          embodiment=x["embodiment"], text=x["text"], clip=x["clip"])
+        (vr, ar), (vc, ac) = out["release"], out["consistent"]
+        if same:
+            torch.testing.assert_close(vr, vc, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(ar, ac, rtol=1e-12, atol=1e-12)
+        else:
+            fpc = cfg.frames_per_chunk
+            last = slice(1 + (K - 1) * fpc, None)
+            torch.testing.assert_close(vr[:, :, :last.start], vc[:, :, :last.start], rtol=1e-12, atol=1e-12)
+            assert (vr[:, :, last] - vc[:, :, last]).abs().max() > 1e-6
+            assert (ar[:, -cfg.actions_per_chunk:] - ac[:, -cfg.actions_per_chunk:]).abs().max() > 1e-6
 
 
 def test_reset_policy_refuses_overflow_and_resets():
@@ -212,6 +236,49 @@ def test_adaln_hand_computed():
     torch.testing.assert_close(layernorm_modulate(x, shift, scale, 1e-6), norm * (1 + scale) + shift)
 
 
+def test_float64_runs_stay_float64():
+    # adaLN LayerNorm: float64 in, float64 math (a float32 detour leaves ~1e-8 errors)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 64, generator=g, dtype=torch.float64) * 3 + 1
+    shift, scale = torch.randn(2, 5, 64, generator=g, dtype=torch.float64), torch.randn(2, 1, 64, generator=g,
+                                                                                        dtype=torch.float64)
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    ref = (x - mu) / torch.sqrt(var + 1e-6) * (1 + scale) + shift
+    assert (layernorm_modulate(x, shift, scale, 1e-6) - ref).abs().max() < 1e-13
+    # RoPE: float64 tables and the release's complex128 rotation (view_as_complex(x) * polar(1, angle))
+    cfg = get_config("tiny")
+    lay = layout_for_config(cfg, "denoise", chunk=2, cached_frames=(0, 1, 2))
+    cos64, sin64 = rope_tables(lay, cfg, torch.float64)
+    cos32, _ = rope_tables(lay, cfg)
+    assert cos64.dtype == torch.float64 and cos32.dtype == torch.float32
+    ang = torch.atan2(sin64, cos64)
+    q = torch.randn(1, lay.q_len, cfg.num_heads, cfg.head_dim, generator=g, dtype=torch.float64)
+    rel = torch.view_as_real(torch.view_as_complex(q.unflatten(-1, (-1, 2)).contiguous())
+                             * torch.polar(torch.ones_like(ang), ang)[None, :, None]).flatten(-2)
+    assert (apply_rope(q, cos64, sin64) - rel).abs().max() < 1e-13
+    assert (apply_rope(q, cos32, sin64.float()) - rel).abs().max() > 1e-9      # float32 tables would round
+    # bf16 is unchanged: fp32 math on fp32 tables, rounded once
+    qb = q.to(torch.bfloat16)
+    expect = apply_rope(qb.float(), cos32, sin64.float()).to(torch.bfloat16)
+    assert torch.equal(apply_rope(qb, cos32, sin64.float()), expect)
+    # the model hands float64 tables to its blocks when it runs in float64, float32 otherwise
+    m = make_model(cfg)
+    seen = []
+    orig = m.ops.qk_norm_rope
+
+    def spy(q, k, wq, wk, eps, cos, sin, h):
+        seen.append(cos.dtype)
+        return orig(q, k, wq, wk, eps, cos, sin, h)
+    m.ops = m.ops.replace(qk_norm_rope=spy)
+    teacher_forcing(m, make_inputs(cfg), cfg.max_chunks)
+    assert seen and set(seen) == {torch.float64}
+    seen.clear()
+    m32 = m.float()
+    x32 = {k: (v.float() if v.is_floating_point() else v) for k, v in make_inputs(cfg).items()}
+    teacher_forcing(m32, x32, cfg.max_chunks)
+    assert set(seen) == {torch.float32}
+
+
 def test_per_token_timesteps(monkeypatch):
     cfg = get_config("tiny")
     m = make_model(cfg)
@@ -235,8 +302,8 @@ def test_per_token_timesteps(monkeypatch):
         seg = t[noisy.start + f * ft: noisy.start + (f + 1) * ft]
         assert (seg == x["t_video"][0, f].float()).all()
     act, st = lay.part("action"), lay.part("state")
-    torch.testing.assert_close(t[act.start:act.start + act.length], x["t_action"][0].float())
-    torch.testing.assert_close(t[st.start:st.start + st.length], x["t_action"][0, ::A].float())
+    torch.testing.assert_close(t[act.start:act.start + act.length], x["t_action"][0].double())
+    torch.testing.assert_close(t[st.start:st.start + st.length], x["t_action"][0, ::A].double())
 
 
 def test_action_and_state_modules_hand_computed():

@@ -24,19 +24,27 @@ from .cache import KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Wan's RMSNorm: normalized in fp32, cast back, then scaled by the weight. x [..., C], weight [C]."""
+    """Wan's RMSNorm: normalized in fp32 (also for a float64 x: Wan's and the release's WanRMSNorm call x.float()),
+    cast back, then scaled by the weight. x [..., C], weight [C]."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) by per-token angles, in fp32.
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 math for float32 and lower precisions; float64 inputs stay float64 (as the release runs them)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    x [B, L, H, D]; cos, sin [L, D/2] (fp32). Returns x's dtype.
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by per-token angles, in fp32 (fp64 for a float64 x, with float64 tables
+    for exact angles: rope.rope_tables(..., dtype=torch.float64)).
+
+    x [B, L, H, D]; cos, sin [L, D/2]. Returns x's dtype.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
+    ct = _compute_dtype(x)
+    xf = x.to(ct).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = cos.to(ct)[None, :, None, :], sin.to(ct)[None, :, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
     return out.type_as(x)
 
@@ -49,8 +57,9 @@ def qk_norm_rope(q, k, wq, wk, eps, cos, sin, num_heads):
 
 
 def layernorm_modulate(x, shift, scale, eps):
-    """LayerNorm without affine (fp32), then x * (1 + scale) + shift. x [B, L, C]; shift, scale [B, L or 1, C]."""
-    y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+    """LayerNorm without affine (fp32; fp64 for a float64 x), then x * (1 + scale) + shift. x [B, L, C]; shift,
+    scale [B, L or 1, C]."""
+    y = F.layer_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=eps).type_as(x)
     return y * (1 + scale) + shift
 
 

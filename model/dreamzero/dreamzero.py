@@ -1,18 +1,26 @@
-"""DreamZero: the Wan2.1-I2V DiT with action and state heads, in plain PyTorch.
+"""DreamZero: the Wan DiT (Wan2.1-I2V-14B or Wan2.2-TI2V-5B) with action and state heads, in plain PyTorch.
 
 One forward serves training (teacher forcing) and inference (a chunk against the KV cache): the token sequence is
 assembled part by part in the order of a `SequenceLayout` (layout.py), every token gets its own timestep, RoPE
 position and attention rule from that layout, and the outputs are split back by part.
 
-Inputs (B = batch, F = latent frames of a part, H x W = latent size, K = chunks of a part):
-    video latents   [B, 16, F, H, W]      clean/observed ('clean_video' part) or noisy ('noisy_video' part)
-    cond            [B, 20, F, H, W]      I2V conditioning of those frames (4 mask + 16 first-frame latent channels)
+Inputs (B = batch, F = latent frames of a part, H x W = latent size, K = chunks of a part, Z = latent channels:
+16 for the 14B, 48 for the 5B):
+    video latents   [B, Z, F, H, W]       clean/observed ('clean_video' part) or noisy ('noisy_video' part)
+    cond            [B, 20, F, H, W]      I2V conditioning of those frames (4 mask + 16 first-frame latent channels),
+                                          concatenated to the latents (the 14B); None for a model without it
+                                          (cond_channels 0: the 5B, `concat_first_frame_latent=False`)
     t_video         [B, F]                timestep (0..1000) of each noisy frame
     actions         [B, K*A, action_dim]  noisy action chunk(s); t_action [B, K*A]
     state           [B, K*S, state_dim]
     text            [B, text_len, text_dim] umT5 features; clip [B, clip_tokens, clip_dim] CLIP features
     embodiment      [B] int64, the slot of the category-specific action/state modules
-Outputs: the video velocity of the noisy frames [B, 16, F, H, W] and the action velocity [B, K*A, action_dim].
+Outputs: the video velocity of the noisy frames [B, Z, F, H, W] and the action velocity [B, K*A, action_dim].
+
+Both backbones build the CLIP image branch (img_emb and the I2V cross-attention's k_img/v_img), as the release's
+CausalWanModel does for model types 'i2v' and 'ti2v'. Precision: in a float64 model every step the release runs in
+float64 stays float64 (LayerNorm, RoPE angles and rotation, the time embedding); the q/k RMSNorm normalizes in
+float32 as Wan's WanRMSNorm does (x.float()), and the action time encoding is float32 as the release's.
 """
 from __future__ import annotations
 
@@ -87,10 +95,12 @@ class DreamZero(nn.Module):
     def layout(self, mode: str = "train", **kw) -> SequenceLayout:
         return layout_for_config(self.cfg, mode, **kw)
 
-    def _rope(self, layout: SequenceLayout, device) -> tuple:
-        key = (layout.key(), str(device))
+    def _rope(self, layout: SequenceLayout, device, dtype=torch.float32) -> tuple:
+        """cos/sin tables on `device`: float64 for a float64 model (no rounding of the angles), else float32."""
+        tdt = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (layout.key(), str(device), tdt)
         if key not in self._rope_dev:
-            cos, sin = rope_tables(layout, self.cfg)
+            cos, sin = rope_tables(layout, self.cfg, tdt)
             if len(self._rope_dev) > 64:
                 self._rope_dev.clear()
             self._rope_dev[key] = (cos.to(device), sin.to(device))
@@ -108,12 +118,22 @@ class DreamZero(nn.Module):
         i = self.img_emb(clip.to(dtype))
         return [blk.cross_attn.context_kv(t, i) for blk in self.blocks]
 
-    def embed_video(self, latents: torch.Tensor, cond: torch.Tensor, name: str) -> torch.Tensor:
+    def embed_video(self, latents: torch.Tensor, cond: torch.Tensor | None, name: str) -> torch.Tensor:
+        """Patch embedding of [latents, cond] (cond None for a model without I2V channels) -> [B, F*h*w, C]."""
         cfg = self.cfg
         _check_shape(name, latents, (None, cfg.latent_channels, None, cfg.latent_height, cfg.latent_width))
-        _check_shape(name + "_cond", cond, (latents.shape[0], cfg.cond_channels, latents.shape[2], cfg.latent_height,
-                                            cfg.latent_width))
-        x = torch.cat([latents, cond.to(latents.dtype)], dim=1).to(self.patch_embedding.weight.dtype)
+        if cond is None and cfg.cond_channels:
+            raise ValueError(f"{name}_cond is required: this model concatenates {cfg.cond_channels} I2V conditioning "
+                             f"channels to the latents")
+        if cond is not None:
+            if not cfg.cond_channels and cond.dim() == 5 and cond.shape[1] != 0:
+                raise ValueError(f"{name}_cond has {cond.shape[1]} channels but this model ({cfg.name}, "
+                                 f"concat_first_frame_latent False) takes no I2V conditioning: pass None")
+            _check_shape(name + "_cond", cond, (latents.shape[0], cfg.cond_channels, latents.shape[2],
+                                                cfg.latent_height, cfg.latent_width))
+            if cfg.cond_channels:
+                latents = torch.cat([latents, cond.to(latents.dtype)], dim=1)
+        x = latents.to(self.patch_embedding.weight.dtype)
         return self.patch_embedding(x).flatten(2).transpose(1, 2)
 
     def time_embed(self, t: torch.Tensor) -> tuple:
@@ -124,7 +144,7 @@ class DreamZero(nn.Module):
         return e, e0
 
     def unpatchify(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        """[B, F*h*w, 16*1*2*2] -> [B, 16, F, H, W]."""
+        """[B, F*h*w, Z*1*2*2] -> [B, Z, F, H, W] (Z = latent channels)."""
         cfg = self.cfg
         B = x.shape[0]
         pt, ph, pw = cfg.patch_size
@@ -138,7 +158,7 @@ class DreamZero(nn.Module):
                 context_kv=None, cache=None):
         """Run the DiT over the token sequence of `layout`; see the module doc for the inputs of each part.
 
-        Training: layout = model.layout('train', num_chunks=K), clean/noisy [B, 16, 1+K*n, H, W], t_video over all
+        Training: layout = model.layout('train', num_chunks=K), clean/noisy [B, Z, 1+K*n, H, W], t_video over all
         noisy frames (the first included). Inference: a layout from `cache.layout(mode, chunk)` and the cache.
         Returns (video velocity of the noisy frames or None, action velocity or None).
         """
@@ -158,24 +178,25 @@ class DreamZero(nn.Module):
         for part in layout.parts:
             if part.name in ("clean_video", "noisy_video"):
                 lat, cond = (clean, clean_cond) if part.name == "clean_video" else (noisy, noisy_cond)
-                if lat is None or cond is None:
+                if lat is None or (cond is None and cfg.cond_channels):
                     raise ValueError(f"the layout has a '{part.name}' part: pass its latents and cond")
                 if lat.shape[2] != len(part.frames):
                     raise ValueError(f"'{part.name}' has {lat.shape[2]} latent frames, the layout expects "
                                      f"{len(part.frames)}")
                 x = self.embed_video(lat, cond, part.name)
+                # timesteps in float64 (exact for float32 and integer inputs), as the sinusoidal embedding takes them
                 if part.name == "clean_video":
-                    t = torch.zeros(x.shape[0], x.shape[1], device=x.device)
+                    t = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=torch.float64)
                 else:
                     _check_shape("t_video", t_video, (x.shape[0], len(part.frames)))
-                    t = t_video.to(x.device).float().repeat_interleave(cfg.frame_tokens, dim=1)
+                    t = t_video.to(x.device, torch.float64).repeat_interleave(cfg.frame_tokens, dim=1)
             elif part.name == "action":
                 n = len(part.chunks) * cfg.actions_per_chunk
                 _check_shape("actions", actions, (None, n, cfg.action_dim))
                 _check_shape("t_action", t_action, (actions.shape[0], n))
                 emb = self._embodiment(embodiment, actions.shape[0], actions.device)
                 x = self.action_encoder(actions.to(self.action_encoder.W1.W.dtype), t_action, emb)
-                t = t_action.float()
+                t = t_action.to(torch.float64)
             else:  # state
                 n = len(part.chunks) * cfg.states_per_chunk
                 _check_shape("state", state, (None, n, cfg.state_dim))
@@ -184,7 +205,7 @@ class DreamZero(nn.Module):
                 if t_action is None:
                     raise ValueError("state tokens take their timestep from t_action: pass t_action")
                 stride = cfg.actions_per_chunk // cfg.states_per_chunk
-                t = t_action.float()[:, ::stride][:, :n]      # the release: state timestep = action timestep
+                t = t_action.to(torch.float64)[:, ::stride][:, :n]  # the release: state timestep = action timestep
             if batch is None:
                 batch = x.shape[0]
             elif x.shape[0] != batch:
@@ -198,7 +219,7 @@ class DreamZero(nn.Module):
         if context_kv[0][0].shape[0] != batch:
             raise ValueError(f"context batch {context_kv[0][0].shape[0]} does not match the input batch {batch}")
         e, e0 = self.time_embed(t)
-        cos, sin = self._rope(layout, x.device)
+        cos, sin = self._rope(layout, x.device, x.dtype)
 
         for i, blk in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:

@@ -21,9 +21,25 @@ visible):
                        action block and state block of chunk c
   STATE of c           only itself (training, and the `consistent` rule at inference); under the `release` rule at
                        inference it sees every key (the release runs one unmasked call there)
-A key frame f is inside the window of chunk c (first frame s_c) when f >= s_c - (W - 1): a chunk looks back over at
-most W - 1 frames plus the first frame, which is exactly what a cache of W frames (sink + W - 1) holds. In the
-release W never binds (4 chunks of 2 frames in training, a cache reset at the window at inference).
+
+The frame window, and what the two rules (`rule`: "release" or "consistent") make of it:
+  consistent   (training and inference) a query of chunk c (first frame s_c = 1 + (c-1)*fpc) sees a clean key
+               frame f when f >= s_c - (W - 1): at most W - 1 frames before the chunk, plus the first frame and the
+               chunk's own frames. This is exactly what a KV cache of W frames (the sink + W - 1) holds when chunk c
+               runs against it, so inference past the window (overflow 'roll') equals teacher forcing under it.
+  release      (training) the release's own masks (CausalWanSelfAttention of dreamzero0/dreamzero): the CLEAN tokens
+               of chunk c see the first frame plus the clean frames from max(1, 1 + c*fpc - W) to their own chunk's
+               end (a window of W frames ending at the chunk's end); NOISY and ACTION tokens see every earlier clean
+               frame, with no window at all.
+               (inference) the same window as `consistent` (what the cache holds; with the release's reset policy
+               the cache never holds more than W frames, so nothing binds), and the STATE difference above.
+The two training rules agree while num_chunks <= max_chunks + 1 (W = max_chunks * fpc + 1 frames): only the clean
+tokens of chunk max_chunks + 1 lose frame 1 under `release`, and no other token sees them. Past that they differ:
+with 6 chunks and max_chunks = 4 (W = 9), `release` hides frames 1-3 from clean chunk 6 and frame 1 from clean chunk
+5, while its noisy chunk 6 sees all of frames 1-10; `consistent` shows chunk 5 and 6 (clean and noisy alike) frames
+>= 1 and >= 3. (The release's scripts train 33 frames with max_chunk_size 4, 4 chunks; its data configs default to
+49 frames, 6 chunks, with max_chunk_size 5: 49 frames with max_chunk_size 4 binds.)
+Use `release` to reproduce the release's training; use `consistent` to train what a W-frame cache shows at inference.
 
 Layouts are built once per shape (the builders are cached) and read by the model (token order, RoPE positions,
 per-token timesteps, cache writes), the attention ops (their tile schedules), the KV cache and the benchmarks.
@@ -80,12 +96,13 @@ class Part:
 
 
 MODES = ("train", "first", "observe", "denoise", "control")
+RULES = ("release", "consistent")
 
 
 @dataclass(frozen=True, eq=False)
 class SequenceLayout:
     mode: str
-    rule: str                 # "release" or "consistent" (only changes inference STATE queries)
+    rule: str                 # "release" or "consistent": the training window and the inference STATE query
     window: int               # local_attn_size in latent frames; -1 = unbounded
     frame_tokens: int
     actions_per_chunk: int
@@ -131,9 +148,15 @@ class SequenceLayout:
         return tuple(self.q[i].frame for i in self.writes_cache)
 
     # ------------------------------------------------------------------ the rule
-    def _in_window(self, key_frame: int, chunk: int, frames_per_chunk: int) -> bool:
+    def _in_window(self, key_frame: int, query: Segment, frames_per_chunk: int) -> bool:
+        """Whether clean key frame `key_frame` is inside the frame window of query segment `query` (module doc)."""
         if self.window < 0 or key_frame == 0:
             return True
+        chunk = query.chunk
+        if self.rule == "release" and not self.is_inference:
+            if query.kind != Kind.CLEAN:
+                return True                      # the release's noisy and action tokens: no window
+            return key_frame >= max(1, 1 + chunk * frames_per_chunk - self.window)
         chunk_start = 1 + (chunk - 1) * frames_per_chunk
         return key_frame >= chunk_start - (self.window - 1)
 
@@ -151,10 +174,10 @@ class SequenceLayout:
         if ks.kind == Kind.FIRST:
             return True
         if qs.kind == Kind.CLEAN:
-            return ks.kind == Kind.CLEAN and ks.chunk <= qs.chunk and self._in_window(ks.frame, qs.chunk, fpc)
+            return ks.kind == Kind.CLEAN and ks.chunk <= qs.chunk and self._in_window(ks.frame, qs, fpc)
         # NOISY or ACTION query of chunk c
         if ks.kind == Kind.CLEAN:
-            return ks.chunk < qs.chunk and self._in_window(ks.frame, qs.chunk, fpc)
+            return ks.chunk < qs.chunk and self._in_window(ks.frame, qs, fpc)
         if ks.kind in (Kind.NOISY, Kind.ACTION, Kind.STATE):
             return ks.chunk == qs.chunk
         return False
@@ -275,20 +298,29 @@ def _finish(b: _Builder, mode, rule, window, cached_frames=(), writes=()) -> Seq
     return lay
 
 
+def _check_rule_window(rule: str, window: int) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule must be 'release' or 'consistent', got {rule!r}")
+    if window != -1 and window < 1:
+        raise ValueError(f"window must be -1 (unbounded) or >= 1 latent frames, got {window}")
+
+
 @functools.lru_cache(maxsize=256)
 def train_layout(frame_tokens: int, frames_per_chunk: int, actions_per_chunk: int, states_per_chunk: int,
-                 num_chunks: int, window: int = -1) -> SequenceLayout:
+                 num_chunks: int, window: int = -1, rule: str = "release") -> SequenceLayout:
     """Teacher forcing: [clean first frame, clean chunks 1..K][noisy first frame, noisy chunks 1..K]
-    [action blocks 1..K][state blocks 1..K] (the release's order)."""
+    [action blocks 1..K][state blocks 1..K] (the release's order). `rule` picks the frame window (module doc);
+    the two rules agree unless num_chunks > max_chunks + 1 for the window W = max_chunks * fpc + 1."""
     if num_chunks < 1:
         raise ValueError(f"a training sequence needs at least one chunk, got {num_chunks}")
+    _check_rule_window(rule, window)
     b = _Builder(frame_tokens, frames_per_chunk, actions_per_chunk, states_per_chunk)
     chunks = range(0, num_chunks + 1)
     b.video("clean_video", Kind.FIRST, Kind.CLEAN, chunks)
     b.video("noisy_video", Kind.FIRST_NOISY, Kind.NOISY, chunks)
     b.blocks("action", Kind.ACTION, range(1, num_chunks + 1), actions_per_chunk)
     b.blocks("state", Kind.STATE, range(1, num_chunks + 1), states_per_chunk)
-    return _finish(b, "train", "consistent", window)
+    return _finish(b, "train", rule, window)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -305,8 +337,7 @@ def inference_layout(frame_tokens: int, frames_per_chunk: int, actions_per_chunk
     """
     if mode not in ("first", "observe", "denoise", "control"):
         raise ValueError(f"unknown inference mode {mode!r}")
-    if rule not in ("release", "consistent"):
-        raise ValueError(f"rule must be 'release' or 'consistent', got {rule!r}")
+    _check_rule_window(rule, window)
     if mode == "first" and chunk != 0:
         raise ValueError("mode 'first' is for chunk 0 (the first frame)")
     if mode != "first" and chunk < 1:
@@ -332,10 +363,11 @@ def inference_layout(frame_tokens: int, frames_per_chunk: int, actions_per_chunk
 
 def layout_for_config(cfg, mode: str = "train", num_chunks: int | None = None, chunk: int = 1,
                       cached_frames: tuple = (), rule: str | None = None, window: int | None = None) -> SequenceLayout:
-    """Build a layout from a DreamZeroConfig (see config.py)."""
+    """Build a layout from a DreamZeroConfig (see config.py). rule None: the config's `train_rule` for training,
+    its `inference_rule` otherwise."""
     w = cfg.local_attn_size if window is None else window
     if mode == "train":
         return train_layout(cfg.frame_tokens, cfg.frames_per_chunk, cfg.actions_per_chunk, cfg.states_per_chunk,
-                            cfg.max_chunks if num_chunks is None else num_chunks, w)
+                            cfg.max_chunks if num_chunks is None else num_chunks, w, rule or cfg.train_rule)
     return inference_layout(cfg.frame_tokens, cfg.frames_per_chunk, cfg.actions_per_chunk, cfg.states_per_chunk,
                             mode, chunk, tuple(cached_frames), w, rule or cfg.inference_rule)

@@ -6,7 +6,8 @@ time index is the token's absolute latent frame (so a chunk's RoPE starts at its
 get 1D RoPE over the full head dim, at their index in the whole action (or state) sequence: action block of chunk c
 holds positions (c-1)*A .. c*A - 1. The two copies of a frame in teacher forcing share positions.
 
-Angles are computed in float64 and returned as fp32 cos/sin of shape [L, d/2].
+Angles are computed in float64 (as the release's rope_params) and returned as cos/sin of shape [L, d/2]: float32 by
+default, float64 for a float64 model (dtype=torch.float64), so a float64 run rotates by exact angles.
 """
 from __future__ import annotations
 
@@ -47,9 +48,12 @@ def token_positions(layout: SequenceLayout, grid_h: int, grid_w: int) -> dict:
     return out
 
 
-def rope_tables(layout: SequenceLayout, cfg) -> tuple:
-    """fp32 (cos, sin), each [q_len, head_dim / 2], for the query tokens of `layout` (CPU; cached on the layout)."""
-    key = ("rope", cfg.head_dim, cfg.grid_h, cfg.grid_w, cfg.rope_theta)
+def rope_tables(layout: SequenceLayout, cfg, dtype: torch.dtype = torch.float32) -> tuple:
+    """(cos, sin), each [q_len, head_dim / 2] in `dtype` (float32 or float64), for the query tokens of `layout`
+    (CPU; cached on the layout)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"RoPE tables are float32 or float64, got {dtype}")
+    key = ("rope", cfg.head_dim, cfg.grid_h, cfg.grid_w, cfg.rope_theta, dtype)
     if key in layout._cache:
         return layout._cache[key]
     pos = token_positions(layout, cfg.grid_h, cfg.grid_w)
@@ -66,7 +70,6 @@ def rope_tables(layout: SequenceLayout, cfg) -> tuple:
                          f"({cfg.action_rope_len}); reset the cache sooner")
     if is_state.any() and int(pos["p"][is_state].max()) >= cfg.state_rope_len:
         raise ValueError(f"state position beyond the state RoPE table ({cfg.state_rope_len})")
-    ang = torch.zeros(layout.q_len, d // 2, dtype=torch.float64)
     video_ang = torch.cat([
         pos["t"].clamp(min=0)[:, None].double() * _inv_freq(dt, cfg.rope_theta)[None],
         pos["h"].clamp(min=0)[:, None].double() * _inv_freq(dh, cfg.rope_theta)[None],
@@ -74,6 +77,6 @@ def rope_tables(layout: SequenceLayout, cfg) -> tuple:
     ], dim=1)
     flat_ang = pos["p"].clamp(min=0)[:, None].double() * _inv_freq(d, cfg.rope_theta)[None]
     ang = torch.where(is_video[:, None], video_ang, flat_ang)
-    out = (torch.cos(ang).float(), torch.sin(ang).float())
+    out = (torch.cos(ang).to(dtype), torch.sin(ang).to(dtype))
     layout._cache[key] = out
     return out
