@@ -28,6 +28,7 @@ def episode(cfg, B=1, steps=6, seed=3):
 
 def run(m, steps=6, **kw):
     text, clip, first, obs, states = episode(m.cfg, steps=steps)
+    kw.setdefault("negative_prompt", None)      # zero features for the unconditional branch (no text encoder here)
     pol = Policy(m, PolicyConfig(**kw))
     pol.reset(text, clip, first)
     return [pol.step(o, s) for o, s in zip(obs, states)], pol
@@ -117,7 +118,7 @@ def test_compiled_blocks_give_the_same_actions(baseline):
 def test_async_playback_gives_the_synchronous_actions(model):
     text, clip, first, obs, states = episode(model.cfg, steps=4)
     executed = []
-    pol = Policy(model, PolicyConfig(num_steps=2))
+    pol = Policy(model, PolicyConfig(num_steps=2, negative_prompt=None))
     pol.reset(text, clip, first)
     a = playback_loop(pol, obs, states, execute=executed.append, asynchronous=True)
     pol.reset(text, clip, first)
@@ -127,7 +128,7 @@ def test_async_playback_gives_the_synchronous_actions(model):
 
 def test_step_bad_input(model):
     text, clip, first, obs, states = episode(model.cfg, steps=2)
-    pol = Policy(model, PolicyConfig(num_steps=1))
+    pol = Policy(model, PolicyConfig(num_steps=1, negative_prompt=None))
     with pytest.raises(RuntimeError, match="reset"):
         pol.step(None, states[0])
     pol.reset(text, clip, first)
@@ -185,7 +186,7 @@ def test_cfg_parallel_on_two_gloo_ranks_matches_one_rank(tmp_path, baseline):
         dist.init_process_group("gloo")
         m = tiny_model(num_embodiments=1)
         text, clip, first, obs, states = episode(m.cfg)
-        pol = Policy(m, PolicyConfig(num_steps=3, cfg_mode="parallel"))
+        pol = Policy(m, PolicyConfig(num_steps=3, cfg_mode="parallel", negative_prompt=None))
         pol.reset(text, clip, first)
         res = [pol.step(o, s) for o, s in zip(obs, states)]
         if dist.get_rank() == 0:

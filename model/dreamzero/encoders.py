@@ -13,7 +13,8 @@ What each one reproduces (Wan2.1's wan/image2video.py and modules/{t5,clip,vae}.
 - ImageEncoder: the first image resized to the CLIP resolution (bicubic), mapped from [-1, 1] to [0, 1] and
   normalized with CLIP's mean/std, then the output of the penultimate transformer block with no post-layernorm
   (Wan's `use_31_block=True`; in transformers `hidden_states[-2]`). Out: [B, 257, 1280] for ViT-H/14.
-- VideoVAE: Wan's causal 3D VAE, stride (4, 8, 8): encode takes the posterior mean and normalizes it with the Wan
+- VideoVAE: Wan's causal 3D VAE, stride (4, 8, 8) and 16 channels (Wan2.1), or (4, 16, 16) and 48 channels (Wan2.2,
+  the 5B's: `AutoencoderKLWan` with patch_size 2): encode takes the posterior mean and normalizes it with the Wan
   latent mean/std, (mu - mean) / std; decode inverts that and clamps to [-1, 1].
 - I2V conditioning: 4 mask channels (Wan builds a per-raw-frame mask, 1 on the first frame, repeats the first frame
   4 times and folds every 4 raw frames into the 4 channels of one latent frame: all 4 channels are 1 on latent frame
@@ -249,7 +250,8 @@ class VideoVAE(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1),
                              persistent=False)
         self.temporal_stride = 2 ** sum(bool(d) for d in cfg.temperal_downsample)
-        self.spatial_stride = 2 ** (len(cfg.dim_mult) - 1)
+        # Wan2.2's VAE (the 5B's, 48 channels) folds 2x2 pixels into channels before its 8x encoder: 16 in all
+        self.spatial_stride = 2 ** (len(cfg.dim_mult) - 1) * (getattr(cfg, "patch_size", None) or 1)
 
     @property
     def latent_channels(self) -> int:
@@ -265,15 +267,18 @@ class VideoVAE(nn.Module):
         return cls(vae)
 
     @classmethod
-    def tiny(cls, base_dim: int = 8, z_dim: int = 16, seed: int = 0) -> "VideoVAE":
-        """A random Wan VAE with the real strides (4, 8, 8) but narrow layers. With z_dim 16 it keeps Wan's latent
-        mean/std; other widths normalize with mean 0, std 1."""
+    def tiny(cls, base_dim: int = 8, z_dim: int = 16, seed: int = 0, wan22: bool = False) -> "VideoVAE":
+        """A random Wan VAE with the real strides but narrow layers: Wan2.1's (4, 8, 8), or with wan22=True the
+        Wan2.2 VAE's layout (residual blocks, 2x2 patchify: stride (4, 16, 16); z_dim 48 for the 5B). With z_dim 16
+        it keeps Wan2.1's latent mean/std; other widths normalize with mean 0, std 1."""
         from diffusers import AutoencoderKLWan
         stats = {} if z_dim == 16 else {"latents_mean": [0.0] * z_dim, "latents_std": [1.0] * z_dim}
+        extra = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+                     scale_factor_spatial=16) if wan22 else {}
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             vae = AutoencoderKLWan(base_dim=base_dim, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                   temperal_downsample=[False, True, True], **stats)
+                                   temperal_downsample=[False, True, True], **stats, **extra)
         return cls(vae)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple:
@@ -287,7 +292,8 @@ class VideoVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> normalized latents [B, 16, 1 + k, H/8, W/8] (fp32)."""
+        """video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> normalized latents [B, Z, 1 + k, H/s, W/s] (fp32; Z, s =
+        16, 8 for Wan2.1's VAE, 48, 16 for Wan2.2's)."""
         if video.dim() != 5 or video.shape[1] != 3 or not video.is_floating_point():
             raise ValueError(f"video must be a float tensor [B, 3, T, H, W], got {video.dtype} {tuple(video.shape)}")
         self.latent_shape(*video.shape[2:])
@@ -297,7 +303,7 @@ class VideoVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """normalized latents [B, 16, F, h, w] -> video [B, 3, 1 + 4(F-1), 8h, 8w] in [-1, 1] (fp32)."""
+        """normalized latents [B, Z, F, h, w] -> video [B, 3, 1 + 4(F-1), s*h, s*w] in [-1, 1] (fp32)."""
         if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must be [B, {self.latent_channels}, F, h, w], got {tuple(latents.shape)}")
         p = next(self.vae.parameters())

@@ -22,12 +22,30 @@ Switches (PolicyConfig), one per row of the paper's Table 1:
                   'reduce-overhead' = inductor with CUDA graphs)
 Our kernels and quantization enter through the model's backend table (dz_kernels.apply_ / quantize_) before the
 policy is built; the engine itself is plain PyTorch.
+
+The unconditional branch (PolicyConfig.negative_prompt): by default the release's default English negative prompt
+(DEFAULT_NEGATIVE_PROMPT, the one its data transform attaches to every sample); "" is the empty prompt and None zero
+text features. A prompt needs the umT5 encoder: `reset_from_images` has it; a feature-level `reset` takes the
+features as `negative_text`, or encodes the prompt with the encoders the Policy was given (Policy(encoders=...)).
+Without either it falls back to zero features, warns, and says so in `Policy.negative_source`.
+
+The window reset (the release's rule: the cache restarts when the next chunk would start at or beyond
+local_attn_size frames). The release then encodes the newest raw frame again: its CLIP features (the cross-attention
+context of both branches), its I2V conditioning and its latent, which becomes the new first frame; the frames of
+the chunk just executed are not written. So does this policy:
+  - fed raw frames (`step_frames`): exactly the release's reset, from the newest frame of the observation;
+  - fed latents (`step`): it has no raw frame. Pass `reset_to=` (the new first frame's CLIP features, latent and
+    cond, e.g. from `encode_first_frame`) on the step where `will_reset()` is True to get the release's reset;
+    without it the newest observed latent frame becomes the first frame, the CLIP context of `reset()` is kept,
+    and the I2V cond is rebuilt without a VAE (`default_i2v_cond`) unless reset() was given one, which is kept.
+    StepResult.window_reset says which happened ("raw", "latent" or None).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +58,13 @@ from .smoothing import smooth_actions
 STATIC_MASK_16 = (True, True, True, False, False, False, True, False, False, False, True, False, False, True, True,
                   True)
 DYNAMIC_THRESHOLDS = ((0.95, 4), (0.93, 2))
+# The release's negative prompt for the unconditional branch (its DreamTransform sets "text_negative" to this for
+# every sample; it is the English version of Wan's default negative prompt).
+DEFAULT_NEGATIVE_PROMPT = (
+    "Vibrant colors, overexposed, static, blurry details, text, subtitles, style, artwork, painting, image, still, "
+    "grayscale, dull, worst quality, low quality, JPEG artifacts, ugly, mutilated, extra fingers, bad hands, bad face, "
+    "deformed, disfigured, mutated limbs, fused fingers, stagnant image, cluttered background, three legs, many people "
+    "in the background, walking backwards.")
 
 
 @dataclass(frozen=True)
@@ -60,6 +85,7 @@ class PolicyConfig:
     seed: int = 1140
     smooth: bool = True
     compile: str | None = None
+    negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT   # the unconditional branch's text; None: zero features
 
     def __post_init__(self):
         choices = dict(cfg_mode=("sequential", "batched", "parallel"), dit_cache=("off", "static", "dynamic"),
@@ -69,6 +95,8 @@ class PolicyConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a str or None, got {type(self.negative_prompt).__name__}")
         if self.actions_only and self.return_video:
             raise ValueError("actions_only skips the unconditional branch, so it cannot return the guided video")
         mask = self.step_mask()
@@ -101,14 +129,25 @@ class Encoders:
 class StepResult:
     actions: np.ndarray                 # [B, A, action_dim], smoothed (or raw when smoothing is off)
     actions_raw: torch.Tensor           # [B, A, action_dim] as denoised
-    video: torch.Tensor | None          # [B, 16, frames_per_chunk, H, W] predicted latents when requested
+    video: torch.Tensor | None          # [B, Z, frames_per_chunk, H, W] predicted latents when requested
     chunk: int
     dit_steps: int                      # denoising steps whose DiT actually ran
     timings_ms: dict = field(default_factory=dict)
+    window_reset: str | None = None     # this step reset the window: "raw" (re-encoded, as the release), "latent"
+
+
+@dataclass
+class FirstFrame:
+    """What the window reset needs of the new first frame (Policy.encode_first_frame): CLIP features
+    [B, clip_tokens, clip_dim], its latent [B, Z, 1, H, W] and the I2V cond [B, 20, F, H, W] (None for a model
+    without I2V channels, the 5B)."""
+    clip: torch.Tensor
+    latent: torch.Tensor
+    cond: torch.Tensor | None
 
 
 def default_i2v_cond(first_latent: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """The I2V conditioning [B, 20, F, H, W] without a VAE: 4 mask channels (1 on the first frame), then the first
+    """The I2V conditioning [B, 4 + Z, F, H, W] without a VAE: 4 mask channels (1 on the first frame), then the first
     frame's latent on frame 0 and zeros elsewhere. (With the VAE, model/encoders.build_i2v_condition encodes the
     zero frames as the release does; pass that as `cond` to Policy.reset.)"""
     B, C, _, H, W = first_latent.shape
@@ -121,11 +160,16 @@ def default_i2v_cond(first_latent: torch.Tensor, num_frames: int) -> torch.Tenso
 class Policy:
     """DreamZero as a closed-loop policy. `reset` once per instruction/episode, then `step` once per chunk."""
 
-    def __init__(self, model, config: PolicyConfig = PolicyConfig(), group=None):
+    def __init__(self, model, config: PolicyConfig = PolicyConfig(), group=None, encoders: "Encoders | None" = None):
+        """encoders: optional frozen encoders; with them a feature-level `reset` encodes the negative prompt itself
+        (reset_from_images / step_frames take theirs as an argument)."""
         self.model = model
         self.cfg = model.cfg
         self.config = config
         self.group = group
+        self.encoders = encoders
+        self.negative_source = None
+        self._neg_cache: dict = {}
         self.rank = 0
         if config.cfg_mode == "parallel":
             import torch.distributed as dist
@@ -160,67 +204,137 @@ class Policy:
               negative_text: torch.Tensor | None = None, cond: torch.Tensor | None = None,
               embodiment: torch.Tensor | None = None) -> None:
         """A new instruction or episode: text features [B, text_len, text_dim] (the umT5 output), CLIP features
-        [B, clip_tokens, clip_dim] of the first image, its latent [B, 16, 1, H, W], optional negative-prompt
-        features (zeros by default), optional I2V conditioning [B, 20, F, H, W] (default: default_i2v_cond)."""
+        [B, clip_tokens, clip_dim] of the first image, its latent [B, Z, 1, H, W], optional negative-prompt features
+        (default: PolicyConfig.negative_prompt, see the module doc), optional I2V conditioning [B, 20, F, H, W]
+        (default: default_i2v_cond; a model without I2V channels, the 5B, takes none)."""
         B = text.shape[0]
-        if first_latent.dim() != 5 or first_latent.shape[2] != 1:
-            raise ValueError(f"first_latent must be [B, 16, 1, H, W], got {list(first_latent.shape)}")
+        c = self.cfg
+        if first_latent.dim() != 5 or first_latent.shape[1:3] != (c.latent_channels, 1):
+            raise ValueError(f"first_latent must be [B, {c.latent_channels}, 1, H, W], got {list(first_latent.shape)}")
         if first_latent.shape[0] != B or clip.shape[0] != B:
             raise ValueError("text, clip and first_latent must have the same batch")
-        neg = torch.zeros_like(text) if negative_text is None else negative_text
-        if neg.shape != text.shape:
-            raise ValueError(f"negative_text {list(neg.shape)} must match text {list(text.shape)}")
+        if negative_text is not None and negative_text.shape != text.shape:
+            raise ValueError(f"negative_text {list(negative_text.shape)} must match text {list(text.shape)}")
+        self._check_cond(cond, B, first_latent)
+        dev, dt = self.device, self.dtype
+        self.batch = B
+        self.embodiment = None if embodiment is None else torch.as_tensor(embodiment, device=dev)
+        self._text = text.to(dev, dt)
+        self._neg = None if 1 not in self._branches() else self._negative_features(negative_text, text).to(dev, dt)
+        self._set_context(clip)
+        self._new_caches()
+        self._set_first_frame(first_latent, cond)
+        self.chunk = 0          # the first frame is observed, not yet written
+        self._pending_obs = self.first_latent
+
+    def _check_cond(self, cond, B: int, first_latent: torch.Tensor) -> None:
         c = self.cfg
+        if cond is not None and not c.cond_channels:
+            raise ValueError(f"this model ({c.name}) takes no I2V conditioning (concat_first_frame_latent False): "
+                             f"pass cond=None")
         if cond is not None and (cond.dim() != 5 or tuple(cond.shape[:2]) != (B, c.cond_channels)
                                  or cond.shape[2] < 1 + c.frames_per_chunk or cond.shape[3:] != first_latent.shape[3:]):
             raise ValueError(f"cond must be [{B}, {c.cond_channels}, F >= {1 + c.frames_per_chunk}, "
                              f"{first_latent.shape[3]}, {first_latent.shape[4]}], got {list(cond.shape)}")
+
+    def _negative_features(self, negative_text, text: torch.Tensor) -> torch.Tensor:
+        """The unconditional branch's text features (module doc); records where they came from."""
+        prompt = self.config.negative_prompt
+        if negative_text is not None:
+            self.negative_source = "given"
+            return negative_text
+        if prompt is None:
+            self.negative_source = "zeros"
+            return torch.zeros_like(text)
+        if self.encoders is not None and getattr(self.encoders, "text", None) is not None:
+            key = (prompt, text.shape[0])
+            if key not in self._neg_cache:
+                self._neg_cache = {key: self.encoders.text([prompt] * text.shape[0])}
+            self.negative_source = "prompt"
+            return self._neg_cache[key]
+        self.negative_source = "zeros (no text encoder for the negative prompt)"
+        warnings.warn("Policy.reset: no negative_text and no text encoder, so the unconditional branch runs on zero "
+                      "text features instead of PolicyConfig.negative_prompt (the release's default negative prompt); "
+                      "pass negative_text=, give Policy(encoders=...), or set PolicyConfig(negative_prompt=None) to "
+                      "choose zero features", stacklevel=3)
+        return torch.zeros_like(text)
+
+    def _set_context(self, clip: torch.Tensor) -> None:
+        """Cross-attention k/v of every branch this process runs, from the stored text features and `clip`."""
         dev, dt = self.device, self.dtype
-        self.batch = B
-        self.embodiment = None if embodiment is None else torch.as_tensor(embodiment, device=dev)
+        if clip.shape[0] != self.batch:
+            raise ValueError(f"clip has batch {clip.shape[0]}, the episode {self.batch}")
         with torch.no_grad():
-            ctx = {}
-            for b in self._branches():
-                ctx[b] = self.model.context_kv((text if b == 0 else neg).to(dev, dt), clip.to(dev, dt))
+            ctx = {b: self.model.context_kv(self._text if b == 0 else self._neg, clip.to(dev, dt))
+                   for b in self._branches()}
         self.context = ctx
         if self.config.cfg_mode == "batched" and len(ctx) == 2:
             self.context = {"both": [tuple(torch.cat([a, b]) for a, b in zip(c0, c1)) for c0, c1 in
                                      zip(ctx[0], ctx[1])]}
-        self._new_caches()
+
+    def _set_first_frame(self, first_latent: torch.Tensor, cond: torch.Tensor | None) -> None:
+        dev, dt = self.device, self.dtype
         self.first_latent = first_latent.to(dev, dt)
-        self.cond = (default_i2v_cond(self.first_latent, self.cfg.local_attn_size) if cond is None
-                     else cond.to(dev, dt))
         self._user_cond = cond is not None
-        self.chunk = 0          # the first frame is observed, not yet written
-        self._pending_obs = self.first_latent
+        if not self.cfg.cond_channels:
+            self.cond = None
+        else:
+            self.cond = default_i2v_cond(self.first_latent, self.cfg.local_attn_size) if cond is None else \
+                cond.to(dev, dt)
+
+    @torch.no_grad()
+    def encode_first_frame(self, encoders: "Encoders", image: torch.Tensor) -> FirstFrame:
+        """The release's encoding of a first frame [B, 3, H, W] in [-1, 1]: CLIP features, its VAE latent (the frame
+        alone, as the causal VAE encodes frame 0 of any clip) and the I2V cond over local_attn_size latent frames
+        (None for a model without I2V channels)."""
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"the first frame must be [B, 3, H, W], got {list(image.shape)}")
+        clip = encoders.image(image)
+        latent = encoders.vae.encode(image[:, :, None])
+        cond = None
+        if self.cfg.cond_channels:
+            raw = 1 + encoders.vae.temporal_stride * (self.cfg.local_attn_size - 1)
+            cond = encoders.vae.encode_i2v_condition(image, raw)
+        return FirstFrame(clip=clip, latent=latent, cond=cond)
 
     @torch.no_grad()
     def reset_from_images(self, encoders: "Encoders", instruction, first_image: torch.Tensor, *,
-                          negative_prompt: str = "", embodiment=None) -> None:
+                          negative_prompt: str | None = None, embodiment=None) -> None:
         """reset() from raw inputs: the instruction (str or list of B str) and the first image [B, 3, H, W] in
-        [-1, 1] run through the frozen encoders once (umT5, CLIP, the VAE incl. the I2V condition)."""
+        [-1, 1] run through the frozen encoders once (umT5, CLIP, the VAE incl. the I2V condition). negative_prompt:
+        the unconditional branch's text (default PolicyConfig.negative_prompt: the release's default negative
+        prompt; "" the empty prompt); PolicyConfig(negative_prompt=None) with no argument gives zero features."""
         B = first_image.shape[0]
         texts = [instruction] * B if isinstance(instruction, str) else list(instruction)
         text = encoders.text(texts)
-        neg = encoders.text([negative_prompt] * B)
-        clip = encoders.image(first_image)
-        first_latent = encoders.vae.encode(first_image[:, :, None])
-        raw = 1 + encoders.vae.temporal_stride * (self.cfg.local_attn_size - 1)
-        cond = encoders.vae.encode_i2v_condition(first_image, raw)
-        self.reset(text, clip, first_latent, negative_text=neg, cond=cond, embodiment=embodiment)
+        prompt = self.config.negative_prompt if negative_prompt is None else negative_prompt
+        neg = torch.zeros_like(text) if prompt is None else encoders.text([prompt] * B)
+        first = self.encode_first_frame(encoders, first_image)
+        self.reset(text, first.clip, first.latent, negative_text=neg, cond=first.cond, embodiment=embodiment)
+        self.negative_source = "zeros" if prompt is None else "prompt"
 
     @torch.no_grad()
     def step_frames(self, encoders: "Encoders", frames: torch.Tensor | None, state: torch.Tensor) -> "StepResult":
         """step() from raw frames: the frames recorded during the last chunk [B, 3, stride * frames_per_chunk, H, W]
         in [-1, 1] (None on the first step) are VAE-encoded (after the clip's first frame, as the causal VAE and
-        the release do) and their latents replace the prediction in the cache."""
-        obs = None
+        the release do) and their latents replace the prediction in the cache. When this step resets the window,
+        the newest frame is encoded as the new first frame instead (CLIP, latent, I2V cond), as the release does."""
+        obs = reset_to = None
         if frames is not None:
             need = encoders.vae.temporal_stride * self.cfg.frames_per_chunk
             if frames.dim() != 5 or frames.shape[2] != need:
                 raise ValueError(f"frames must be [B, 3, {need}, H, W], got {list(frames.shape)}")
-            obs = encoders.vae.encode(torch.cat([frames[:, :, :1], frames], dim=2))[:, :, 1:]
-        return self.step(obs, state)
+            if self.will_reset():                      # the newest frame becomes the first frame; none is written
+                reset_to = self.encode_first_frame(encoders, frames[:, :, -1])
+            else:
+                obs = encoders.vae.encode(torch.cat([frames[:, :, :1], frames], dim=2))[:, :, 1:]
+        return self.step(obs, state, reset_to=reset_to)
+
+    def will_reset(self) -> bool:
+        """Whether the next step() resets the window (the release's rule, overflow 'reset')."""
+        if self.chunk is None or self.chunk == 0:
+            return False
+        return any(cache.needs_reset(self.chunk + 1) for cache in self.caches.values())
 
     def _new_caches(self) -> None:
         kw = dict(dtype=self.dtype, device=self.device, overflow=self.config.overflow)
@@ -229,7 +343,9 @@ class Policy:
         else:
             self.caches = {b: self.model.new_cache(self.batch, **kw) for b in self.context}
 
-    def _cond_frames(self, frames: range) -> torch.Tensor:
+    def _cond_frames(self, frames: range) -> torch.Tensor | None:
+        if self.cond is None:
+            return None
         F = self.cond.shape[2]
         idx = [f if f < F else F - self.cfg.frames_per_chunk + (f - F) % self.cfg.frames_per_chunk for f in frames]
         return self.cond[:, :, idx]
@@ -272,9 +388,12 @@ class Policy:
 
     # ------------------------------------------------------------------ the control step
     @torch.no_grad()
-    def step(self, observation: torch.Tensor | None, state: torch.Tensor) -> StepResult:
-        """observation: the latent frames observed since the last step [B, 16, frames_per_chunk, H, W] (None on the
+    def step(self, observation: torch.Tensor | None, state: torch.Tensor, *,
+             reset_to: FirstFrame | None = None) -> StepResult:
+        """observation: the latent frames observed since the last step [B, Z, frames_per_chunk, H, W] (None on the
         first step after reset: the first frame came with reset). state [B, states_per_chunk, state_dim].
+        reset_to: the new first frame (encode_first_frame of the newest raw frame) for a step that resets the window
+        (will_reset()); used only then (module doc: without it the newest observed latent becomes the first frame).
         Returns the next action chunk."""
         if self.chunk is None:
             raise RuntimeError("call reset(...) before step(...)")
@@ -284,10 +403,18 @@ class Policy:
                              f"{list(state.shape)}")
         timings = {}
         t0 = time.perf_counter()
+        resetting = self.will_reset()
+        if resetting and reset_to is not None:                                  # checked before any cache write
+            want = (self.batch, cfg.latent_channels, 1, cfg.latent_height, cfg.latent_width)
+            if not isinstance(reset_to, FirstFrame) or tuple(reset_to.latent.shape) != want:
+                raise ValueError(f"reset_to must be a FirstFrame whose latent is {list(want)}")
+            self._check_cond(reset_to.cond, self.batch, reset_to.latent)
         if self.chunk == 0:
             if observation is not None:
                 raise ValueError("the first step after reset takes no observation (the first frame came with reset)")
             obs, obs_chunk = self._pending_obs, 0
+        elif observation is None and resetting and reset_to is not None:
+            obs, obs_chunk = None, self.chunk          # the window resets from reset_to: no observation is written
         else:
             want = (self.batch, cfg.latent_channels, cfg.frames_per_chunk, cfg.latent_height, cfg.latent_width)
             if observation is None or tuple(observation.shape) != want:
@@ -295,13 +422,20 @@ class Policy:
                                  f"{None if observation is None else list(observation.shape)}")
             obs, obs_chunk = observation.to(self.device, self.dtype), self.chunk
         c = obs_chunk + 1
-        if any(cache.needs_reset(c) for cache in self.caches.values()):
-            # the release: reset at the window; the newest observed frame becomes the new first frame
+        window_reset = None
+        if resetting:
+            # the release: reset at the window; the newest frame becomes the new first frame (module doc)
             for cache in self.caches.values():
                 cache.reset()
-            self.first_latent = obs[:, :, -1:]
-            if not self._user_cond:
-                self.cond = default_i2v_cond(self.first_latent, cfg.local_attn_size)
+            if reset_to is not None:
+                self._set_context(reset_to.clip)
+                self._set_first_frame(reset_to.latent, reset_to.cond)
+                window_reset = "raw"
+            else:
+                self.first_latent = obs[:, :, -1:]
+                if cfg.cond_channels and not self._user_cond:
+                    self.cond = default_i2v_cond(self.first_latent, cfg.local_attn_size)
+                window_reset = "latent"
             obs, obs_chunk, c = self.first_latent, 0, 1
         obs_frames = range(0, 1) if obs_chunk == 0 else range(1 + (obs_chunk - 1) * cfg.frames_per_chunk,
                                                                1 + obs_chunk * cfg.frames_per_chunk)
@@ -355,7 +489,7 @@ class Policy:
             acts = smooth_actions(acts)
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
         return StepResult(actions=acts, actions_raw=raw, video=x.to(self.device) if pc.return_video else None,
-                          chunk=c, dit_steps=dit_steps, timings_ms=timings)
+                          chunk=c, dit_steps=dit_steps, timings_ms=timings, window_reset=window_reset)
 
     def _should_run(self, i: int, mask: tuple, history: list, countdown: int):
         """DiT caching: whether step i runs the model (static mask or the release's dynamic schedule)."""
