@@ -113,6 +113,19 @@ def test_vae_round_trip_shapes_and_normalization(vae):
 
 
 # ---------------------------------------------------------------------------------------------- I2V condition
+def test_wan22_vae_strides_and_channels():
+    # the 5B's VAE (Wan2.2): 48 channels, 2x2 patchify before the 8x encoder -> stride (4, 16, 16); causal
+    v = VideoVAE.tiny(z_dim=48, wan22=True)
+    assert (v.latent_channels, v.temporal_stride, v.spatial_stride) == (48, 4, 16)
+    x = torch.rand(1, 3, 5, 32, 64) * 2 - 1
+    z = v.encode(x)
+    assert z.shape == (1, 48, 2, 2, 4)
+    torch.testing.assert_close(v.encode(x[:, :, :1])[:, :, 0], z[:, :, 0])    # frame 0 encodes alone
+    assert v.decode(z).shape == x.shape
+    with pytest.raises(ValueError, match="multiples of 16"):
+        v.encode(torch.zeros(1, 3, 5, 24, 64))
+
+
 def test_i2v_mask_hand_made():
     m = i2v_mask(batch=2, num_frames=9, height=2, width=3)
     assert m.shape == (2, 4, 3, 2, 3)

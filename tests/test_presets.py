@@ -142,3 +142,39 @@ def test_ti2v_model_embeds_latents_only_and_keeps_the_clip_branch():
             acts.append(a)
     torch.testing.assert_close(torch.cat(vids, 2), v_tf[:, :, 1:], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(torch.cat(acts, 1), a_tf, rtol=1e-9, atol=1e-9)
+
+
+def test_kernels_take_the_5b_shapes(device):
+    """dz_kernels at the droid-5b shapes: head dim 128, 50-token frames, 24 action + 1 state tokens (one head for
+    the attention, to stay fast under the CPU interpreter), and the fused q/k norm + RoPE + cache write at C = 3072,
+    24 heads."""
+    from dreamzero.attention import attention_dense_reference
+    from dreamzero.rope import rope_tables
+    from dz_kernels.attention import layout_attention
+    from dz_kernels.kv_cache.ops import qk_norm_rope_kv_write
+    from dz_kernels.kv_cache.reference import qk_norm_rope_reference
+
+    cfg = get_config("droid-5b")
+    g = torch.Generator().manual_seed(0)
+    lay = layout_for_config(cfg, "control", chunk=2, cached_frames=(0,))   # observe chunk 1, denoise chunk 2
+    q = torch.randn(1, lay.q_len, 1, cfg.head_dim, generator=g)
+    k, v = (torch.randn(1, lay.k_len, 1, cfg.head_dim, generator=g) for _ in range(2))
+    out = layout_attention(q.to(device), k.to(device), v.to(device), lay, dense_sdpa=False)
+    ref = attention_dense_reference(q, k, v, lay.dense_mask())
+    assert float((out.cpu().double() - ref).abs().max()) < 1e-4
+    obs = layout_for_config(cfg, "observe", chunk=2, cached_frames=(0, 1, 2))
+    L, C, H = obs.q_len, cfg.dim, cfg.num_heads
+    cos, sin = rope_tables(obs, cfg)
+    qq, kk, vv = (torch.randn(1, L, C, generator=g) for _ in range(3))
+    wq, wk = (torch.rand(C, generator=g) + 0.5 for _ in range(2))
+    kc = torch.full((1, cfg.local_attn_size * cfg.frame_tokens, H, cfg.head_dim), float("nan"), device=device)
+    vc = kc.clone()
+    pos = 3 * cfg.frame_tokens
+    dev = lambda t: t.to(device)  # noqa: E731
+    q_rot = qk_norm_rope_kv_write(dev(qq), dev(kk), dev(vv), dev(wq), dev(wk), cfg.eps, dev(cos), dev(sin), H,
+                                  kc, vc, torch.tensor([pos], dtype=torch.int32, device=device))
+    q_ref, k_ref = qk_norm_rope_reference(qq, kk, wq, wk, cfg.eps, cos, sin, H)
+    torch.testing.assert_close(q_rot.cpu(), q_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc[:, pos:pos + L].cpu(), k_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vc[:, pos:pos + L].cpu(), vv.view(1, L, H, cfg.head_dim))
+    assert torch.isnan(kc[:, :pos]).all() and torch.isnan(kc[:, pos + L:]).all()      # nothing else written

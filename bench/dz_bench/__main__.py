@@ -1,5 +1,5 @@
 """python -m dz_bench [--all | NAME ...] [--small | --full] [--out DIR] [--device cuda|cpu] [--list]
-                    [--no-l2-flush] [--fail-on-error] [--no-progress] [--echo] [--budget-s S]
+                    [--model PRESET] [--no-l2-flush] [--fail-on-error] [--no-progress] [--echo] [--budget-s S]
                     [--min-samples N] [--rows FILE]
 
 Runs benches registered in bench/dz_bench/cases/*.py and writes bench/results/<device-slug>/<bench>.{json,md,png}.
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results root (default bench/results)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument("--list", action="store_true", help="list the benches and exit")
+    parser.add_argument("--model", default=None, metavar="PRESET",
+                        help="model preset of the stacked bench (droid-14b, agibot-14b, yam-14b, droid-5b; default "
+                             "droid-14b; small shapes use the tiny variant of its backbone)")
     parser.add_argument("--no-l2-flush", action="store_true",
                         help="CUDA: time with CUDA events and no L2 flush between calls (warm-cache figures)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in reg and n not in import_errors]
     if unknown:
         parser.error(f"unknown bench(es) {unknown}; known: {sorted(reg)}")
+    if args.model is not None:
+        from dreamzero.config import PRESETS
+        if args.model not in PRESETS:
+            parser.error(f"unknown --model {args.model!r}; presets: {', '.join(PRESETS)}")
     ctx = harness.BenchContext.detect(small=args.small, device=args.device)
+    ctx.model = args.model
     ctx.flush_l2 = not args.no_l2_flush
     ctx.echo = args.echo
     if args.budget_s is not None:

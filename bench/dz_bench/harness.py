@@ -112,6 +112,7 @@ class BenchContext:
     deadline: float | None = None
     echo: bool = False
     rows_file: str | None = None
+    model: str | None = None          # model preset of the stacked bench (dreamzero.config.PRESETS); None: droid-14b
 
     @classmethod
     def detect(cls, small: bool | None = None, device: str | None = None) -> "BenchContext":

@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from dreamzero.backend import Ops
-from dreamzero.config import get_config
+from dreamzero.config import get_config, tiny_config
 from dreamzero.dreamzero import DreamZero
 from dz_bench.harness import Unavailable
 
@@ -15,7 +15,8 @@ _MODELS: dict = {}
 
 
 def bench_config(ctx, name: str = "droid-14b"):
-    return get_config("tiny", num_embodiments=1) if ctx.small else get_config(name)
+    """The preset `name`, or on small runs the tiny variant of its backbone ('tiny' or 'tiny-ti2v')."""
+    return tiny_config(name, num_embodiments=1) if ctx.small else get_config(name)
 
 
 def random_model(ctx, name: str = "droid-14b", num_layers: int | None = None) -> DreamZero:
@@ -55,8 +56,8 @@ def episode_inputs(model, batch: int = 1, seed: int = 0) -> dict:
         return torch.randn(*shape, generator=g).to(p.device, p.dtype)
 
     return dict(text=r(batch, cfg.text_len, cfg.text_dim), clip=r(batch, cfg.clip_tokens, cfg.clip_dim),
-                first=r(batch, 16, 1, H, W),
-                obs=[r(batch, 16, cfg.frames_per_chunk, H, W) for _ in range(cfg.max_chunks)],
+                first=r(batch, cfg.latent_channels, 1, H, W),
+                obs=[r(batch, cfg.latent_channels, cfg.frames_per_chunk, H, W) for _ in range(cfg.max_chunks)],
                 state=r(batch, cfg.states_per_chunk, cfg.state_dim))
 
 

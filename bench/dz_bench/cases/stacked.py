@@ -116,7 +116,7 @@ def _row_configs():
 @register("stacked")
 def cases(ctx):
     batch = 1
-    for name, pol_kw, mod_kw in [("droid-14b", None, None)]:
+    for name in [getattr(ctx, "model", None) or "droid-14b"]:        # `dz bench stacked --model droid-5b`
         state = {}
 
         def make(row, pol_kw, mod_kw, policy_cls=Policy):
@@ -133,7 +133,7 @@ def cases(ctx):
                     ms.use_kernels(ctx=ctx)
                 if mod_kw.get("quant") and ctx.device == "cuda":
                     ms.quantize(mod_kw["quant"])
-                cfg_kw = dict(pol_kw)
+                cfg_kw = dict(pol_kw, negative_prompt=None)     # random features: zeros for the uncond branch
                 if ctx.device != "cuda":
                     cfg_kw.pop("compile", None)
                 policy = policy_cls(model, PolicyConfig(**cfg_kw))
@@ -161,8 +161,9 @@ def cases(ctx):
 
         impls = {row: make(row, pk, mk) for row, pk, mk in _row_configs()}
         impls[MODELLED_2GPU] = make(MODELLED_2GPU, {}, {}, policy_cls=_OneBranchPolicy)
-        yield Case(case=f"{name}-control-step-b{batch}", params={"config": "tiny" if ctx.small else name,
-                                                                 "batch": batch, "chunk": last_chunk_before_reset(bench_config(ctx)),
+        bcfg = bench_config(ctx, name)
+        yield Case(case=f"{name}-control-step-b{batch}", params={"config": bcfg.name,
+                                                                 "batch": batch, "chunk": last_chunk_before_reset(bcfg),
                                                                  "paper_speedup_h100_gb200": PAPER,
                                                                  "note": CPU_NOTE if ctx.device == "cpu" else ""},
                    flops=None, bytes=None, impls=impls)
