@@ -12,13 +12,13 @@ into existing parameters), so a 14B checkpoint is never held twice. Nothing is u
 are accepted. Writing is atomic and durable (dreamzero.atomic).
 """
 from .keys import (DREAMZERO_FROZEN_PREFIXES, DREAMZERO_PREFIX, HEAD_PREFIXES, LAYOUTS, CheckpointError,
-                   detect_layout, from_layout_name, to_layout_name)
+                   backbone_lacks, detect_layout, from_layout_name, to_layout_name)
 from .load import LoadReport, load_checkpoint, load_model
 from .safetensors_io import read_checkpoint_index, read_header, resolve_checkpoint
 from .save import DEFAULT_MAX_SHARD_BYTES, save_checkpoint
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES", "DREAMZERO_FROZEN_PREFIXES", "DREAMZERO_PREFIX", "HEAD_PREFIXES", "LAYOUTS",
-    "CheckpointError", "LoadReport", "detect_layout", "from_layout_name", "load_checkpoint", "load_model",
+    "CheckpointError", "LoadReport", "backbone_lacks", "detect_layout", "from_layout_name", "load_checkpoint", "load_model",
     "read_checkpoint_index", "read_header", "resolve_checkpoint", "save_checkpoint", "to_layout_name",
 ]

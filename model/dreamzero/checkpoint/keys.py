@@ -10,9 +10,14 @@ release's heads.
                  (`action_head.model.base_model.model.`, `q.base_layer.weight`, `q.lora_A.default.weight`, ...): the
                  base weights load and each LoRA pair is merged, W += (lora_alpha / rank) * B @ A
                  (see `dreamzero.checkpoint.lora`).
-    "wan"        the original Wan2.1 release (`diffusion_pytorch_model*.safetensors` of Wan-AI/Wan2.1-I2V-14B-480P):
-                 our names, no prefix. It has no DreamZero heads: they stay as initialized, only with
-                 `allow_missing_heads=True`, and the report lists them.
+    "wan"        the original Wan releases (`diffusion_pytorch_model*.safetensors` of Wan-AI/Wan2.1-I2V-14B-480P, and of
+                 Wan-AI/Wan2.2-TI2V-5B for the 5B): our names, no prefix. They have no DreamZero heads: these stay as
+                 initialized, only with `allow_missing_heads=True`, and the report lists them. Wan2.2-TI2V-5B is a
+                 text-to-video block stack with no CLIP branch (img_emb, cross_attn.{k_img,v_img,norm_k_img}), which
+                 the DreamZero release adds to its 5B and trains from its own init (it loads the 5B weights with
+                 strict=False); for a 'ti2v' model those count with the heads (`backbone_lacks`) and a model built
+                 on the meta device gets the release's init for them (Xavier-uniform linears, zero biases, unit
+                 norms). Everything else is the Wan2.1 naming (Wan2.2's wan/modules/model.py uses the same names).
     "diffusers"  diffusers' WanTransformer3DModel (the `transformer/` folder of the *-Diffusers releases). The mapping
                  is the inverse of diffusers' own `convert_wan_transformer_to_diffusers` (loaders/single_file_utils.py):
                      blocks.N.self_attn.{q,k,v,o}     <-> blocks.N.attn1.{to_q,to_k,to_v,to_out.0}
@@ -38,6 +43,8 @@ release's heads.
                  with the same 3D split, [cos, sin] time embedding). One numerical difference: diffusers computes the
                  sinusoidal time embedding in fp32, Wan (and we) in fp64; at t ~ 1000 that is ~6e-5 in an angle.
                  The DreamZero heads have no diffusers names: they are written and read under our names.
+                 Wan2.2-TI2V-5B-Diffusers has no image_embedder and no attn2.add_{k,v}_proj: as for "wan" above.
+The DreamZero release's 5B checkpoints ('dreamzero' layout) hold every parameter, the CLIP branch included.
 """
 from __future__ import annotations
 
@@ -48,6 +55,8 @@ DREAMZERO_PREFIX = "action_head.model."
 # Frozen parts stored beside the DiT in the release's full-model files; encoders.py loads them from their releases.
 DREAMZERO_FROZEN_PREFIXES = ("action_head.text_encoder.", "action_head.image_encoder.", "action_head.vae.")
 HEAD_PREFIXES = ("action_encoder.", "state_encoder.", "action_decoder.")
+# The CLIP image branch: in Wan2.1-I2V, absent from Wan2.2-TI2V-5B (the DreamZero release adds it to the 5B)
+IMAGE_BRANCH_RE = re.compile(r"(img_emb\.|blocks\.\d+\.cross_attn\.(k_img|v_img|norm_k_img)\.).+")
 
 
 class CheckpointError(ValueError):
@@ -130,6 +139,16 @@ def from_layout_name(key: str, layout: str) -> str | None:
     if layout == "diffusers":
         return _map_name(key, fwd=False)
     return key
+
+
+def backbone_lacks(name: str, model_type: str = "i2v") -> str | None:
+    """Why the Wan backbone release has no parameter `name` (ours), or None when it has it: the DreamZero heads (every
+    backbone), and for a 'ti2v' model (Wan2.2-TI2V-5B) the CLIP image branch."""
+    if name.startswith(HEAD_PREFIXES):
+        return "DreamZero head"
+    if model_type == "ti2v" and IMAGE_BRANCH_RE.fullmatch(name):
+        return "CLIP branch, which Wan2.2-TI2V-5B lacks (the release trains it from its init)"
+    return None
 
 
 def check_layout(layout):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .keys import (DIFFUSERS_IGNORED, DREAMZERO_FROZEN_PREFIXES, HEAD_PREFIXES, CheckpointError, check_layout,
+from .keys import (DIFFUSERS_IGNORED, DREAMZERO_FROZEN_PREFIXES, CheckpointError, backbone_lacks, check_layout,
                    detect_layout, from_layout_name, to_layout_name)
 from .lora import LORA_RE, lora_alpha_from_config, merge_lora, pair_lora
 from .safetensors_io import ST_FLOAT, read_checkpoint_index
@@ -105,13 +105,15 @@ def _plan(model: nn.Module, tensors: dict, layout: str, strict: bool, allow_miss
     lora, lora_problems = pair_lora(lora_parts, tensors, targets)
     problems += lora_problems
     missing = sorted(n for n in targets if n not in seen)
+    model_type = getattr(getattr(model, "cfg", None), "model_type", "i2v")
     for n in missing:
-        is_head = n.startswith(HEAD_PREFIXES)
+        # what the Wan release lacks (heads; the 5B's CLIP branch) may be missing from a 'wan'/'diffusers' file
+        lacks = backbone_lacks(n, model_type if layout != "dreamzero" else "i2v")
         shown = prefix + (to_layout_name(n, layout) if layout == "diffusers" else n)
-        if strict and not (is_head and allow_missing_heads):
-            hint = " (DreamZero head: pass allow_missing_heads=True to keep it as initialized)" if is_head else ""
+        if strict and not (lacks and allow_missing_heads):
+            hint = f" ({lacks}: pass allow_missing_heads=True to keep it as initialized)" if lacks else ""
             problems.append(f"missing: {shown}{hint}")
-        elif targets[n].is_meta and not is_head:
+        elif targets[n].is_meta and not lacks:
             problems.append(f"missing: {shown} (the model holds no value for it either: it is on the meta device)")
     for n in lora:
         if n not in direct and targets[n].is_meta:
@@ -142,16 +144,25 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, dtype, device)
 
 
 def _init_fresh(model: nn.Module, name: str, dtype, device) -> None:
-    """Initialize a parameter the checkpoint lacks and the model has only on the meta device. Only the DreamZero
-    heads (category-specific W, b) can be: W ~ 0.02 N(0, 1), b = 0, as modules.CategorySpecificLinear does."""
+    """Initialize a parameter the checkpoint lacks and the model has only on the meta device, as the release does:
+    the DreamZero heads (category-specific W ~ 0.02 N(0, 1), b = 0, as modules.CategorySpecificLinear) and the 5B's
+    CLIP branch (CausalWanModel.init_weights: Xavier-uniform Linear weights, zero biases; norms at one / zero)."""
     mod_path, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_path)
     old = mod._parameters[leaf]
-    if type(mod).__name__ != "CategorySpecificLinear" or leaf not in ("W", "b"):
+    kind = type(mod).__name__
+    known = {"CategorySpecificLinear": ("W", "b"), "Linear": ("weight", "bias"), "RMSNorm": ("weight",),
+             "LayerNorm": ("weight", "bias")}
+    if leaf not in known.get(kind, ()):
         raise CheckpointError(f"{name} is not in the checkpoint and the model holds no value for it (meta device)")
     t = torch.empty(old.shape, dtype=dtype or torch.float32, device=device or "cpu")
     with torch.no_grad():
-        t.normal_(0.0, 0.02) if leaf == "W" else t.zero_()
+        if kind == "CategorySpecificLinear":
+            t.normal_(0.0, 0.02) if leaf == "W" else t.zero_()
+        elif kind == "Linear" and leaf == "weight":
+            nn.init.xavier_uniform_(t)
+        else:
+            t.fill_(1.0 if leaf == "weight" else 0.0)
     mod._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
 
 
@@ -164,7 +175,9 @@ def load_checkpoint(model: nn.Module, path, layout: str | None = None, *, dtype:
     layout: 'dreamzero' | 'wan' | 'diffusers', or None to detect it from the keys.
     dtype / device: convert every loaded tensor (None keeps the model's dtype and device; on the meta device the
         checkpoint's dtype and the CPU).
-    strict: every model parameter must be in the checkpoint (except the DreamZero heads with allow_missing_heads).
+    strict: every model parameter must be in the checkpoint, except with allow_missing_heads what the Wan release
+        lacks (`backbone_lacks`: the DreamZero heads; for a 'ti2v' model read from a 'wan'/'diffusers' file, the
+        CLIP branch Wan2.2-TI2V-5B has none of).
         strict=False allows any missing parameter the model already holds (e.g. applying a LoRA-only file on top
         of loaded base weights); parameters on the meta device are never left unset.
     lora_alpha: PEFT LoRA scale numerator for files with lora_A/lora_B pairs (scale = lora_alpha / rank); read from

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..atomic import atomic_write_json, remove_quietly
-from .keys import HEAD_PREFIXES, check_layout, to_layout_name
+from .keys import backbone_lacks, check_layout, to_layout_name
 from .safetensors_io import ST_NAMES, write_safetensors_atomic
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
@@ -29,7 +29,8 @@ def save_checkpoint(model: nn.Module, path, layout: str = "dreamzero", *,
         .safetensors file name (shards, when needed, are named after it).
     dtype: convert floating tensors on the way out (None keeps each tensor's dtype).
     include_heads: write the DreamZero heads (under our names in the 'wan' and 'diffusers' layouts, which have none);
-        False writes the backbone only, loadable by diffusers' WanTransformer3DModel as is.
+        False writes the backbone only, what the Wan release has (`backbone_lacks`: no heads, and for a 'ti2v'
+        model no CLIP branch), loadable by diffusers' WanTransformer3DModel of that backbone as is.
     Returns the path to load from (the single file or the index).
     """
     check_layout(layout)
@@ -45,10 +46,11 @@ def save_checkpoint(model: nn.Module, path, layout: str = "dreamzero", *,
     os.makedirs(folder, exist_ok=True)
 
     items = []
+    model_type = getattr(getattr(model, "cfg", None), "model_type", "i2v")
     for name, t in model.state_dict(keep_vars=True).items():
         if t.is_meta:
             raise ValueError(f"{name} is on the meta device: load or initialize the model before saving it")
-        if not include_heads and name.startswith(HEAD_PREFIXES):
+        if not include_heads and backbone_lacks(name, model_type):
             continue
         dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
         if dt not in ST_NAMES:
