@@ -90,7 +90,7 @@ class DreamZeroConfig:
     robot_action_dim: int = 8        # unpadded action vector (DROID: 7 joints + gripper)
     robot_state_dim: int = 8         # unpadded state vector
     finetune: str = "full"           # how the release's script trains it: "full" or "lora" (RELEASE_LORA)
-    init_from: str = "Wan-AI/Wan2.1-I2V-14B-480P"   # the weights the release's script starts from
+    init_from: str = "Wan-AI/Wan2.1-I2V-14B-480P"   # the weights the release's script starts from ("": random)
 
     def __post_init__(self):
         # tuples also when built from JSON lists (saved configs), so that configs stay hashable
@@ -191,7 +191,7 @@ _CONFIGS = {
         name="tiny", dim=64, num_layers=2, num_heads=4, ffn_dim=128, freq_dim=32, text_dim=24, text_len=7,
         clip_dim=20, clip_tokens=5, latent_height=4, latent_width=6, frames_per_chunk=2, max_chunks=3,
         actions_per_chunk=3, states_per_chunk=1, action_dim=6, state_dim=5, head_hidden=16, num_embodiments=2,
-        action_rope_len=256, state_rope_len=64, video_rope_len=64, backbone="tiny Wan2.1-I2V",
+        action_rope_len=256, state_rope_len=64, video_rope_len=64, backbone="tiny Wan2.1-I2V", init_from="",
     ),
     # The tiny variant of the 5B backbone: model type 'ti2v', 48 latent channels, no I2V channels, the CLIP branch.
     "tiny-ti2v": DreamZeroConfig(
@@ -199,7 +199,7 @@ _CONFIGS = {
         clip_dim=20, clip_tokens=5, latent_channels=48, cond_channels=0, model_type="ti2v", vae_spatial_stride=16,
         latent_height=4, latent_width=6, frames_per_chunk=2, max_chunks=3, actions_per_chunk=3, states_per_chunk=1,
         action_dim=6, state_dim=5, head_hidden=16, num_embodiments=1, action_rope_len=256, state_rope_len=64,
-        video_rope_len=64, backbone="tiny Wan2.2-TI2V", view_size=(64, 96),
+        video_rope_len=64, backbone="tiny Wan2.2-TI2V", view_size=(64, 96), init_from="",
     ),
 }
 PRESETS = ("droid-14b", "agibot-14b", "yam-14b", "droid-5b")   # the release's models (README's table)

@@ -104,10 +104,12 @@ def prepare_data_main(argv: list) -> int:
     p.add_argument("--embodiment-id", type=int, default=0, help="the model's embodiment slot for these clips")
     p.add_argument("--embodiment-tag", default=None, help="override meta/embodiment.json")
     p.add_argument("--video-only", action="store_true", help="no action loss for these clips")
-    p.add_argument("--video-fps", type=float, default=5.0)
+    p.add_argument("--video-fps", type=float, default=None,
+                   help="video frame rate fed to the VAE (default: the release's, 8 frames per 24-step action chunk)")
     p.add_argument("--tiling", choices=("auto", "droid", "grid", "single"), default="auto")
     p.add_argument("--relative-keys", nargs="*", default=None,
-                   help="action sub-keys made relative to the state (default: joint sub-keys)")
+                   help="action sub-keys made relative to the state (default: the release's for a known embodiment, "
+                        "else the joint sub-keys)")
     p.add_argument("--state-keys", nargs="+", default=None,
                    help="state sub-keys of modality.json, in order (default: the release's for a known embodiment)")
     p.add_argument("--action-keys", nargs="+", default=None, help="action sub-keys, in order (same default)")

@@ -71,7 +71,7 @@ def encoders_from_module(cfg, kind: str = "tiny", path: str | None = None, token
     from .. import encoders as enc
 
     if kind == "tiny":
-        vae = enc.VideoVAE.tiny(z_dim=cfg.latent_channels, seed=seed)
+        vae = enc.VideoVAE.tiny(z_dim=cfg.latent_channels, seed=seed, wan22=cfg.vae_spatial_stride == 16)
         image = enc.ImageEncoder.tiny(clip_dim=cfg.clip_dim, clip_tokens=cfg.clip_tokens, seed=seed)
         text = enc.TextEncoder.tiny(text_dim=cfg.text_dim, text_len=cfg.text_len, seed=seed)
     elif kind == "release":
@@ -188,7 +188,10 @@ def prepare_dataset(root: str, model_cfg, encoders: FeatureEncoders, data_cfg: D
             group = clips[i:i + batch_size]
             video = torch.stack([_to_video(c.frames) for c in group])                   # [b, 3, T, H, W]
             lat.append(encoders.encode_video(video).float().cpu())
-            cond.append(encoders.i2v_condition(video[:, :, 0], video.shape[2]).float().cpu())
+            if model_cfg.cond_channels:
+                cond.append(encoders.i2v_condition(video[:, :, 0], video.shape[2]).float().cpu())
+            else:            # a model without I2V channels (the 5B): an empty cond, as the model takes none
+                cond.append(torch.zeros(len(video), 0, *lat[-1].shape[2:]))
             clipf.append(encoders.encode_image(video[:, :, 0]).float().cpu())
         lat, cond, clipf = torch.cat(lat), torch.cat(cond), torch.cat(clipf)
         want = (len(clips), model_cfg.latent_channels, F_lat, model_cfg.latent_height, model_cfg.latent_width)

@@ -8,12 +8,12 @@
 - `lerobot`: `LeRobotDataset` (v2.x and v3.x layouts) and the training clip it cuts (the formats and the clip rule
   are described there).
 """
-from .config import NORM_MODES, RELEASE_KEYS, VAE_TEMPORAL_STRIDE, DataConfig, DataError
+from .config import NORM_MODES, RELEASE_KEYS, RELEASE_RELATIVE_KEYS, VAE_TEMPORAL_STRIDE, DataConfig, DataError
 from .files import decode_frames, read_json, read_jsonl, read_parquet
 from .lerobot import Clip, Episode, LeRobotDataset, Modality, SubKey
 from .prompts import DEFAULT_INSTRUCTION, build_prompt
 from .stats import STAT_NAMES, compute_feature_stats, normalize
-from .tiling import tile_views
+from .tiling import resize_frames, tile_views
 
 __all__ = [
     "DataError", "DataConfig", "Modality", "Episode", "Clip", "LeRobotDataset", "normalize", "tile_views",

@@ -19,17 +19,21 @@ converter writes), else all of them, or the ones DataConfig names. Missing stati
 beside the dataset (meta/stats.json, meta/relative_stats_dreamzero.json), atomically.
 
 A training clip (the release's DROID sampler, ShardedLeRobotSubLangSingleActionChunkDatasetDROID, at a fixed K):
-anchor step a, K chunks of H action steps (H = 24 at 15 Hz for DROID, 48 at 30 Hz for AgiBot):
-- video frames at steps a, a + s, ..., a + K*H (s = dataset fps / 5 FPS: every 3rd step at 15 Hz), so
-  1 + K*H/s raw frames = 1 + 8K, which the VAE (temporal stride 4) turns into 1 + 2K latent frames;
+anchor step a, K chunks of H action steps (H = 24 in every release script: 1.6 s at DROID's 15 Hz, 0.8 s at AgiBot's
+and YAM's 30 Hz):
+- video frames at steps a, a + s, ..., a + K*H with s = H / 8 (the release: offsets 0, 3, ..., 21 in each chunk of
+  24, whatever the dataset fps; or s = fps / video_fps when DataConfig.video_fps is set), so 1 + K*H/s raw frames =
+  1 + 8K, which the VAE (temporal stride 4) turns into 1 + 2K latent frames;
 - actions at steps a .. a + K*H - 1; state at the first step of each chunk, a + (k-1)*H;
-- relative actions: for the relative sub-keys (joint positions by default), chunk k's actions minus the state of the
-  same sub-key at the chunk's first step;
+- relative actions: for the relative sub-keys (the release's per embodiment: DROID joint positions, AgiBot all six
+  state sub-keys, YAM joints and grippers; else the joint sub-keys), chunk k's actions minus the state of the same
+  sub-key at the chunk's first step;
 - normalization ("q99", the release's mode for DROID and AgiBot): 2 (x - q01) / (q99 - q01) - 1, clipped to [-1, 1]
   (left as is where q01 == q99); actions use the relative statistics for relative sub-keys;
 - the views, resized to 176x320 each, are tiled into one 352x640 frame: DROID puts the wrist view, stretched 2x in
   width, across the top row and the two exterior views below it; other embodiments use [view0 | view2] over
-  [view1 | black] (the release's DreamTransform._prepare_video);
+  [view1 | black] (the release's DreamTransform._prepare_video); the 5B's tile of 160x320 views is then resized to
+  160x320 (DataConfig.frame_resize, the release's target_video_height/width);
 - anchors run over [0, length - 1 - K*H]; the release's step filter (meta/step_filter.jsonl) drops anchors, and the
   idle-action filter drops anchors whose first chunk does not move (the largest change of the normalized action over
   the chunk below `idle_threshold`; the release's DROID conversion removed idle frames beforehand).
@@ -47,11 +51,11 @@ from typing import Iterator
 import numpy as np
 
 from ...atomic import atomic_write_json
-from .config import RELEASE_KEYS, VAE_TEMPORAL_STRIDE, DataConfig, DataError
+from .config import RELEASE_KEYS, RELEASE_RELATIVE_KEYS, VAE_TEMPORAL_STRIDE, DataConfig, DataError
 from .files import decode_frames, read_json, read_jsonl, read_parquet
 from .prompts import DEFAULT_INSTRUCTION, build_prompt
 from .stats import STAT_NAMES, compute_feature_stats, normalize
-from .tiling import tile_views
+from .tiling import resize_frames, tile_views
 
 
 @dataclass(frozen=True)
@@ -226,12 +230,19 @@ class LeRobotDataset:
     def _check_timing(self) -> int:
         cfg = self.cfg
         H = cfg.action_horizon if cfg.action_horizon is not None else 24
-        stride = Fraction(self.fps).limit_denominator(1000) / Fraction(cfg.video_fps).limit_denominator(1000)
+        raw_per_chunk = VAE_TEMPORAL_STRIDE * cfg.frames_per_chunk
+        if cfg.video_fps is None:               # the release: raw_per_chunk video frames per chunk of H steps
+            if H % raw_per_chunk:
+                raise ValueError(f"an action chunk of {H} steps does not split into {raw_per_chunk} video frames "
+                                 f"({cfg.frames_per_chunk} latent frames): set action_horizon to a multiple of "
+                                 f"{raw_per_chunk} or video_fps")
+            stride = Fraction(H // raw_per_chunk)
+        else:
+            stride = Fraction(self.fps).limit_denominator(1000) / Fraction(cfg.video_fps).limit_denominator(1000)
         if stride.denominator != 1:
             raise ValueError(f"dataset fps {self.fps} is not a multiple of the video fps {cfg.video_fps}")
         self.video_stride = int(stride)
-        raw_per_chunk = VAE_TEMPORAL_STRIDE * cfg.frames_per_chunk
-        if H != self.video_stride * raw_per_chunk:
+        if H != self.video_stride * raw_per_chunk:                  # only with an explicit video_fps
             raise ValueError(f"an action chunk of {H} steps at {self.fps:g} Hz spans {H / self.fps:.3f} s, but "
                              f"{cfg.frames_per_chunk} latent frames = {raw_per_chunk} video frames at "
                              f"{cfg.video_fps:g} FPS span {raw_per_chunk / cfg.video_fps:.3f} s: set action_horizon "
@@ -261,7 +272,11 @@ class LeRobotDataset:
         if isinstance(rk, str):
             if rk != "auto":
                 raise ValueError(f"relative_action_keys must be 'auto' or a list of sub-keys, got {rk!r}")
-            return tuple(a.name for a in self.modality.action if a.name in state_names and "joint" in a.name.lower())
+            both = [a.name for a in self.modality.action if a.name in state_names]
+            rel = RELEASE_RELATIVE_KEYS.get(self.embodiment_tag)
+            if rel is not None and set(rel).issubset(both):
+                return tuple(k for k in both if k in rel)
+            return tuple(k for k in both if "joint" in k.lower())
         rk = tuple(rk)
         for k in rk:
             if k not in state_names or k not in {a.name for a in self.modality.action}:
@@ -491,6 +506,8 @@ class LeRobotDataset:
             t = ep.timestamps[steps] + ep.video_offsets[name]
             views.append(decode_frames(ep.video_paths[name], t, tolerance=0.5 / self.fps + 1e-4))
         frames = tile_views(views, self.tiling, cfg.view_size, self.wrist_index)
+        if cfg.frame_resize is not None:
+            frames = resize_frames(frames, cfg.frame_resize)
 
         act_steps = anchor + np.arange(K * H)
         chunk_start = anchor + H * np.arange(K)

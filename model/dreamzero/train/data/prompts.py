@@ -12,11 +12,14 @@ _AGIBOT_PROMPT = ("A multi-view video shows that a robot {t} The video is split 
                   "shows the camera view from the robot's head, the top-right view shows the camera view from the "
                   "right hand, the bottom-left view shows the camera view from the left hand, and the bottom-right "
                   "view is a black screen (inactive view). The robot {t}")
+_YAM_PROMPT = ("A multi-view video shows that a robot {t} The video is split into four views: The top-left view "
+               "shows the top camera, the top-right view shows the right camera, the bottom-left view shows the left "
+               "camera, and the bottom-right view is a black screen. The robot {t}")
 
 
 def build_prompt(task: str, embodiment_tag: str | None, template: str = "auto") -> str:
-    """The instruction as the release's collator words it for the text encoder (DROID and AgiBot templates; other
-    embodiments, or template "none", get the task text itself)."""
+    """The instruction as the release's collator words it for the text encoder (DROID, AgiBot and YAM templates;
+    other embodiments, or template "none", get the task text itself)."""
     if template == "none":
         return task
     t = task.lower()
@@ -24,4 +27,6 @@ def build_prompt(task: str, embodiment_tag: str | None, template: str = "auto") 
         return _DROID_PROMPT.format(t=t)
     if embodiment_tag in ("agibot", "xdof"):
         return _AGIBOT_PROMPT.format(t=t)
+    if embodiment_tag == "yam":
+        return _YAM_PROMPT.format(t=t)
     return task

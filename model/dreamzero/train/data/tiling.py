@@ -15,6 +15,16 @@ def _resize(frames: np.ndarray, size: tuple) -> np.ndarray:
     return r.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def resize_frames(frames: np.ndarray, size: tuple) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, h, w, 3] as the release resizes a tiled frame for the 5B (F.interpolate,
+    bilinear, align_corners False, no antialiasing; here on the uint8 pixels, rounded)."""
+    if tuple(frames.shape[1:3]) == tuple(size):
+        return frames
+    t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    r = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+    return r.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def tile_views(views: list, tiling: str, view_size: tuple, wrist_index: int | None = None) -> np.ndarray:
     """Tile camera views (each uint8 [T, H_i, W_i, 3]) into one [T, 2h, 2w, 3] frame, (h, w) = view_size.
 
