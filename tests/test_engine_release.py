@@ -5,21 +5,15 @@ import pytest
 import torch
 
 from dreamzero.config import get_config
-from dreamzero.dreamzero import DreamZero
 from dreamzero.engine import DEFAULT_NEGATIVE_PROMPT, FirstFrame, Policy, PolicyConfig
+from tiny import tiny_model
 
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
 
-def tiny(name="tiny", seed=0):
-    cfg = get_config(name, num_embodiments=1)
-    torch.manual_seed(seed)
-    m = DreamZero(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m.eval()
+def tiny(name="tiny"):
+    return tiny_model(name, num_embodiments=1).eval()
 
 
 @pytest.fixture(scope="module")

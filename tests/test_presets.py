@@ -7,6 +7,7 @@ from dreamzero.cache import KVCache
 from dreamzero.config import PRESETS, RELEASE_LORA, config_names, get_config, tiny_config
 from dreamzero.dreamzero import DreamZero, count_parameters
 from dreamzero.layout import layout_for_config
+from tiny import tiny_model
 
 # What the release's scripts/train/*.sh, data YAMLs and action-head YAMLs set, preset by preset.
 RELEASE = {
@@ -95,12 +96,7 @@ def test_5b_shapes_in_the_layouts_and_the_cache():
 def _ti2v_model():
     cfg = tiny_config("droid-5b")
     assert cfg.name == "tiny-ti2v" and tiny_config("yam-14b").name == "tiny"
-    torch.manual_seed(0)
-    m = DreamZero(cfg).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m
+    return tiny_model(cfg, dtype=torch.float64, std=0.2)
 
 
 def test_ti2v_model_embeds_latents_only_and_keeps_the_clip_branch():
