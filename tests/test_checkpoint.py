@@ -375,13 +375,14 @@ def test_loading_does_not_hold_the_weights_twice(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- diffusers itself
-def _tiny_diffusers(seed=0):
+def _tiny_diffusers(seed=0, **config):
+    """A random tiny WanTransformer3DModel: the I2V layout of the 'tiny' config, or `config` over it."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
-    dm = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=36, out_channels=16,
-        text_dim=24, freq_dim=32, ffn_dim=128, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        eps=1e-6, image_dim=20, added_kv_proj_dim=64, rope_max_seq_len=64).eval()
+    kw = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=36, out_channels=16,
+              text_dim=24, freq_dim=32, ffn_dim=128, num_layers=2, cross_attn_norm=True,
+              qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=20, added_kv_proj_dim=64, rope_max_seq_len=64)
+    dm = diffusers.WanTransformer3DModel(**{**kw, **config}).eval()
     with torch.no_grad():       # random everything, norm weights around 1, so a swapped norm or projection shows
         for n, p in dm.named_parameters():
             p.copy_(0.2 * torch.randn_like(p) + (1.0 if ("norm" in n and n.endswith("weight")) else 0.0))
@@ -467,17 +468,23 @@ def test_read_checkpoint_index_reports_shapes(tmp_path):
     assert tensors["action_encoder.W2.W"].shape == (2, 128, 64) and tensors["action_encoder.W2.W"].dtype == "F32"
 
 
-def test_full_size_names_and_shapes_match_diffusers_i2v_14b():
-    """At the real shapes (built on the meta device): our droid-14b backbone maps one to one onto diffusers'
-    Wan2.1-I2V-14B transformer (the config of diffusers' conversion script), names and shapes."""
+@pytest.mark.parametrize("preset,theirs_kw", [
+    ("droid-14b", dict(num_attention_heads=40, in_channels=36, out_channels=16, ffn_dim=13824, num_layers=40,
+                       image_dim=1280, added_kv_proj_dim=5120)),
+    ("droid-5b", dict(num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336, num_layers=30,
+                      image_dim=None))], ids=["wan2.1-i2v-14b", "wan2.2-ti2v-5b"])
+def test_full_size_names_and_shapes_match_diffusers(preset, theirs_kw):
+    """At the real shapes (built on the meta device): our backbone, less what the Wan release lacks (the heads; the
+    5B's CLIP branch), maps one to one onto diffusers' transformer of that release (Wan2.1-I2V-14B as diffusers'
+    conversion script configures it, Wan2.2-TI2V-5B), names and shapes."""
     diffusers = pytest.importorskip("diffusers")
+    from dreamzero.checkpoint import backbone_lacks
     with torch.device("meta"):
-        ours = DreamZero("droid-14b")
+        ours = DreamZero(preset)
         theirs = diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-            text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120)
+            patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, **theirs_kw)
     mine = {to_layout_name(n, "diffusers"): tuple(t.shape) for n, t in ours.state_dict().items()
-            if not n.startswith(("action_", "state_"))}
+            if not backbone_lacks(n, ours.cfg.model_type)}
     ref = {n: tuple(t.shape) for n, t in theirs.state_dict().items()}
     assert mine == ref

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from dreamzero.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, to_layout_name
+from dreamzero.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from dreamzero.config import PRESETS, RELEASE_LORA, get_config, tiny_config
 from dreamzero.dreamzero import DreamZero
+from test_checkpoint import _part_attention, _tiny_diffusers      # tests/ is on sys.path (conftest's rootdir)
 
 PREFIX = "action_head.model."
 
@@ -183,35 +183,12 @@ def test_5b_from_the_wan22_release_files(tmp_path):
         load_model(cfg14, tmp_path / "w21.safetensors", allow_missing_heads=True)
 
 
-def _tiny_diffusers_ti2v(cfg, seed=0):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(seed)
-    dm = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=48, out_channels=48, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
-        rope_max_seq_len=64).eval()
-    with torch.no_grad():
-        for n, p in dm.named_parameters():
-            p.copy_(0.2 * torch.randn_like(p) + (1.0 if ("norm" in n and n.endswith("weight")) else 0.0))
-    return dm
-
-
-def _per_part_attention(q, k, v, layout, scale=None):
-    """Unmasked attention inside each part of the layout (diffusers' model is bidirectional over its frames)."""
-    out = torch.empty_like(q)
-    for p in layout.parts:
-        s = slice(p.start, p.start + p.length)
-        out[:, s] = F.scaled_dot_product_attention(q[:, s].transpose(1, 2), k[:, s].transpose(1, 2),
-                                                   v[:, s].transpose(1, 2), scale=scale).transpose(1, 2)
-    return out
-
-
 def test_5b_from_wan22_diffusers_gives_diffusers_outputs(tmp_path):
     """diffusers' Wan2.2 TI2V transformer (no image_embedder, no add_k/v_proj) loads into the 5B variant; with the
     CLIP branch's values at zero our video velocity is diffusers' output, per-token timesteps included."""
     cfg = tiny_config("droid-5b")
-    dm = _tiny_diffusers_ti2v(cfg)
+    dm = _tiny_diffusers(0, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=48,
+                         out_channels=48, ffn_dim=cfg.ffn_dim, image_dim=None, added_kv_proj_dim=None)
     dm.save_pretrained(tmp_path)
     model, report = load_model(cfg, tmp_path, allow_missing_heads=True, return_report=True)
     assert report.layout == "diffusers" and len(report.loaded) == len(dm.state_dict())
@@ -227,7 +204,7 @@ def test_5b_from_wan22_diffusers_gives_diffusers_outputs(tmp_path):
     text = torch.randn(B, cfg.text_len, cfg.text_dim, generator=g)
     t_video = torch.rand(B, Fr, generator=g) * 1000
     na = K * cfg.actions_per_chunk
-    model.ops = model.ops.replace(attention=_per_part_attention)
+    model.ops = model.ops.replace(attention=_part_attention)
     with torch.no_grad():
         ref = dm(lat, t_video.repeat_interleave(cfg.frame_tokens, dim=1), text).sample
         video, _ = model(model.layout("train", num_chunks=K), clean=torch.randn_like(lat), noisy=lat,
@@ -242,18 +219,3 @@ def test_5b_from_wan22_diffusers_gives_diffusers_outputs(tmp_path):
     sd = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
     missing, unexpected = dm.load_state_dict(sd, strict=True)
     assert not missing and not unexpected and set(sd) == set(dm.state_dict())
-
-
-def test_full_size_5b_names_and_shapes_match_diffusers_ti2v_5b():
-    """At the real shapes (meta device): droid-5b's backbone, less the CLIP branch and the heads, maps one to one onto
-    diffusers' Wan2.2-TI2V-5B transformer config."""
-    diffusers = pytest.importorskip("diffusers")
-    with torch.device("meta"):
-        ours = DreamZero("droid-5b")
-        theirs = diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
-            text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None)
-    mine = {to_layout_name(n, "diffusers"): tuple(t.shape) for n, t in ours.state_dict().items()
-            if not (n.startswith(("action_", "state_", "img_emb.")) or "_img" in n)}
-    assert mine == {n: tuple(t.shape) for n, t in theirs.state_dict().items()}

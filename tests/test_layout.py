@@ -127,7 +127,8 @@ def test_rules_differ_only_past_max_chunks_plus_one():
         for qs_kind, chunk in (("CLEAN", 5), ("CLEAN", 6), ("NOISY", 6), ("ACTION", 6)):
             i = next(i for i, s in enumerate(lay.q) if s.kind.name == qs_kind and s.chunk == chunk)
             frames_seen[(lay.rule, qs_kind, chunk)] = sorted(
-                ks.frame for j, ks in enumerate(lay.k) if lay.segment_mask()[i, j] and ks.kind.name in ("FIRST", "CLEAN"))
+                ks.frame for j, ks in enumerate(lay.k)
+                if lay.segment_mask()[i, j] and ks.kind.name in ("FIRST", "CLEAN"))
     assert frames_seen[("release", "CLEAN", 5)] == [0] + list(range(2, 11))
     assert frames_seen[("release", "CLEAN", 6)] == [0] + list(range(4, 13))
     assert frames_seen[("release", "NOISY", 6)] == frames_seen[("release", "ACTION", 6)] == list(range(0, 11))

@@ -11,8 +11,8 @@ from tiny import tiny_model
 
 # What the release's scripts/train/*.sh, data YAMLs and action-head YAMLs set, preset by preset.
 RELEASE = {
-    "droid-14b": dict(dim=5120, layers=40, heads=40, ffn=13824, in_dim=36, out_dim=16, frame_seqlen=880, view=(176, 320),
-                      robot=("droid", 8, 8), hz=15.0, init="Wan-AI/Wan2.1-I2V-14B-480P", arch="full"),
+    "droid-14b": dict(dim=5120, layers=40, heads=40, ffn=13824, in_dim=36, out_dim=16, frame_seqlen=880,
+                      view=(176, 320), robot=("droid", 8, 8), hz=15.0, init="Wan-AI/Wan2.1-I2V-14B-480P", arch="full"),
     "agibot-14b": dict(dim=5120, layers=40, heads=40, ffn=13824, in_dim=36, out_dim=16, frame_seqlen=880,
                        view=(176, 320), robot=("agibot", 22, 32), hz=30.0, init="GEAR-Dreams/DreamZero-AgiBot",
                        arch="lora"),
@@ -111,7 +111,8 @@ def test_ti2v_model_embeds_latents_only_and_keeps_the_clip_branch():
     x = dict(clean=r(B, 48, F, H, W), noisy=r(B, 48, F, H, W), t_video=torch.rand(B, F, generator=g) * 1000,
              actions=r(B, K * cfg.actions_per_chunk, cfg.action_dim),
              t_action=torch.rand(B, K * cfg.actions_per_chunk, generator=g) * 1000,
-             state=r(B, K, cfg.state_dim), text=r(B, cfg.text_len, cfg.text_dim), clip=r(B, cfg.clip_tokens, cfg.clip_dim))
+             state=r(B, K, cfg.state_dim), text=r(B, cfg.text_len, cfg.text_dim),
+             clip=r(B, cfg.clip_tokens, cfg.clip_dim))
     lay = layout_for_config(cfg, "train", num_chunks=K)
     v_tf, a_tf = m(lay, **x)
     assert v_tf.shape == x["noisy"].shape and a_tf.shape == x["actions"].shape

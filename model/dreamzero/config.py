@@ -8,19 +8,18 @@ configs (groot/vla/configs/data/dreamzero/*.yaml) and its model configs
 (groot/vla/configs/model/dreamzero/action_head/wan_flow_matching_action_tf{,_wan22}.yaml):
 
   name        backbone             robot   actions/chunk  views (each)  frames  latent        release scripts
-  droid-14b   Wan2.1-I2V-14B-480P  DROID   24 (15 Hz)     3 (176x320)   33      16 x 44 x 80  droid_training_full_finetune
-                                                                                                (LoRA: droid_training_lora)
+  droid-14b   Wan2.1-I2V-14B-480P  DROID   24 (15 Hz)     3 (176x320)   33      16 x 44 x 80  droid_training_*
   agibot-14b  Wan2.1-I2V-14B-480P  AgiBot  24 (30 Hz)     3 (176x320)   33      16 x 44 x 80  agibot_training (LoRA)
   yam-14b     Wan2.1-I2V-14B-480P  YAM     24 (30 Hz)     3 (176x320)   33      16 x 44 x 80  yam_training (LoRA)
-  droid-5b    Wan2.2-TI2V-5B       DROID   24 (15 Hz)     3 (160x320)   33      48 x 10 x 20  droid_training_full_finetune_wan22
-                                                                                                (LoRA: droid_training_wan22)
+  droid-5b    Wan2.2-TI2V-5B       DROID   24 (15 Hz)     3 (160x320)   33      48 x 10 x 20  droid_training_*wan22
 
 Every script sets num_frames=33, num_frame_per_block=2, num_action_per_block=24 (= action_horizon), one state per
 block, max_chunk_size=4 (local_attn_size 9); action/state vectors are padded to 32 / 64 (max_action_dim,
 max_state_dim). The views are tiled into one 2x2 frame (DROID: the wrist view stretched across the top row; the
 others: [view 0 | view 2] over [view 1 | black]); 14B: 352x640 -> VAE (stride 4x8x8) -> 44x80 -> 880 tokens.
 The AgiBot and YAM scripts fine-tune LoRA (rank 4, alpha 4, on q,k,v,o,ffn.0,ffn.2; the action/state modules in
-full) on top of the DreamZero-AgiBot checkpoint (`init_from`); the DROID LoRA scripts do the same from Wan's weights.
+full) on top of the DreamZero-AgiBot checkpoint (`init_from`); DROID has a full fine-tune script and a LoRA one
+(from Wan's weights) for each backbone.
 Robot vectors before padding: DROID 8 / 8 (7 joints + gripper), AgiBot 22 / 32, YAM 14 / 14 (action / state).
 
 The 5B backbone (model_type 'ti2v', docs/WAN22_BACKBONE.md of the release): dim 3072, 30 layers, 24 heads (head dim

@@ -254,9 +254,9 @@ class Policy:
             return self._neg_cache[key]
         self.negative_source = "zeros (no text encoder for the negative prompt)"
         warnings.warn("Policy.reset: no negative_text and no text encoder, so the unconditional branch runs on zero "
-                      "text features instead of PolicyConfig.negative_prompt (by default the release's negative prompt); "
-                      "pass negative_text=, give Policy(encoders=...), or set PolicyConfig(negative_prompt=None) to "
-                      "choose zero features", stacklevel=3)
+                      "text features instead of PolicyConfig.negative_prompt (by default the release's negative "
+                      "prompt); pass negative_text=, give Policy(encoders=...), or set PolicyConfig(negative_prompt="
+                      "None) to choose zero features", stacklevel=3)
         return torch.zeros_like(text)
 
     def _set_context(self, clip: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from .save import DEFAULT_MAX_SHARD_BYTES, save_checkpoint
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES", "DREAMZERO_FROZEN_PREFIXES", "DREAMZERO_PREFIX", "HEAD_PREFIXES", "LAYOUTS",
-    "CheckpointError", "LoadReport", "backbone_lacks", "detect_layout", "from_layout_name", "load_checkpoint", "load_model",
+    "CheckpointError", "LoadReport", "backbone_lacks", "detect_layout", "from_layout_name", "load_checkpoint",
+    "load_model",
     "read_checkpoint_index", "read_header", "resolve_checkpoint", "save_checkpoint", "to_layout_name",
 ]
