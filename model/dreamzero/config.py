@@ -22,7 +22,7 @@ full) on top of the DreamZero-AgiBot checkpoint (`init_from`); DROID has a full 
 (from Wan's weights) for each backbone.
 Robot vectors before padding: DROID 8 / 8 (7 joints + gripper), AgiBot 22 / 32, YAM 14 / 14 (action / state).
 
-The 5B backbone (model_type 'ti2v', docs/WAN22_BACKBONE.md of the release): dim 3072, 30 layers, 24 heads (head dim
+The 5B backbone (model_type 'ti2v'; the release's WAN22_BACKBONE.md guide): dim 3072, 30 layers, 24 heads (head dim
 128), FFN 14336; the Wan2.2 VAE (48 latent channels, stride 4x16x16); the 2x2 tile of 160x320 views is resized to
 160x320 before the VAE, so latents are 10x20 and a frame is 50 tokens; `concat_first_frame_latent=False`: the patch
 embedding takes the 48 latent channels only (cond_channels 0, no I2V mask/first-frame channels); the first image
