@@ -24,7 +24,6 @@ def build_policy(args) -> tuple:
     """The model and Policy a `dz serve` command line asks for; returns (policy, model_name)."""
     import torch
 
-    from ..config import get_config
     from ..engine import Policy, PolicyConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,7 +39,7 @@ def build_policy(args) -> tuple:
         pc = PolicyConfig(**kw)
     except ValueError as e:
         raise SystemExit(f"dz serve: {e}") from e
-    cfg = get_config(args.config)
+    cfg = _model_config(args)
     if args.checkpoint:
         try:
             from .. import checkpoint as ckpt
@@ -65,6 +64,28 @@ def build_policy(args) -> tuple:
     return Policy(model, pc), cfg.name
 
 
+def _model_config(args):
+    """--config NAME, else the dz_config.json that `dz export` writes beside a checkpoint, else tiny."""
+    import os
+
+    from ..config import get_config
+
+    if args.config is not None:
+        return get_config(args.config)
+    if args.checkpoint:
+        ckpt = args.checkpoint
+        folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+        path = os.path.join(folder, "dz_config.json")
+        if os.path.isfile(path):
+            from ..train.trainer import model_config_from_dict
+            try:
+                with open(path) as f:
+                    return model_config_from_dict(json.load(f))
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                raise SystemExit(f"dz serve: cannot read the model config {path}: {e}; pass --config NAME") from e
+    return get_config("tiny")
+
+
 def serve_parser() -> argparse.ArgumentParser:
     from ..config import config_names
 
@@ -72,7 +93,11 @@ def serve_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("weights (one of)")
     src.add_argument("--random-weights", action="store_true", help="random weights (seeded by --weight-seed)")
     src.add_argument("--checkpoint", metavar="PATH", help="safetensors checkpoint (dreamzero.checkpoint.load_model)")
-    p.add_argument("--config", default="tiny", choices=config_names(), help="model config (default tiny)")
+    p.add_argument("--config", default=None, choices=config_names(),
+                   help="model config (default: the checkpoint's dz_config.json, else tiny)")
+    p.add_argument("--protocol", default="native", choices=["native", "openpi"],
+                   help="native: this package's feature-level protocol; openpi: the openpi / RoboArena protocol of "
+                        "the DROID evaluation clients (raw camera frames and joint states in, joint targets out)")
     p.add_argument("--checkpoint-layout", default=None, choices=["dreamzero", "wan", "diffusers"],
                    help="key layout of the checkpoint (default: detected)")
     p.add_argument("--allow-missing-heads", action="store_true",
@@ -95,6 +120,14 @@ def serve_parser() -> argparse.ArgumentParser:
     pol.add_argument("--noise-seed", type=int, default=None, help="seed of the sampler noise (default: the policy's)")
     pol.add_argument("--no-smooth", action="store_true", help="return the raw action chunk (no smoothing)")
     pol.add_argument("--compile", default=None, help="torch.compile backend per DiT block (inductor, ...)")
+    op = p.add_argument_group("openpi protocol (--protocol openpi)")
+    op.add_argument("--encoders", metavar="PATH|tiny",
+                    help="frozen umT5/CLIP/VAE: a local Wan2.1-I2V *-Diffusers folder, or 'tiny' (random; tests)")
+    op.add_argument("--policy-metadata", metavar="PATH",
+                    help="statistics and transforms: dz_policy.json, the release's experiment_cfg/metadata.json, or "
+                         "a folder holding one (default: the --checkpoint folder)")
+    op.add_argument("--embodiment-tag", default=None, help="embodiment of the release's metadata (default: its only "
+                                                           "one, else oxe_droid)")
     srv = p.add_argument_group("server")
     srv.add_argument("--max-pending", type=int, default=DEFAULT_MAX_PENDING,
                      help="reset/step requests queued or running at once; more get a 'busy' reply")
@@ -118,9 +151,15 @@ def serve_main(argv: list[str]) -> int:
         parser.error("--actions-only skips the unconditional branch, so it cannot --return-video")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.protocol == "native" and (args.encoders or args.policy_metadata or args.embodiment_tag):
+        parser.error("--encoders, --policy-metadata and --embodiment-tag belong to --protocol openpi")
     policy, name = build_policy(args)
-    server = PolicyServer(policy, host=args.host, port=args.port, max_pending=args.max_pending,
-                          max_message_bytes=int(args.max_message_mb * 2**20), model_name=name)
+    if args.protocol == "openpi":
+        from .openpi_server import build_openpi_server
+        server = build_openpi_server(args, policy, name)
+    else:
+        server = PolicyServer(policy, host=args.host, port=args.port, max_pending=args.max_pending,
+                              max_message_bytes=int(args.max_message_mb * 2**20), model_name=name)
 
     async def run():
         await server.start()
@@ -133,8 +172,8 @@ def serve_main(argv: list[str]) -> int:
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"dz serve: WARNING: bound to {args.host}: anyone who can reach it can drive the policy "
                   "(no authentication)", file=sys.stderr, flush=True)
-        print(f"dz serve: {name} on {policy.device} ({policy.dtype}), {args.steps} step(s); listening on "
-              f"{server.url}", flush=True)
+        print(f"dz serve: {name} on {policy.device} ({policy.dtype}), {args.steps} step(s), {args.protocol} protocol; "
+              f"listening on {server.url}", flush=True)
         await server.wait_closed()
 
     asyncio.run(run())
