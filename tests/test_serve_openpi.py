@@ -3,6 +3,7 @@ openpi wire format: metadata on connect, an episode whose actions equal the pipe
 that leave the episode as it was, bounded error replies, sessions, RoboArena's reset, a new prompt, a failing policy.
 The real openpi-client drives `dz serve --protocol openpi` in test_serve_openpi_client.py."""
 import inspect
+import json
 
 import numpy as np
 import pytest
@@ -198,3 +199,25 @@ def test_oversized_messages_are_refused(parts):
     finally:
         c.close()
         srv.stop_background()
+
+
+def test_serve_command_openpi_argument_errors(capsys, tmp_path):
+    from dreamzero.serve import serve_main
+
+    with pytest.raises(SystemExit) as e:
+        serve_main(["--random-weights", "--encoders", "tiny"])
+    assert e.value.code == 2 and "belong to --protocol openpi" in capsys.readouterr().err
+    base = ["--protocol", "openpi", "--random-weights", "--device", "cpu", "--steps", "1"]
+    with pytest.raises(SystemExit, match="needs the checkpoint's statistics and transforms"):
+        serve_main(base + ["--encoders", "tiny"])
+    meta = tmp_path / "dz_policy.json"
+    meta.write_text(json.dumps(our_metadata()))
+    with pytest.raises(SystemExit, match="needs --encoders PATH"):
+        serve_main(base + ["--policy-metadata", str(meta)])
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a 'dz-policy' version 1 file"):
+        serve_main(base + ["--policy-metadata", str(tmp_path / "other.json"), "--encoders", "tiny"])
+    with pytest.raises(SystemExit, match=r"does not fit the model: .*8 state and 8 action dims; the model takes 5 "):
+        serve_main(base + ["--config", "tiny", "--policy-metadata", str(meta), "--encoders", "tiny"])
+    with pytest.raises(SystemExit, match="cannot load the encoders"):
+        serve_main(base + ["--policy-metadata", str(meta), "--encoders", str(tmp_path / "no-such-folder")])

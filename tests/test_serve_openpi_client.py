@@ -75,8 +75,8 @@ def openpi_python() -> str:
             with open(stamp, "w") as f:
                 json.dump({"packages": [OPENPI_CLIENT, *OPENPI_EXTRA],
                            "install_s": round(time.perf_counter() - t0, 1)}, f)
-    r = subprocess.run([py, "-c", "import numpy, openpi_client.websocket_client_policy; print(numpy.__version__)"], capture_output=True,
-                       text=True, timeout=120)
+    check = "import numpy, openpi_client.websocket_client_policy; print(numpy.__version__)"
+    r = subprocess.run([py, "-c", check], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("1."), r.stdout + r.stderr      # its own numpy < 2
     return py
 

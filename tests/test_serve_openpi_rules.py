@@ -257,8 +257,10 @@ def test_release_metadata_reader(tmp_path):
     assert list(m.action[0].stats["q99"]) == stats["action"]["joint_position"]["q99"]
     assert list(m.state[1].stats["q01"]) == stats["state"]["gripper_position"]["q01"]
     assert m.action_horizon == 24 and m.frames_per_call == 4 and m.prompt_template == "auto"
-    # the same from the metadata.json path, and through our schema and back
+    # the same from the metadata.json path, beside a weights file, and through our schema and back
     assert load_policy_metadata(str(tmp_path / "experiment_cfg" / "metadata.json")) == m
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert load_policy_metadata(str(tmp_path / "model.safetensors")) == m
     assert PolicyMetadata.from_dict(json.loads(json.dumps(m.to_dict()))) == m
     spec = RobotSpec.from_metadata(m)
     assert spec.server_config() == {"image_resolution": [180, 320], "needs_wrist_camera": True,

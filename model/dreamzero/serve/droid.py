@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import time
 
 import numpy as np
@@ -42,8 +41,6 @@ from ..train.data.stats import normalize, unnormalize
 from ..train.data.tiling import tile_views
 from .openpi import Request, RobotSpec
 from .protocol import RequestError
-
-log = logging.getLogger("dreamzero.serve")
 
 
 class FrameBuffer:

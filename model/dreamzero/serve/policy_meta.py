@@ -376,7 +376,7 @@ def load_policy_metadata(path: str, embodiment_tag: str | None = None) -> Policy
     """Policy metadata from `path`: a dz_policy.json file, the release's experiment_cfg/metadata.json, or a folder
     holding either (a checkpoint folder; a weights file's folder is searched too)."""
     path = os.fspath(path)
-    if os.path.isfile(path) and os.path.basename(path) != "metadata.json" and not path.endswith(".json"):
+    if os.path.isfile(path) and path.endswith((".safetensors", ".safetensors.index.json")):
         path = os.path.dirname(os.path.abspath(path))            # a weights file: look beside it
     if os.path.isdir(path):
         ours = os.path.join(path, FILENAME)
