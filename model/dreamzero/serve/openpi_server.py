@@ -75,33 +75,22 @@ class OpenPIServer(PolicyServer):
         """Decode and check one message on the event loop; returns an immediate reply, or None when the request
         went to the worker (requests reach it in arrival order)."""
         self.counters["requests"] += 1
-        if isinstance(raw, str):
-            return self._fail("expected a binary websocket message holding msgpack, got a text message")
-        if len(raw) > self.max_message_bytes:
-            return self._fail(f"message of {len(raw)} bytes exceeds the server's limit of {self.max_message_bytes} "
-                              "bytes (max_message_bytes)")
+        problem = self._frame_problem(raw)
+        if problem:
+            return self._fail(problem)
         try:
             req = self.robot.spec.parse(unpack(raw))
         except ProtocolError as e:
             return self._fail(f"malformed message: {e}")
         except RequestError as e:
             return self._fail(str(e))
-        if self._pending >= self.max_pending:
-            self.counters["busy"] += 1
-            return self._fail(f"busy: {self._pending} request(s) pending (max_pending={self.max_pending}); retry "
-                              "later")
-        if self._executor is None:
-            return self._fail("the server is shutting down")
-        self._pending += 1
-        fut = self._executor.submit(self._work_openpi, req, conn)
-        task = asyncio.ensure_future(self._complete_openpi(ws, req.endpoint, fut, t_recv))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        problem = self._queue_problem()
+        if problem:
+            return self._fail(problem)
+        self._submit(self._work_openpi, (req, conn), lambda fut: self._complete_openpi(ws, req.endpoint, fut, t_recv))
         return None
 
     async def _complete_openpi(self, ws, endpoint: str, fut, t_recv: float) -> None:
-        from websockets.exceptions import ConnectionClosed
-
         try:
             try:
                 out = await asyncio.wrap_future(fut)
@@ -124,13 +113,7 @@ class OpenPIServer(PolicyServer):
                 actions = out.pop("actions")
                 reply = pack({"actions": actions, "action": actions,
                               "server_timing": {"infer_ms": compute, "latency_ms": latency}, **out})
-        try:
-            await ws.send(reply)
-        except ConnectionClosed:
-            self.counters["disconnected_mid_request"] += 1
-            log.info("a client disconnected before its %s reply", endpoint)
-        except Exception:
-            log.exception("could not send the %s reply", endpoint)
+        await self._send(ws, reply, endpoint)
 
     # ------------------------------------------------------------------ the worker
     def _work_openpi(self, req, conn: str) -> dict:

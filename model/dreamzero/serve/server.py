@@ -303,11 +303,9 @@ class PolicyServer:
         """Decode and check one message on the event loop (no awaits: requests reach the worker in arrival order).
         Returns an immediate reply, or None when the request went to the worker."""
         self.counters["requests"] += 1
-        if isinstance(raw, str):
-            return self._error("expected a binary websocket message holding msgpack, got a text message")
-        if len(raw) > self.max_message_bytes:
-            return self._error(f"message of {len(raw)} bytes exceeds the server's limit of {self.max_message_bytes} "
-                               "bytes (max_message_bytes)")
+        problem = self._frame_problem(raw)
+        if problem:
+            return self._error(problem)
         try:
             msg = unpack(raw)
         except ProtocolError as e:
@@ -336,22 +334,51 @@ class PolicyServer:
                 checked = (validate_reset if kind == "reset" else validate_step)(msg, self.cfg)
         except RequestError as e:
             return self._error(str(e), kind, rid)
-        if self._pending >= self.max_pending:
-            self.counters["busy"] += 1
-            return self._error(f"busy: {self._pending} request(s) pending (max_pending={self.max_pending}); "
-                               "retry later", kind, rid)
-        if self._executor is None:
-            return self._error("the server is shutting down", kind, rid)
-        self._pending += 1
-        fut = self._executor.submit(self._work, kind, msg, checked)
-        task = asyncio.ensure_future(self._complete(ws, kind, rid, fut, t_recv))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        problem = self._queue_problem()
+        if problem:
+            return self._error(problem, kind, rid)
+        self._submit(self._work, (kind, msg, checked), lambda fut: self._complete(ws, kind, rid, fut, t_recv))
         return None
 
-    async def _complete(self, ws, kind: str, rid, fut, t_recv: float) -> None:
+    # shared with the openpi server (dreamzero.serve.openpi_server)
+    def _frame_problem(self, raw) -> str | None:
+        """Why a websocket message cannot be a request (a text message, or over max_message_bytes), or None."""
+        if isinstance(raw, str):
+            return "expected a binary websocket message holding msgpack, got a text message"
+        if len(raw) > self.max_message_bytes:
+            return (f"message of {len(raw)} bytes exceeds the server's limit of {self.max_message_bytes} bytes "
+                    "(max_message_bytes)")
+        return None
+
+    def _queue_problem(self) -> str | None:
+        """Why no request can be queued now (max_pending reached, shutting down), or None."""
+        if self._pending >= self.max_pending:
+            self.counters["busy"] += 1
+            return f"busy: {self._pending} request(s) pending (max_pending={self.max_pending}); retry later"
+        if self._executor is None:
+            return "the server is shutting down"
+        return None
+
+    def _submit(self, fn, args: tuple, complete) -> None:
+        """Run fn(*args) on the worker thread; complete(future) (a coroutine) replies when it is done."""
+        self._pending += 1
+        task = asyncio.ensure_future(complete(self._executor.submit(fn, *args)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, ws, data, kind: str) -> None:
+        """Send a worker's reply; a client gone before its reply is counted, not an error."""
         from websockets.exceptions import ConnectionClosed
 
+        try:
+            await ws.send(data)
+        except ConnectionClosed:
+            self.counters["disconnected_mid_request"] += 1
+            log.info("a client disconnected before its %s reply", kind)
+        except Exception:
+            log.exception("could not send the %s reply", kind)
+
+    async def _complete(self, ws, kind: str, rid, fut, t_recv: float) -> None:
         try:
             try:
                 reply = await asyncio.wrap_future(fut)
@@ -369,13 +396,7 @@ class PolicyServer:
                 self.latency.add(latency)
                 self.compute.add(reply.pop("_compute_ms"))
             reply["id"] = rid
-        try:
-            await ws.send(pack(reply))
-        except ConnectionClosed:
-            self.counters["disconnected_mid_request"] += 1
-            log.info("a client disconnected before its %s reply", kind)
-        except Exception:
-            log.exception("could not send the %s reply", kind)
+        await self._send(ws, pack(reply), kind)
 
     # ------------------------------------------------------------------ the worker
     def _work(self, kind: str, msg: dict, checked: dict | None) -> dict:
