@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from openpi_helpers import RES, VIEW_SIZE, VIEWS, droid_stats, observation, our_metadata, write_release_experiment_cfg
 
-from dreamzero.serve.droid import FrameBuffer, chunk_video, prepare_view, resolve_embodiment
+from dreamzero.serve.droid import FrameBuffer, chunk_video, prepare_view, resolve_embodiment, unnormalize
 from dreamzero.serve.openpi import MAX_ERROR_CHARS, RobotSpec, error_text, pack, unpack
 from dreamzero.serve.policy_meta import (PolicyMetadata, PolicyMetadataError, from_dataset, load_policy_metadata,
                                          write_policy_metadata)
 from dreamzero.serve.protocol import ProtocolError, RequestError
-from dreamzero.train.data.stats import normalize, unnormalize
+from dreamzero.train.data.stats import normalize
 
 
 # ---------------------------------------------------------------------------------------------- frames
@@ -342,6 +342,39 @@ def test_metadata_from_a_dataset_reproduces_the_training_clips(tmp_path):
     views = {n: decode_frames(ep.video_paths[n], ep.timestamps[steps], tolerance=0.5 / ds.fps + 1e-4)
              for n, _ in ds.modality.video}
     assert np.array_equal(robot.tile(views), clip.frames[:2])
+
+    # an export with `dz export`'s dz_stats.json alone (format dz-stats/1, dreamzero.train.export): the cameras come
+    # from the dataset and prepared folder it names, the statistics from the file
+    export, prepared = tmp_path / "export", tmp_path / "prepared"
+    export.mkdir()
+    prepared.mkdir()
+    (prepared / "prepared.json").write_text(json.dumps({"settings": {"data_config": ds.cfg.to_dict()}}))
+
+    def entries(modality, subkeys):
+        out = []
+        for s in subkeys:
+            st = ds._norm_stats(modality, s)
+            e = {"key": s.name, "source_key": s.original_key, "source_dims": [s.start, s.end],
+                 "dims": [s.start, s.end], **{k: [float(v) for v in st[k]] for k in ("q01", "q99")}}
+            if modality == "action":
+                e["relative"] = s.name in ds.relative_keys
+            out.append(e)
+        return out
+
+    act = entries("action", ds.modality.action)
+    act[1]["q99"] = [9.0]                                       # the export's statistics are the authority
+    doc = {"format": "dz-stats/1", "datasets": [
+        {"embodiment_id": 1, "embodiment_tag": "oxe_droid", "normalization": "q99", "action_horizon": 24,
+         "state_dim": 64, "action_dim": 32, "state": entries("state", ds.modality.state), "action": act,
+         "dataset": root, "prepared": str(prepared)}]}
+    (export / "dz_stats.json").write_text(json.dumps(doc))
+    m2 = load_policy_metadata(str(export))
+    assert m2.video_keys == meta.video_keys and m2.resolution == meta.resolution and m2.tiling == "droid"
+    assert m2.state == meta.state and m2.action[0] == meta.action[0] and m2.action[1].stats["q99"] == (9.0,)
+    doc["datasets"][0]["dataset"] = str(tmp_path / "elsewhere")
+    (export / "dz_stats.json").write_text(json.dumps(doc))
+    with pytest.raises(PolicyMetadataError, match="write dz_policy.json beside the weights"):
+        load_policy_metadata(str(export))
 
 
 # ---------------------------------------------------------------------------------------------- wire format

@@ -20,8 +20,8 @@ head's lazy_joint_video_action, GrootSimPolicy.unapply):
 - the state: each key normalized with its statistics, concatenated in the metadata's order, zero-padded to the
   model's state width;
 - the actions: the first sum(dims) channels of the model's chunk, split per key, un-normalized with the key's
-  statistics (stats.unnormalize), the raw state of the same key added for relative keys (DROID: the joints; the
-  gripper is absolute), concatenated: [N, 7 + 1] for DROID.
+  statistics (`unnormalize`, the release's inverse), the raw state of the same key added for relative keys (DROID:
+  the joints; the gripper is absolute), concatenated: [N, 7 + 1] for DROID.
 One model, one episode: an episode is named by the request's session_id, else by the connection; a request from
 another episode starts a new one (first call: one frame).
 """
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..encoders import clean_prompt
 from ..train.data.prompts import build_prompt
-from ..train.data.stats import normalize, unnormalize
+from ..train.data.stats import normalize
 from ..train.data.tiling import tile_views
 from .openpi import Request, RobotSpec
 from .protocol import RequestError
@@ -100,6 +100,21 @@ def chunk_video(frames: torch.Tensor, frames_per_chunk: int, temporal_stride: in
                          f"{temporal_stride}): the release's rule needs T a multiple of {temporal_stride} that "
                          f"divides {need}")
     return frames if per == frames_per_chunk else torch.repeat_interleave(frames, frames_per_chunk // per, dim=2)
+
+
+def unnormalize(x: np.ndarray, stats: dict, mode: str) -> np.ndarray:
+    """The release's inverse of the normalization (state_action.py, Normalizer.inverse), in float64:
+    q99: (x + 1) / 2 (q99 - q01) + q01; min_max: (x + 1) / 2 (max - min) + min; mean_std: x std + mean; none: x.
+    (Where q01 == q99 this gives q01, the constant value of such a dim.)"""
+    x = np.asarray(x, dtype=np.float64)
+    if mode == "none":
+        return x
+    if mode in ("q99", "min_max"):
+        lo, hi = (np.asarray(stats[n], np.float64) for n in (("q01", "q99") if mode == "q99" else ("min", "max")))
+        return (x + 1.0) / 2.0 * (hi - lo) + lo
+    if mode == "mean_std":
+        return x * np.asarray(stats["std"], np.float64) + np.asarray(stats["mean"], np.float64)
+    raise ValueError(f"unknown normalization mode {mode!r}")
 
 
 def to_model_video(tiled: np.ndarray) -> torch.Tensor:

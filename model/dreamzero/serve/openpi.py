@@ -37,7 +37,7 @@ import numpy as np
 
 from .protocol import _DTYPE_RE, _MAX_NDIM, ProtocolError, RequestError
 
-MAX_ERROR_CHARS = 2000          # an error reply's length bound (the native protocol has none of its own yet)
+MAX_ERROR_CHARS = 1024          # an error reply's length bound (the native protocol's, being added there)
 MAX_PROMPT_CHARS = 4096
 MAX_SESSION_ID_CHARS = 256
 RESET_REPLY = "reset successful"

@@ -11,7 +11,8 @@ Two sources, one schema (`PolicyMetadata`, written as `dz_policy.json`, format "
   `embodiment_tag_to_projector_index`). `from_release` reads them as the release's GrootSimPolicy does;
 - a dataset of ours (`from_dataset(LeRobotDataset)`): the statistics and keys the trainer normalized with, the
   camera resolution of its videos and the tiling it trained with; `write_policy_metadata` puts the result beside
-  exported weights.
+  exported weights. An export whose folder holds only `dz export`'s dz_stats.json (statistics and keys, no cameras)
+  is read with `from_export_stats`, which takes the cameras from the dataset and prepared folder it names.
 
 The schema (every field required unless marked):
     {"format": "dz-policy", "version": 1,
@@ -39,6 +40,7 @@ import os
 FORMAT = "dz-policy"
 VERSION = 1
 FILENAME = "dz_policy.json"
+EXPORT_STATS = "dz_stats.json"          # what `dz export` writes beside the weights (dreamzero.train.export)
 RELEASE_DIR = "experiment_cfg"
 NORM_MODES = ("q99", "mean_std", "min_max", "none")
 _NEEDS = {"q99": ("q01", "q99"), "mean_std": ("mean", "std"), "min_max": ("min", "max"), "none": ()}
@@ -352,6 +354,48 @@ def from_dataset(ds, embodiment_id: int | None = None, frames_per_call: int = RE
     return PolicyMetadata.from_dict(d, f"dataset {ds.root}")
 
 
+def from_export_stats(doc: dict, embodiment_tag: str | None = None, where: str = "dz_stats.json") -> PolicyMetadata:
+    """The schema for an export of ours whose folder holds `dz export`'s dz_stats.json ("dz-stats/1": per training
+    dataset, the state/action keys with their statistics, relative keys, embodiment; see dreamzero.train.export) but
+    no dz_policy.json. dz_stats.json does not describe the cameras, so the dataset and prepared folder it names are
+    read (resolution, views, tiling, the data config), and its statistics override theirs."""
+    def fail(msg):
+        raise PolicyMetadataError(f"{where}: {msg}")
+
+    if not isinstance(doc, dict) or doc.get("format") != "dz-stats/1":
+        fail(f"not a 'dz-stats/1' file (format={doc.get('format') if isinstance(doc, dict) else None!r})")
+    entries = [e for e in doc.get("datasets") or [] if isinstance(e, dict) and e.get("action")]
+    if embodiment_tag is not None:
+        entries = [e for e in entries if e.get("embodiment_tag") == embodiment_tag]
+    if len(entries) != 1:
+        fail(f"{len(entries)} datasets with actions{' for ' + repr(embodiment_tag) if embodiment_tag else ''}; "
+             "pick one with --embodiment-tag" if entries else "no dataset with actions to serve")
+    e = entries[0]
+    prepared = os.path.join(str(e.get("prepared") or ""), "prepared.json")
+    if not e.get("dataset") or not os.path.isdir(e["dataset"]) or not os.path.isfile(prepared):
+        fail(f"the cameras' layout is not in the export and the dataset it names ({e.get('dataset')}) or its prepared "
+             f"folder ({e.get('prepared')}) is not here: write dz_policy.json beside the weights with "
+             "dreamzero.serve.policy_meta.write_policy_metadata(folder, from_dataset(LeRobotDataset(root, data_cfg)))")
+    from ..train.data import DataConfig, LeRobotDataset
+
+    data_cfg = _read_json(prepared).get("settings", {}).get("data_config")
+    try:
+        ds = LeRobotDataset(e["dataset"], DataConfig(**data_cfg))
+    except (TypeError, ValueError, OSError) as err:
+        fail(f"cannot read the training dataset {e['dataset']} with the data config of {prepared}: {err}")
+    d = from_dataset(ds, embodiment_id=int(e["embodiment_id"])).to_dict()
+    for section in ("state", "action"):
+        ours = {x["key"]: x for x in e[section]}
+        if [x["key"] for x in d[section]] != [x["key"] for x in e[section]]:
+            fail(f"its {section} keys {list(ours)} are not the dataset's {[x['key'] for x in d[section]]}")
+        for x in d[section]:
+            x["stats"] = {n: ours[x["key"]][n] for n in _NEEDS[x["normalization"]]}      # the export's statistics
+            if section == "action":
+                x["relative"] = bool(ours[x["key"]].get("relative", False))
+    d["source"] = f"{where} (cameras from {e['dataset']})"
+    return PolicyMetadata.from_dict(d, where)
+
+
 def write_policy_metadata(folder: str, meta: PolicyMetadata) -> str:
     """Write `meta` as `<folder>/dz_policy.json` (atomically); returns the path."""
     from ..atomic import atomic_write_json
@@ -381,14 +425,17 @@ def load_policy_metadata(path: str, embodiment_tag: str | None = None) -> Policy
     if os.path.isdir(path):
         ours = os.path.join(path, FILENAME)
         rel = os.path.join(path, RELEASE_DIR, "metadata.json")
+        stats = os.path.join(path, EXPORT_STATS)
         if os.path.isfile(ours):
             path = ours
         elif os.path.isfile(rel):
             path = rel
+        elif os.path.isfile(stats):
+            return from_export_stats(_read_json(stats), embodiment_tag, where=stats)
         else:
-            raise PolicyMetadataError(f"{path} holds no policy metadata: neither {FILENAME} (dz export) nor "
-                                      f"{RELEASE_DIR}/metadata.json + conf.yaml (the DreamZero release); pass "
-                                      "--policy-metadata FILE")
+            raise PolicyMetadataError(f"{path} holds no policy metadata: neither {FILENAME} nor {EXPORT_STATS} (dz "
+                                      f"export) nor {RELEASE_DIR}/metadata.json + conf.yaml (the DreamZero release); "
+                                      "pass --policy-metadata FILE")
     if not os.path.isfile(path):
         raise PolicyMetadataError(f"policy metadata file not found: {path}")
     if os.path.basename(path) == "metadata.json":
@@ -408,7 +455,10 @@ def load_policy_metadata(path: str, embodiment_tag: str | None = None) -> Policy
         if not isinstance(conf, dict):
             raise PolicyMetadataError(f"{conf_path} is not a YAML mapping")
         return from_release(_read_json(path), conf, embodiment_tag, where=os.path.dirname(path))
-    meta = PolicyMetadata.from_dict(_read_json(path), path)
+    doc = _read_json(path)
+    if isinstance(doc, dict) and doc.get("format") == "dz-stats/1":
+        return from_export_stats(doc, embodiment_tag, where=path)
+    meta = PolicyMetadata.from_dict(doc, path)
     if embodiment_tag is not None and embodiment_tag != meta.embodiment_tag:
         raise PolicyMetadataError(f"{path} is for embodiment {meta.embodiment_tag!r}, not {embodiment_tag!r}")
     return meta

@@ -41,21 +41,3 @@ def normalize(x: np.ndarray, stats: dict, mode: str) -> np.ndarray:
         ok = sd != 0
         return np.where(ok, (x - mu) / np.where(ok, sd, 1.0), x).astype(np.float32)
     raise ValueError(f"unknown normalization mode {mode!r}")
-
-
-def unnormalize(x: np.ndarray, stats: dict, mode: str) -> np.ndarray:
-    """The inverse of `normalize` as the release applies it to the model's actions (Normalizer.inverse), in float64:
-
-    q99: (x + 1) / 2 (q99 - q01) + q01; min_max: (x + 1) / 2 (max - min) + min; mean_std: x std + mean (everywhere,
-    also where the forward left x unchanged); none: x.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if mode == "none":
-        return x
-    if mode in ("q99", "min_max"):
-        lo_name, hi_name = ("q01", "q99") if mode == "q99" else ("min", "max")
-        lo, hi = np.asarray(stats[lo_name], np.float64), np.asarray(stats[hi_name], np.float64)
-        return (x + 1.0) / 2.0 * (hi - lo) + lo
-    if mode == "mean_std":
-        return x * np.asarray(stats["std"], np.float64) + np.asarray(stats["mean"], np.float64)
-    raise ValueError(f"unknown normalization mode {mode!r}")
