@@ -164,7 +164,7 @@ def build_openpi_server(args, policy, name: str) -> OpenPIServer:
     """The server a `dz serve --protocol openpi` command line asks for (SystemExit with one line on a mistake)."""
     from .policy_meta import PolicyMetadataError, load_policy_metadata
 
-    source = args.policy_metadata or args.checkpoint
+    source = args.policy_metadata or getattr(args, "export", None) or args.checkpoint
     if source is None:
         raise SystemExit("dz serve: --protocol openpi needs the checkpoint's statistics and transforms: pass "
                          "--policy-metadata PATH (dz_policy.json, or the release's experiment_cfg/metadata.json)")
