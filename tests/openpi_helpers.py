@@ -22,6 +22,13 @@ def tiny_cfg():
     return get_config("tiny", action_dim=10, state_dim=10)
 
 
+def tiny_droid_model(cfg=None):
+    """The tiny DROID-shaped model from the suite's builder (every weight random, the output heads too)."""
+    from tiny import tiny_model
+
+    return tiny_model(cfg or tiny_cfg()).eval()
+
+
 def _stats(rng, dim: int, center: float, spread: float) -> dict:
     lo = center - spread * (0.5 + rng.random(dim))
     hi = center + spread * (0.5 + rng.random(dim))

@@ -7,14 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("websockets", reason="the server needs the 'serve' extra: pip install 'dz-kernels[serve]'")
 
-from openpi_helpers import RES, observation, our_metadata, tiny_cfg  # noqa: E402
+from openpi_helpers import RES, observation, our_metadata, tiny_cfg, tiny_droid_model  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from dreamzero.dreamzero import DreamZero  # noqa: E402
 from dreamzero.engine import Policy, PolicyConfig  # noqa: E402
 from dreamzero.serve.droid import RobotPolicy  # noqa: E402
 from dreamzero.serve.openpi import MAX_ERROR_CHARS, RESET_REPLY, pack, unpack  # noqa: E402
@@ -25,9 +23,7 @@ from dreamzero.serve.policy_meta import PolicyMetadata  # noqa: E402
 @pytest.fixture(scope="module")
 def parts():
     cfg = tiny_cfg()
-    torch.manual_seed(0)
-    model = DreamZero(cfg).eval()
-    return model, build_encoders("tiny", cfg, "cpu"), PolicyMetadata.from_dict(our_metadata())
+    return tiny_droid_model(cfg), build_encoders("tiny", cfg, "cpu"), PolicyMetadata.from_dict(our_metadata())
 
 
 def new_robot(parts, policy_cls=Policy):

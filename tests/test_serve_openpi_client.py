@@ -22,11 +22,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("websockets", reason="the server needs the 'serve' extra: pip install 'dz-kernels[serve]'")
 
-from openpi_helpers import RES, VIEWS, tiny_cfg, write_release_experiment_cfg  # noqa: E402
+from openpi_helpers import RES, VIEWS, tiny_cfg, tiny_droid_model, write_release_experiment_cfg  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPENPI_CLIENT = "openpi-client==0.1.2"
@@ -91,12 +90,10 @@ def ckpt_cfg():
 def checkpoint(tmp_path_factory):
     """A tiny DROID-shaped checkpoint in the release's layout: weights, dz_config.json, experiment_cfg/."""
     from dreamzero.checkpoint import save_checkpoint
-    from dreamzero.dreamzero import DreamZero
 
     folder = tmp_path_factory.mktemp("droid_ckpt")
     cfg = ckpt_cfg()
-    torch.manual_seed(0)
-    save_checkpoint(DreamZero(cfg).eval(), str(folder))
+    save_checkpoint(tiny_droid_model(cfg), str(folder))
     with open(folder / "dz_config.json", "w") as f:
         json.dump(dataclasses.asdict(cfg), f)
     write_release_experiment_cfg(str(folder))

@@ -92,16 +92,14 @@ def test_release_eval_view_transform():
 
 
 def robot_for(meta_dict, cfg=None, encoders=None):
-    from openpi_helpers import tiny_cfg
+    from openpi_helpers import tiny_cfg, tiny_droid_model
 
-    from dreamzero.dreamzero import DreamZero
     from dreamzero.engine import Policy, PolicyConfig
     from dreamzero.serve.droid import RobotPolicy
     from dreamzero.serve.openpi_server import build_encoders
 
     cfg = cfg or tiny_cfg()
-    torch.manual_seed(0)
-    policy = Policy(DreamZero(cfg).eval(), PolicyConfig(num_steps=1))
+    policy = Policy(tiny_droid_model(cfg), PolicyConfig(num_steps=1))
     return RobotPolicy(policy, encoders or build_encoders("tiny", cfg, "cpu"), PolicyMetadata.from_dict(meta_dict))
 
 
