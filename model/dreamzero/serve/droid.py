@@ -1,4 +1,5 @@
-"""Raw robot observations in, absolute joint targets out: the DreamZero release's DROID serving rules around a Policy.
+"""Raw robot observations in, absolute joint targets out: the DreamZero release's DROID serving rules around a Policy
+(docs/reference.md#serving-droid).
 
 Written from the release (dreamzero0/dreamzero: socket_test_optimized_AR.py's ARDroidRoboarenaPolicy, the eval
 transforms of groot/vla/data/transform/{video,state_action,concat}.py, DreamTransform._prepare_video, the action
