@@ -79,6 +79,8 @@ def test_metadata_and_an_episode_match_the_pipeline(parts, server):
             assert a.dtype == np.float32 and a.shape == (3, 8) and np.isfinite(a).all()
             assert np.array_equal(a, w) and np.array_equal(r["action"], a)
             assert r["episode"]["call"] == i + 1 and r["episode"]["new"] == (i == 0)
+            # the 4th call ends the tiny model's window (3 chunks): the release restarts from the newest raw frame
+            assert r["episode"]["window_reset"] == ("raw" if i == 3 else None) and r["chunk"] == [1, 2, 3, 1, 2][i]
             t = r["server_timing"]
             assert 0 < t["infer_ms"] <= t["latency_ms"]
             assert set(r["timings_ms"]) >= {"preprocess_ms", "total_ms"}
