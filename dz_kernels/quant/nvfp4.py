@@ -13,7 +13,9 @@ How the GEMMs compute:
   W4A16: each weight tile is unpacked in registers: E2M1 code -> value -> times its E4M3 block scale, which is exact
     in bf16 (a 2-bit-significand value times a 4-bit-significand scale needs 5 bits; bf16 has 8, and the range
     2^-10 .. 2688 is inside bf16's and fp16's), then a bf16 (or fp16) tensor-core dot with float32 accumulation;
-    the FP32 global scale multiplies the accumulator once at the end.
+    the FP32 global scale multiplies the accumulator once at the end. Decode-like M (by default M <= 16; the config
+    table's w4a16_path decides) runs the split-K kernel of nvfp4_splitk.py instead: the same products, K spread
+    over many programs so the 4-bit weight streams through every multiprocessor once.
   W4A4, sm_100 (Blackwell): `tl.dot_scaled(a, a_scale, "e2m1", w^T, w_scale, "e2m1")` with the E4M3 scales per 16:
     Triton's NVFP4 form of the block-scaled MMA (tcgen05.mma kind::mxf4nvf4 block16; checked by compiling this
     kernel for sm_100 in tests/test_quant_nvfp4.py). Both global scales multiply the accumulator at the end.
@@ -41,7 +43,7 @@ from .formats import (
 )
 
 __all__ = ["quantize_nvfp4", "dequantize_nvfp4", "nvfp4_gemm_w4a16", "nvfp4_gemm_w4a4", "nvfp4_linear",
-           "nvfp4_global_scale_device", "dot_scaled_available"]
+           "nvfp4_global_scale_device", "dot_scaled_available", "w4a16_path"]
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -247,12 +249,32 @@ def _launch_w4a16(x, w, ws, wg, bias, activation, gate, residual, out_dtype):
     (G, sgm, sgn, Rz, srm, srn), has_gate, has_res = _epilogue_args(out, gate, residual, M, N)
     if x.dtype == torch.float32:  # 16-bit activations: the tensor-core dot takes bf16 (documented in nvfp4_linear)
         x = x.to(torch.bfloat16)
+    if w4a16_path(M, N, K, x.device) == "splitk":
+        from .nvfp4_splitk import launch_w4a16_splitk
+
+        config = cm.launch_config("nvfp4", "splitk", x.device, m=M, n=N, k=K)
+        if cm.interpreting():  # small tiles: several N blocks, K slices and a ragged last slice at test sizes
+            config = dict(config, BLOCK_N=min(int(config["BLOCK_N"]), 32), BLOCK_K=min(int(config["BLOCK_K"]), 64),
+                          SPLIT_K=int(config["SPLIT_K"]) or 3)
+        launch_w4a16_splitk(x, w, ws, wg, bias, activation_code(activation), (G, sgm, sgn, Rz, srm, srn),
+                            has_gate, has_res, out, config)
+        return out
     args = (x, w, ws, wg, bias if bias is not None else out, G, Rz, out, M, N, K,
             x.stride(0), w.stride(0), ws.stride(0), sgm, sgn, srm, srn, out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACT=activation_code(activation), HAS_GATE=has_gate, HAS_RES=has_res,
                  INTERPRET=cm.interpreting())
-    launch_gemm(_nvfp4_w4a16_kernel, _w4a16_tuned, M, N, args, flags, cm.interpreting())
+    config = None if cm.interpreting() else cm.launch_config("nvfp4", "w4a16", x.device, m=M, n=N, k=K)
+    launch_gemm(_nvfp4_w4a16_kernel, _w4a16_tuned, M, N, args, flags, cm.interpreting(), config)
     return out
+
+
+def w4a16_path(M: int, N: int, K: int, device) -> str:
+    """Which W4A16 kernel runs for an [M, K] x [N, K] product on `device`: "splitk" (nvfp4_splitk.py, decode-like
+    M) or "tiled" (the tiled GEMM above), from the config table (dz_kernels/configs/nvfp4.json, kind w4a16_path)."""
+    path = cm.launch_config("nvfp4", "w4a16_path", device, m=M, n=N, k=K)["path"]
+    if path not in ("splitk", "tiled"):
+        raise ValueError(f"config table nvfp4: w4a16_path {path!r} is not 'splitk' or 'tiled'")
+    return path
 
 
 def _launch_w4a4(a, a_s, ag, w, ws, wg, bias, activation, gate, residual, out_dtype, use_dot_scaled):
@@ -267,7 +289,9 @@ def _launch_w4a4(a, a_s, ag, w, ws, wg, bias, activation, gate, residual, out_dt
             a.stride(0), a_s.stride(0), w.stride(0), ws.stride(0), sgm, sgn, srm, srn, out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACT=activation_code(activation), HAS_GATE=has_gate, HAS_RES=has_res,
                  USE_DOT_SCALED=use_dot_scaled, INTERPRET=cm.interpreting())
-    launch_gemm(_nvfp4_w4a4_kernel, _w4a4_tuned, M, N, args, flags, cm.interpreting())
+    config = None if cm.interpreting() else cm.launch_config("nvfp4", "w4a4", a.device, m=M, n=N, k=K,
+                                                                dot_scaled=bool(use_dot_scaled))
+    launch_gemm(_nvfp4_w4a4_kernel, _w4a4_tuned, M, N, args, flags, cm.interpreting(), config)
     return out
 
 
