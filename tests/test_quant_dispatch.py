@@ -58,11 +58,11 @@ def test_splitk_w4a16_against_float64(M, N, K, split, epilogue):
 def test_w4a16_path_by_table_and_both_paths_agree():
     assert nvfp4.w4a16_path(1, 5120, 5120, DEV) == "splitk"
     assert nvfp4.w4a16_path(16, 5120, 5120, DEV) == "splitk"
-    assert nvfp4.w4a16_path(17, 5120, 5120, DEV) == "tiled"
+    assert nvfp4.w4a16_path(17, 5120, 5120, DEV) == "dequant"
     wq, ws, wg = _weight(40, 128)
     x = torch.randn(4, 128).to(DEV, torch.bfloat16)
     outs = []
-    for path in ("splitk", "tiled"):
+    for path in ("splitk", "tiled", "dequant"):
         with configs.forced("nvfp4", "w4a16_path", {"path": path}):
             assert nvfp4.w4a16_path(4, 40, 128, DEV) == path
             outs.append(nvfp4.nvfp4_gemm_w4a16(x, wq, ws, wg))

@@ -15,7 +15,10 @@ How the GEMMs compute:
     2^-10 .. 2688 is inside bf16's and fp16's), then a bf16 (or fp16) tensor-core dot with float32 accumulation;
     the FP32 global scale multiplies the accumulator once at the end. Decode-like M (by default M <= 16; the config
     table's w4a16_path decides) runs the split-K kernel of nvfp4_splitk.py instead: the same products, K spread
-    over many programs so the 4-bit weight streams through every multiprocessor once.
+    over many programs so the 4-bit weight streams through every multiprocessor once. Large M (by default
+    M > 16) dequantizes the weight (E2M1 times its block scale, exact in bf16) once per call and runs torch's
+    dense GEMM with float32 output, then one pass applies the global scale and the epilogue ("dequant": the same
+    products and float32 accumulation, cuBLAS's tensor-core GEMM on a GPU).
   W4A4, sm_100 (Blackwell): `tl.dot_scaled(a, a_scale, "e2m1", w^T, w_scale, "e2m1")` with the E4M3 scales per 16:
     Triton's NVFP4 form of the block-scaled MMA (tcgen05.mma kind::mxf4nvf4 block16; checked by compiling this
     kernel for sm_100 in tests/test_quant_nvfp4.py). Both global scales multiply the accumulator at the end.
@@ -43,7 +46,7 @@ from .formats import (
 )
 
 __all__ = ["quantize_nvfp4", "dequantize_nvfp4", "nvfp4_gemm_w4a16", "nvfp4_gemm_w4a4", "nvfp4_linear",
-           "nvfp4_global_scale_device", "dot_scaled_available", "w4a16_path"]
+           "nvfp4_global_scale_device", "dot_scaled_available", "w4a16_path", "W4A16_PATHS"]
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -249,7 +252,16 @@ def _launch_w4a16(x, w, ws, wg, bias, activation, gate, residual, out_dtype):
     (G, sgm, sgn, Rz, srm, srn), has_gate, has_res = _epilogue_args(out, gate, residual, M, N)
     if x.dtype == torch.float32:  # 16-bit activations: the tensor-core dot takes bf16 (documented in nvfp4_linear)
         x = x.to(torch.bfloat16)
-    if w4a16_path(M, N, K, x.device) == "splitk":
+    path = w4a16_path(M, N, K, x.device)
+    if path == "dequant":
+        from .nvfp4_splitk import launch_scaled_epilogue
+
+        # e2m1 * block scale is exact in bf16/fp16; the global scale joins in float32 after the GEMM
+        wd = _launch_dequant(w, ws, torch.ones((), dtype=torch.float32, device=w.device), x.dtype)
+        launch_scaled_epilogue(_mm_f32(x, wd), wg, bias, activation_code(activation), (G, sgm, sgn, Rz, srm, srn),
+                               has_gate, has_res, out)
+        return out
+    if path == "splitk":
         from .nvfp4_splitk import launch_w4a16_splitk
 
         config = cm.launch_config("nvfp4", "splitk", x.device, m=M, n=N, k=K)
@@ -268,13 +280,39 @@ def _launch_w4a16(x, w, ws, wg, bias, activation, gate, residual, out_dtype):
     return out
 
 
+W4A16_PATHS = ("splitk", "tiled", "dequant")
+
+
 def w4a16_path(M: int, N: int, K: int, device) -> str:
     """Which W4A16 kernel runs for an [M, K] x [N, K] product on `device`: "splitk" (nvfp4_splitk.py, decode-like
-    M) or "tiled" (the tiled GEMM above), from the config table (dz_kernels/configs/nvfp4.json, kind w4a16_path)."""
+    M), "dequant" (the weight dequantized to the activation dtype by _nvfp4_dequant_kernel, then the dense GEMM of
+    torch, cuBLAS on a GPU, float32 accumulation and output, then one epilogue pass) or "tiled" (the tiled GEMM
+    above, dequantizing in registers), from the config table
+    (dz_kernels/configs/nvfp4.json, kind w4a16_path)."""
     path = cm.launch_config("nvfp4", "w4a16_path", device, m=M, n=N, k=K)["path"]
-    if path not in ("splitk", "tiled"):
-        raise ValueError(f"config table nvfp4: w4a16_path {path!r} is not 'splitk' or 'tiled'")
+    if path not in W4A16_PATHS:
+        raise ValueError(f"config table nvfp4: w4a16_path {path!r} is not one of {W4A16_PATHS}")
     return path
+
+
+_MM_OUT_DTYPE: list = []   # whether torch.mm(..., out_dtype=float32) runs here (found on the first CUDA call)
+
+
+def _mm_f32(x: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
+    """x @ wd^T with float32 accumulation and a float32 result: torch.mm(out_dtype=float32) on CUDA (cuBLAS, 16-bit
+    operands), float32 operands elsewhere (exact products of 16-bit values); where this torch has no float32 output
+    for 16-bit operands, its 16-bit linear (the product then rounded once to x's dtype)."""
+    if not x.is_cuda:
+        return torch.nn.functional.linear(x.float(), wd.float())
+    if not _MM_OUT_DTYPE:
+        try:
+            torch.mm(x[:1], wd[:1].t(), out_dtype=torch.float32)
+            _MM_OUT_DTYPE.append(True)
+        except (NotImplementedError, RuntimeError, TypeError):
+            _MM_OUT_DTYPE.append(False)
+    if _MM_OUT_DTYPE[0]:
+        return torch.mm(x, wd.t(), out_dtype=torch.float32)
+    return torch.nn.functional.linear(x, wd)
 
 
 def _launch_w4a4(a, a_s, ag, w, ws, wg, bias, activation, gate, residual, out_dtype, use_dot_scaled):

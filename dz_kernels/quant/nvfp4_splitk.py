@@ -29,7 +29,7 @@ from . import _common as cm
 from ._tl import _epilogue_store
 from .nvfp4 import _unpack_tile   # nvfp4.py imports this module only inside its launcher (no cycle at import)
 
-__all__ = ["launch_w4a16_splitk", "splitk_plan"]
+__all__ = ["launch_w4a16_splitk", "splitk_plan", "launch_scaled_epilogue"]
 
 
 @triton.jit
@@ -130,8 +130,22 @@ def launch_w4a16_splitk(x, w, ws, wg, bias, act_code: int, epilogue: tuple, has_
         SINGLE=single, HAS_BIAS=bias is not None, ACT=act_code, HAS_GATE=has_gate, HAS_RES=has_res,
         INTERPRET=interp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
     if not single:
-        rm, rn = 16, 128
-        _splitk_reduce_kernel[(triton.cdiv(N, rn), triton.cdiv(M, rm))](
-            part, wg, bias_t, G, Rz, out, M, N, split, part.stride(0), part.stride(1), sgm, sgn, srm, srn,
-            out.stride(0), HAS_BIAS=bias is not None, ACT=act_code, HAS_GATE=has_gate, HAS_RES=has_res,
-            BLOCK_M=rm, BLOCK_N=rn, **({} if interp else {"num_warps": 4}))
+        _launch_reduce(part, split, part.stride(0), wg, bias, act_code, epilogue, has_gate, has_res, out)
+
+
+def _launch_reduce(part, split: int, stride_s: int, wg, bias, act_code: int, epilogue: tuple, has_gate: bool,
+                   has_res: bool, out: torch.Tensor) -> None:
+    M, N = out.shape
+    G, sgm, sgn, Rz, srm, srn = epilogue
+    rm, rn = 16, 128
+    _splitk_reduce_kernel[(triton.cdiv(N, rn), triton.cdiv(M, rm))](
+        part, wg, bias if bias is not None else out, G, Rz, out, M, N, split, stride_s, part.stride(-2),
+        sgm, sgn, srm, srn, out.stride(0), HAS_BIAS=bias is not None, ACT=act_code, HAS_GATE=has_gate,
+        HAS_RES=has_res, BLOCK_M=rm, BLOCK_N=rn, **({} if cm.interpreting() else {"num_warps": 4}))
+
+
+def launch_scaled_epilogue(y: torch.Tensor, wg, bias, act_code: int, epilogue: tuple, has_gate: bool,
+                           has_res: bool, out: torch.Tensor) -> None:
+    """out = epilogue(wg * y) for a float32 (or 16-bit) product y [M, N] with unit column stride: one pass, one
+    rounding (the W4A16 "dequant" path's global scale, bias, activation, gate and residual)."""
+    _launch_reduce(y, 1, 0, wg, bias, act_code, epilogue, has_gate, has_res, out)
