@@ -21,7 +21,7 @@ Dispatch (one rule): when every query sees every key (e.g. a release-rule denois
 the cuDNN backend first, then flash, then mem-efficient (REFERENCE.md section 7: cuDNN leads dense attention on
 the H100). `dense_sdpa=False` forces the Triton kernel, `dense_sdpa=True` takes SDPA for dense layouts on any
 device. `sdpa_blocks=2` extends the rule to layouts made of two dense blocks (the control step), one SDPA call
-per block; off by default until measured against the kernel. On a CPU the kernels run under the Triton
+per block; its default is the config table's (mode infer), 1 until a tuning run measures the two calls faster. On a CPU the kernels run under the Triton
 interpreter (TRITON_INTERPRET=1 must be set before triton is imported); otherwise CPU tensors are rejected.
 
 Backward: dq, dk, dv from the saved log-sum-exp. deterministic=False adds dq with fp32 atomics inside the dk/dv
@@ -137,7 +137,7 @@ def _check_inputs(q, k, v, layout) -> None:
 
 def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout,
                      scale: float | None = None, deterministic: bool = False, *, config: TileConfig | None = None,
-                     dense_sdpa: bool | None = None, sdpa_blocks: int = 1) -> torch.Tensor:
+                     dense_sdpa: bool | None = None, sdpa_blocks: int | None = None) -> torch.Tensor:
     """Attention of q over k, v under `layout`'s visibility rule (see the module doc).
 
     q [B, Lq, H, D]; k, v [B, Lk, H, D] with Lq = layout.q_len, Lk = layout.k_len; scale defaults to D ** -0.5.
@@ -147,7 +147,8 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     backward).
     dense_sdpa: route dense layouts to SDPA (default: on CUDA unless deterministic). sdpa_blocks: with dense_sdpa,
     also route layouts made of up to this many dense blocks (`dense_blocks`, e.g. 2 for the control step) to one
-    SDPA call per block on views of q, k, v; 1 (the default) routes only fully dense layouts.
+    SDPA call per block on views of q, k, v; 1 routes only fully dense layouts; None (the default): the config's
+    sdpa_blocks (the table's: 1 until a tuning run measured the per-block SDPA calls faster than the kernel).
 
     Example:
         lay = layout_for_config(get_config("droid-14b"), "train")
@@ -161,6 +162,9 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     if dense_sdpa:
         if layout_is_dense(layout):
             return _dense_sdpa(q, k, v, scale)
+        if sdpa_blocks is None:
+            sdpa_blocks = (config if config is not None else
+                           default_config(q.device, q.dtype, D, config_mode(layout))).sdpa_blocks
         blocks = dense_blocks(layout) if sdpa_blocks > 1 else None
         if blocks is not None and len(blocks) <= sdpa_blocks:
             return torch.cat([_dense_sdpa(q[:, qa:qb], k[:, ka:kb], v[:, ka:kb], scale)

@@ -40,7 +40,9 @@ class TileConfig:
     block size a power of two >= 16 (tl.dot's minimum). dq_warps/dq_stages: the dq kernel's (None: the dk/dv
     kernel's). atomic_dq: the non-deterministic backward adds dq with atomics in the dk/dv kernel (True) or runs the
     separate dq kernel (False). heads_first: the launch grid puts batch x head on its fastest axis. fwd_ws: the
-    forward's key loop is warp-specialized (tl.range(..., warp_specialize=True))."""
+    forward's key loop is warp-specialized (tl.range(..., warp_specialize=True)). sdpa_blocks: layout_attention's
+    default for its argument of that name (layouts of up to this many dense blocks go to SDPA, one call per block,
+    when SDPA dispatch is on; 1: only fully dense layouts); not a kernel parameter."""
     fwd: tuple = (128, 64)
     dkv: tuple = (32, 128)
     dq: tuple = (128, 32)
@@ -53,6 +55,7 @@ class TileConfig:
     atomic_dq: bool = True
     heads_first: bool = False
     fwd_ws: bool = False
+    sdpa_blocks: int = 1
 
     def as_list(self) -> list:
         """The op's `tiles` argument (see the module doc)."""
@@ -71,6 +74,8 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name} must be 1, 2, 4, 8 or 16, got {w}")
         if self.fwd_stages < 1 or self.bwd_stages < 1 or (self.dq_stages is not None and self.dq_stages < 1):
             raise ValueError("TileConfig stages must be >= 1")
+        if not isinstance(self.sdpa_blocks, int) or self.sdpa_blocks < 1:
+            raise ValueError(f"TileConfig.sdpa_blocks must be an int >= 1, got {self.sdpa_blocks!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TileConfig":
