@@ -21,9 +21,10 @@ Method, per candidate (the current default first, so every sweep has a baseline)
      default is kept (differences that small are within the run-to-run spread). Every written entry says where
      it was measured (device, commit, date) and the winner's and the default's times.
 --budget-s bounds the whole run: no candidate starts after the deadline (the rest are "skipped" rows), and the
-winners among what was measured are still written. Each family takes a share of the budget; attention's forward
-and backward sweeps together fit in 3 minutes at the default candidate lists (each candidate compiles once, a
-few seconds, and is timed for about 0.1 s).
+winners among what was measured are still written. Each family also has its own cap (CAPS_S: attention 170 s,
+forward and backward together; fp8 90 s, nvfp4 60 s, fused 50 s, kv_cache 30 s): candidates are ordered so that
+the decisions that matter most run first (the default, then the dq pass, then tiles), since each candidate
+compiles once (a few seconds on the GPU machine) and is timed for about 0.1 s.
 
 --small: every sweep end to end at tiny shapes (on a CPU in the Triton interpreter; its timings are not speeds),
 the table written to DIR only, never installed. --max-candidates N keeps the first N candidates of each sweep.
@@ -45,8 +46,10 @@ from typing import Any, Callable
 FAMILIES = ("attention", "fp8", "nvfp4", "fused", "kv_cache")
 NAMES = FAMILIES + ("attention:fwd", "attention:bwd", "all")
 MIN_GAIN = 0.02
-# share of the budget each family gets when NAME is "all" (attention's own budget is split fwd 45% / bwd 55%)
-SHARES = {"attention": 0.4, "fp8": 0.2, "nvfp4": 0.15, "fused": 0.15, "kv_cache": 0.1}
+# seconds each family's sweep may take at most (attention: forward 45% / backward 55%); a run of several families
+# splits what is left in proportion to these. Sized from the first H200 run's compile times (a few seconds per
+# kernel variant) and the default candidate lists below.
+CAPS_S = {"attention": 170.0, "fp8": 90.0, "nvfp4": 60.0, "fused": 50.0, "kv_cache": 30.0}
 BF16_BAR = 1e-2
 
 
@@ -341,8 +344,8 @@ def _attn_config(base, **changes):
 def fwd_candidates(t: Tuner, default: dict) -> list:
     if t.small:
         return [default, _attn_config(default, fwd=[16, 32], heads_first=True)]
-    grid = [(128, 64, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 4, 3),
-            (128, 32, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 4)]
+    grid = [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+            (64, 128, 4, 3)]
     return [default] + [_attn_config(default, fwd=[m, n], fwd_warps=w, fwd_stages=s) for m, n, w, s in grid]
 
 
@@ -350,15 +353,14 @@ def bwd_dkv_candidates(t: Tuner, default: dict) -> list:
     base = _attn_config(default, atomic_dq=False)
     if t.small:
         return [base, _attn_config(base, dkv=[16, 32])]
-    grid = [(64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2),
-            (32, 128, 8, 2), (128, 64, 8, 2)]
+    grid = [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2)]
     return [base] + [_attn_config(base, dkv=[m, n], bwd_warps=w, bwd_stages=s) for m, n, w, s in grid]
 
 
 def bwd_dq_candidates(t: Tuner, base: dict) -> list:
     if t.small:
         return [base, _attn_config(base, dq=[32, 16])]
-    grid = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2)]
+    grid = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
     return [base] + [_attn_config(base, dq=[m, n], dq_warps=w, dq_stages=s) for m, n, w, s in grid]
 
 
@@ -393,7 +395,7 @@ def tune_attention(t: Tuner, parts=("fwd", "bwd")) -> dict:
     import torch
 
     import dz_kernels.attention as attn
-    from dreamzero.attention import attention_blockwise
+    from dreamzero.attention import attention_blockwise as attn_ref
     from dz_kernels.attention import TileConfig
 
     shapes = _attn_shapes(t)
@@ -406,8 +408,10 @@ def tune_attention(t: Tuner, parts=("fwd", "bwd")) -> dict:
             tc = TileConfig.from_dict(cfg)
             tc.validate()
             q, k, v = _attn_inputs(t, lay, B, H, D, seed)
-            ref = attention_blockwise(q, k, v, lay)
-            return (lambda: attn.layout_attention(q, k, v, lay, config=tc, dense_sdpa=False)), ref
+            ref = attn_ref(q, k, v, lay)
+            # sdpa_blocks > 1: the op's per-block SDPA dispatch (what the control step runs with that setting)
+            dense = tc.sdpa_blocks > 1
+            return (lambda: attn.layout_attention(q, k, v, lay, config=tc, dense_sdpa=dense)), ref
         return prepare
 
     train_rows = []
@@ -432,8 +436,15 @@ def tune_attention(t: Tuner, parts=("fwd", "bwd")) -> dict:
             if mode == "train":
                 train_rows = rows
             best, dflt = pick(rows)
+            if best is not None and mode == "infer":   # the kernel's best against one SDPA call per dense block
+                sdpa = run_candidates(t, "attention", "fwd-infer-dispatch", name,
+                                      [_attn_config(best.config, sdpa_blocks=2)], prepare_fwd(lay, B, H, D),
+                                      reference_config=default)
+                if sdpa[0].status == "ok" and sdpa[0].median_ms < best.median_ms:
+                    best = sdpa[0]
             if best is not None:
-                keep = {k: best.config[k] for k in ("fwd", "fwd_warps", "fwd_stages", "heads_first", "fwd_ws")}
+                keep = {k: best.config[k] for k in ("fwd", "fwd_warps", "fwd_stages", "heads_first", "fwd_ws",
+                                                    "sdpa_blocks")}
                 entries["tiles"].append(_entry(t, {"head_dim": D, "dtype": "bfloat16", "mode": mode}, keep,
                                                f"fwd {name}", best, dflt))
 
@@ -454,7 +465,7 @@ def tune_attention(t: Tuner, parts=("fwd", "bwd")) -> dict:
             dout = torch.randn(q.shape, device=t.device, generator=torch.Generator(device=t.device)
                                .manual_seed(seed + 1)).to(torch.bfloat16)
             with torch.enable_grad():
-                ref = torch.autograd.grad(attention_blockwise(q, k, v, lay), (q, k, v), dout)
+                ref = torch.autograd.grad(attn_ref(q, k, v, lay), (q, k, v), dout)
 
             def run():
                 with torch.enable_grad():
@@ -505,7 +516,7 @@ def _linear_inputs(t, M, K, N, seed):
 def _quant_shapes(t: Tuner, small_m: bool):
     if t.small:
         return [(128, 128)], ([1, 16] if small_m else [48])
-    return [(5120, 5120), (5120, 13824), (13824, 5120)], ([1, 4, 16] if small_m else [1785, 3570, 7140])
+    return [(5120, 5120), (5120, 13824), (13824, 5120)], ([1, 16] if small_m else [1785, 3570])
 
 
 def _m_entries(t, kind_rows: dict, make_match, keep: Callable[[dict], dict]) -> list:
@@ -526,10 +537,10 @@ def _m_entries(t, kind_rows: dict, make_match, keep: Callable[[dict], dict]) -> 
 
 
 GEMM_GRID = [  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
-    (128, 128, 128, 8, 8, 4), (128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (64, 128, 128, 8, 4, 4),
-    (128, 64, 128, 8, 4, 4), (128, 128, 128, 8, 4, 3), (128, 256, 64, 8, 8, 4), (64, 256, 128, 8, 8, 3),
+    (128, 128, 128, 8, 8, 4), (128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 3),
+    (64, 256, 128, 8, 8, 3),
 ]
-GEMM_SMALL_M = [(16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 4), (32, 64, 256, 1, 4, 3), (64, 64, 128, 1, 4, 4)]
+GEMM_SMALL_M = [(16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 4), (64, 64, 128, 1, 4, 4)]
 
 
 def _gemm_configs(t, M):
@@ -554,9 +565,10 @@ def tune_fp8(t: Tuner) -> dict:
     shapes, ms = _quant_shapes(t, small_m=False)
     _, small_ms = _quant_shapes(t, small_m=True)
     gemm_best, path_best = {}, {}
-    stop = time.time() + 0.7 * t.left()
+    stop = time.time() + 0.8 * t.left()
     for K, N in shapes:
-        for M in small_ms + ms:
+        # one decode-like M (the entry also serves smaller M: entries match m_max ascending), the chunk shapes
+        for M in small_ms[-1:] + ms[:2]:
             if time.time() > stop:
                 break
             case = f"fp8-linear/M{M}-K{K}-N{N}"
@@ -640,36 +652,38 @@ def tune_fp8(t: Tuner) -> dict:
 
 
 def tune_nvfp4(t: Tuner) -> dict:
+    """The split-K kernel's tiles at decode-like M, then which W4A16 path runs per shape: split-K (at its best),
+    dequant + dense GEMM, or the tiled kernel, at the largest decode-like M and at the chunk M."""
     import torch
 
     from dz_kernels import configs
     from dz_kernels.quant import nvfp4
     from dz_kernels.quant import formats as fmt
 
-    entries = {"splitk": [], "w4a16": [], "w4a16_path": []}
+    entries = {"splitk": [], "w4a16_path": []}
     shapes, ms = _quant_shapes(t, small_m=False)
     _, small_ms = _quant_shapes(t, small_m=True)
-    split_best, tiled_best, path_best = {}, {}, {}
+    split_best, path_best = {}, {}
 
-    def weight(seed, K, N):
-        _, w, b = _linear_inputs(t, 1, K, N, seed)
-        return nvfp4.quantize_nvfp4(w), b
-
-    def prepare(kind, path, M, K, N):
+    def prepare(path, M, K, N, splitk_cfg=None):
         def prep(cfg, seed):
-            (wq, ws, wg), b = weight(seed, K, N)
+            _, w, b = _linear_inputs(t, 1, K, N, seed)
+            wq, ws, wg = nvfp4.quantize_nvfp4(w)
             x, _, _ = _linear_inputs(t, M, K, 16, seed + 7)
             ref = fmt.nvfp4_gemm_w4a16_reference(x, wq, ws, wg, bias=b, out_dtype=None,
                                                  compute_dtype=torch.float64)
+            p = cfg.get("path", path)
+            sk = splitk_cfg if "path" in cfg else cfg
 
             def run():
-                with configs.forced("nvfp4", "w4a16_path", {"path": path}), configs.forced("nvfp4", kind, cfg):
+                with configs.forced("nvfp4", "w4a16_path", {"path": p}), \
+                        configs.forced("nvfp4", "splitk", sk or {}):
                     return nvfp4.nvfp4_gemm_w4a16(x, wq, ws, wg, bias=b)
             return run, ref
         return prep
 
     splitk_default = configs.table("nvfp4")["defaults"]["splitk"][-1]["config"]
-    stop = time.time() + 0.8 * t.left()
+    stop = time.time() + 0.7 * t.left()
     for K, N in shapes:
         for M in small_ms:
             if time.time() > stop:
@@ -680,36 +694,30 @@ def tune_nvfp4(t: Tuner) -> dict:
                 cands.append(dict(splitk_default, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2))
             else:
                 cands += [dict(splitk_default, BLOCK_N=bn, BLOCK_K=bk, waves=wv, num_warps=w, num_stages=s)
-                          for bn, bk, wv, w, s in ((64, 128, 4, 4, 3), (128, 128, 4, 4, 3), (32, 256, 4, 4, 3),
-                                                   (64, 256, 8, 4, 4), (128, 256, 2, 8, 3), (64, 512, 4, 8, 3),
-                                                   (32, 128, 8, 4, 4))]
-            rows = run_candidates(t, "nvfp4", "splitk", case, cands, prepare("splitk", "splitk", M, K, N))
+                          for bn, bk, wv, w, s in ((64, 256, 4, 4, 3), (128, 128, 4, 4, 3), (32, 256, 4, 4, 3),
+                                                   (64, 128, 8, 4, 4), (128, 256, 2, 8, 3))]
+            rows = run_candidates(t, "nvfp4", "splitk", case, cands, prepare("splitk", M, K, N))
             split_best.setdefault((K, N), {})[M] = (*pick(rows), case)
-        for M in small_ms[-1:] + ms:
-            if time.time() > stop:
+    for K, N in shapes:
+        for M in small_ms[-1:] + ms[:1]:
+            if t.left() <= 0:
                 break
             case = f"nvfp4-w4a16/M{M}-K{K}-N{N}"
-            rows = run_candidates(t, "nvfp4", "tiled", case, _gemm_configs(t, M), prepare("w4a16", "tiled", M, K, N))
-            tiled_best.setdefault((K, N), {})[M] = (*pick(rows), case)
-        # the path at the small-M boundary: split-K at its best against the tiled kernel at its best
-        for M in small_ms[-1:]:
-            sb = split_best.get((K, N), {}).get(M, (None,))[0]
-            tb = tiled_best.get((K, N), {}).get(M, (None,))[0]
-            if sb is None or tb is None:
-                continue
-            win = sb if sb.median_ms <= tb.median_ms else tb
-            path = "splitk" if win is sb else "tiled"
-            path_best.setdefault((K, N), {})[M] = (dataclasses.replace(win, config={"path": path}), tb,
-                                                   f"nvfp4-w4a16/M{M}-K{K}-N{N} splitk vs tiled")
+            sb = split_best.get((K, N), {}).get(small_ms[-1], (None,))[0]
+            sk = sb.config if sb is not None else dict(splitk_default)
+            paths = ["splitk", "dequant", "tiled"] if M in small_ms else ["dequant", "tiled"]
+            rows = run_candidates(t, "nvfp4", "path", case, [{"path": p} for p in paths],
+                                  prepare("splitk", M, K, N, splitk_cfg=sk))
+            ok = [r for r in rows if r.status == "ok"]       # a choice of function: the fastest wins outright
+            if ok:
+                win = min(ok, key=lambda r: r.median_ms)
+                path_best.setdefault((K, N), {})[M] = (win, rows[0] if rows[0].status == "ok" else None, case)
 
     def match(K, N):
         return {"n": N, "k": K}
 
     entries["splitk"] = _m_entries(t, split_best, match, lambda c: c)
-    entries["w4a16"] = _m_entries(t, tiled_best, match, lambda c: c)
-    for (K, N), by_m in path_best.items():     # one boundary entry per shape: below it the measured path
-        for M, (best, dflt, case) in by_m.items():
-            entries["w4a16_path"].append(_entry(t, dict(match(K, N), m_max=M), best.config, case, best, dflt))
+    entries["w4a16_path"] = _m_entries(t, path_best, match, lambda c: c)
     return entries
 
 
@@ -850,17 +858,17 @@ def tune_kv_cache(t: Tuner) -> dict:
     from dreamzero.rope import rope_tables
     from dz_kernels import configs
     from dz_kernels.kv_cache import FusedKVCache, qk_norm_rope_kv_write
+    from dz_kernels.kv_cache import cuda as kv_cuda
     from dz_kernels.kv_cache.reference import qk_norm_rope_kv_reference
 
     cfg = get_config("tiny" if t.small else "droid-14b")
     cached = tuple(range(1 + (cfg.max_chunks - 1) * cfg.frames_per_chunk))
     lay = layout_for_config(cfg, "observe", chunk=cfg.max_chunks, cached_frames=cached)
     H, D, C = cfg.num_heads, cfg.head_dim, cfg.dim
-    entries = {"epilogue": []}
+    entries = {"epilogue": [], "backend": []}
     default = configs.table("kv_cache")["defaults"]["epilogue"][-1]["config"]
     cands = [default] + ([{"block_rows": 2, "num_warps": 2}] if t.small else
-                         [{"block_rows": r, "num_warps": w} for r, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16),
-                                                                         (4, 16))])
+                         [{"block_rows": r, "num_warps": w} for r, w in ((1, 4), (1, 8), (2, 8), (1, 16))])
     B = 2
     for fp8 in (False, True):
         cache_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
@@ -888,18 +896,29 @@ def tune_kv_cache(t: Tuner) -> dict:
                     return [kc[:, a:b].float() * kss[:, a:b, :, None], vc[:, a:b].float() * vss[:, a:b, :, None]]
                 return [kc[:, a:b], vc[:, a:b]]
 
+            backend = c.get("backend", "triton")
+
             def run():
                 with configs.forced("kv_cache", "epilogue", c):
                     q_rot = qk_norm_rope_kv_write(q, k, v, wq, wk, 1e-6, cos, sin, H, cache.k[0], cache.v[0],
-                                                  cache.write_pos, ks, vs, backend="triton", check=False)
+                                                  cache.write_pos, ks, vs, backend=backend, check=False)
                 return [q_rot] + rows_of(cache.k[0], cache.v[0], ks, vs)
             return run, [ref_q] + rows_of(refk, refv, refks, refvs)
 
-        rows = run_candidates(t, "kv_cache", "epilogue", case, cands, prep, bar=BF16_BAR if not fp8 else 0.05)
+        bar = BF16_BAR if not fp8 else 0.05
+        rows = run_candidates(t, "kv_cache", "epilogue", case, cands, prep, bar=bar)
         best, dflt = pick(rows)
         if best is not None:
             entries["epilogue"].append(_entry(t, {"H": H, "D": D, "cache": configs.dtype_name(cache_dtype)},
                                               best.config, case, best, dflt))
+            # which backend backend="auto" runs: the Triton kernel at its best, or the CUDA kernels
+            if t.device == "cuda" and kv_cuda.available()[0]:
+                cuda_row = run_candidates(t, "kv_cache", "backend", case, [dict(best.config, backend="cuda")], prep,
+                                          bar=bar, reference_config=best.config)[0]
+                win = cuda_row if cuda_row.status == "ok" and cuda_row.median_ms < best.median_ms else best
+                entries["backend"].append(_entry(t, {"cache": configs.dtype_name(cache_dtype)},
+                                                 {"backend": "cuda" if win is cuda_row else "triton"},
+                                                 f"{case}: triton at its best vs cuda", win, best))
     return entries
 
 
@@ -926,9 +945,9 @@ def run(name: str, out: str, budget_s: float, small: bool | None = None, max_can
     families = FAMILIES if name == "all" else (name.split(":")[0],)
     install = install and device == "cuda" and not small
     written = {}
-    for fam in families:
-        share = SHARES[fam] / sum(SHARES[f] for f in families)
-        fam_deadline = min(t.deadline, time.time() + share * max(t.left(), 0) + (0 if name == "all" else 1e9))
+    for i, fam in enumerate(families):
+        share = CAPS_S[fam] / sum(CAPS_S[f] for f in families[i:])
+        fam_deadline = min(t.deadline, time.time() + min(CAPS_S[fam], share * max(t.left(), 0)))
         saved, t.deadline = t.deadline, fam_deadline
         open(os.path.join(out, f"tune-{fam}.rows.jsonl"), "w").close()
         print(f"== tune {fam} on {t.arch} ({'small shapes' if small else 'full shapes'}, {t.left():.0f} s)",
