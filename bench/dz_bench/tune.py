@@ -986,7 +986,9 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported: the CPU interpreter
+        from dz_kernels import env
+
+        env.default_triton_interpret()   # before triton is imported: the CPU interpreter
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                    "out", "tune")
     written = run(args.name, out, args.budget_s, small=args.small, max_candidates=args.max_candidates,

@@ -55,7 +55,9 @@ def table_path(family: str, directory: str | None = None) -> str:
     """Where the table of `family` is read from: DZ_CONFIG_DIR's copy when it has one, else the packaged one."""
     _check_family(family)
     if directory is None:
-        override = os.environ.get("DZ_CONFIG_DIR", "").strip()
+        from dz_kernels import env
+
+        override = env.config_dir_override()
         if override and os.path.isfile(os.path.join(override, f"{family}.json")):
             directory = override
         else:
