@@ -86,18 +86,16 @@ def test_splitk_plan_covers_k_without_empty_slices(M, N, K, split, waves):
 
 # --------------------------------------------------------------------------------------------------- FP8 dispatch
 @pytest.fixture
-def fp8_table(tmp_path, monkeypatch):
+def fp8_table(monkeypatch):
+    """Puts a table with the given linear_path rows (for this machine's architecture) in the loader's cache."""
+    configs.reload()
+
     def write(path_rows):
         t = configs.merge_entries(configs.table("fp8"), configs.arch_of(torch.device(DEV)), "linear_path",
                                   [{"match": m, "config": {"path": p}, "source": "test"} for m, p in path_rows])
-        (tmp_path / "fp8.json").write_text(json.dumps(t))
-        configs.reload()
+        monkeypatch.setitem(configs._TABLES, "fp8", configs.validate_table(t, "fp8"))
 
-    monkeypatch.setenv("DZ_CONFIG_DIR", str(tmp_path))
-    configs.reload()
-    yield write
-    monkeypatch.delenv("DZ_CONFIG_DIR")
-    configs.reload()
+    return write
 
 
 def test_fp8_path_rules(fp8_table):

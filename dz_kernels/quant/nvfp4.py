@@ -105,6 +105,20 @@ def _unpack_tile(packed, scale_per_byte, ROWS: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
+def _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, p, p_end,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + x @ (e2m1(w) * ws)^T for one K step: x [BLOCK_M, BLOCK_K] (16-bit, masked by the caller), the packed
+    weight bytes p (< p_end) of rows w_rows and their E4M3 scales, unpacked in registers (exact in bf16)."""
+    pmask = mask_n[:, None] & (p < p_end)[None, :]
+    wp = tl.load(W + w_rows * stride_wn + p[None, :], mask=pmask, other=0)
+    ws = tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=pmask, other=0.0).to(tl.float32)
+    w = _unpack_tile(wp, ws, BLOCK_N, BLOCK_K)
+    if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 operands give the exact products
+        return tl.dot(x.to(tl.float32), tl.trans(w), acc)
+    return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+
+
+@triton.jit
 def _nvfp4_w4a16_kernel(X, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
                         stride_xm, stride_wn, stride_wsn, stride_gm, stride_gn, stride_rm, stride_rn, stride_om,
                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
@@ -124,15 +138,8 @@ def _nvfp4_w4a16_kernel(X, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
-        p = k0 // 2 + offs_p
-        pmask = mask_n[:, None] & (p < K // 2)[None, :]
-        wp = tl.load(W + w_rows * stride_wn + p[None, :], mask=pmask, other=0)
-        ws = tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=pmask, other=0.0).to(tl.float32)
-        w = _unpack_tile(wp, ws, BLOCK_N, BLOCK_K)
-        if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 operands give the exact products
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc)
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        acc = _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, k0 // 2 + offs_p, K // 2,
+                              BLOCK_N, BLOCK_K, INTERPRET)
         x_ptrs += BLOCK_K
     acc = acc * tl.load(WG)
     _epilogue_store(acc, offs_m, offs_n, M, N, BIAS, GATE, stride_gm, stride_gn, RES, stride_rm, stride_rn,

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import _common as cm
 from ._tl import _epilogue_store
-from .nvfp4 import _unpack_tile   # nvfp4.py imports this module only inside its launcher (no cycle at import)
+from .nvfp4 import _w4a16_tile_dot   # nvfp4.py imports this module only inside its launcher (no cycle at import)
 
 __all__ = ["launch_w4a16_splitk", "splitk_plan", "launch_scaled_epilogue"]
 
@@ -56,15 +56,8 @@ def _nvfp4_w4a16_splitk_kernel(X, W, WS, WG, PART, BIAS, GATE, RES, OUT, M, N, K
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
         x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & (k < k_end)[None, :], other=0.0)
-        p = k0 // 2 + offs_p
-        pmask = mask_n[:, None] & (p < k_end // 2)[None, :]
-        wp = tl.load(W + w_rows * stride_wn + p[None, :], mask=pmask, other=0)
-        ws = tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=pmask, other=0.0).to(tl.float32)
-        w = _unpack_tile(wp, ws, BLOCK_N, BLOCK_K)
-        if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 operands give the exact products
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc)
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        acc = _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, k0 // 2 + offs_p, k_end // 2,
+                              BLOCK_N, BLOCK_K, INTERPRET)
     if SINGLE:
         acc = acc * tl.load(WG)
         _epilogue_store(acc, offs_m, offs_n, M, N, BIAS, GATE, stride_gm, stride_gn, RES, stride_rm, stride_rn,
