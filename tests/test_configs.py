@@ -190,3 +190,20 @@ def test_heads_first_grid_computes_the_same():
         ref = attn.layout_attention(q, k, v, lay, config=base)
         got = attn.layout_attention(q, k, v, lay, config=attn.TileConfig(**{**base.__dict__, "heads_first": True}))
     assert torch.equal(ref, got)
+
+
+def test_lookups_trace_under_torch_compile_fullgraph():
+    """layout_attention resolves its tiles inside torch.compile'd model code: the lookup must trace without a
+    graph break (the tables are read eagerly, at import and on reload, never while tracing)."""
+    from dz_kernels.attention.op import config_choice, table_config
+
+    configs.reload()
+
+    def f(x):
+        cfg, _ = table_config("sm90", torch.bfloat16, 128, "train")
+        cfg2, _ = config_choice(x.device, torch.bfloat16, 64, "infer")
+        return x * cfg.fwd[0] + cfg2.fwd_warps
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2))
+    assert out.tolist() == [132.0, 132.0]

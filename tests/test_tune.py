@@ -69,7 +69,7 @@ def test_a_wrong_or_unwritten_fast_candidate_never_wins(tmp_path):
     best, default = tune.pick(rows)
     assert best is rows[0] and default is rows[0]
     lines = (tmp_path / "tune-fused.rows.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and json.loads(lines[1])["status"] == "wrong"
+    assert len(lines) == 4 and json.loads(lines[1])["status"] == "wrong" and json.loads(lines[2])["err"] == "inf"
 
 
 def test_pick_keeps_the_default_unless_the_gain_is_real(tmp_path):

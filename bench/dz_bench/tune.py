@@ -10,10 +10,12 @@ that come back (git diff dz_kernels/configs shows what the sweep changed).
 
 Method, per candidate (the current default first, so every sweep has a baseline):
   1. correctness before speed: fresh random inputs, outputs poisoned with NaN beforehand, the candidate's result
-     against a reference (the plain-PyTorch or release computation on the same inputs): relative L2 error within
-     the family's bar (bf16: 1e-2; FP8/NVFP4: the default configuration's own error times 1.5 plus a small floor,
-     since every config computes the same products); a wrong or NaN result is a "wrong" row and never wins, a
-     config that does not compile or run is an "error" row;
+     against a reference on the same inputs: relative L2 error within a bar. Tile and launch candidates are held
+     to 1e-2 against the release's attention (bf16 SDPA per block), the plain-PyTorch fused chains, or, for the
+     FP8 / NVFP4 GEMMs, the float64 product of the same quantized operands (so the bar measures the kernel, not
+     the format); the FP8 quantizer to 1e-6 against its bit-exact reference; a choice between paths that compute
+     in different formats (FP8 vs bf16) to 0.1 against the unquantized product. A wrong or NaN result is a "wrong"
+     row and never wins; a config that does not compile or run is an "error" row;
   2. then the time: on CUDA the call is captured in a CUDA graph when it can be (host overhead out, as in the
      model's CUDA-graph runs) and replayed under the harness's timer (CUDA events, L2 flushed before each call, at
      least 5 samples, median and p20-p80); a candidate that cannot be captured is timed eagerly (timer says so);
@@ -103,7 +105,8 @@ class Row:
 
 def _emit(t: Tuner, row: Row) -> None:
     t.rows.append(row)
-    d = dataclasses.asdict(row)
+    d = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)     # strict JSON: "inf", not Infinity
+         for k, v in dataclasses.asdict(row).items()}
     path = os.path.join(t.out, f"tune-{row.family}.rows.jsonl")
     with open(path, "a") as f:
         f.write(json.dumps(d, default=str) + "\n")
@@ -156,14 +159,10 @@ def poisoned_outputs():
 
     patches = [mock.patch("dz_kernels.quant._common.empty", nan_empty),
                mock.patch("dz_kernels.fused._common.empty", nan_empty)]
-    try:
-        import dz_kernels.kv_cache.ops as kv_ops
+    import dz_kernels.kv_cache.ops as kv_ops
 
-        if hasattr(kv_ops, "_empty"):
-            patches.append(mock.patch.object(kv_ops, "_empty", lambda shape, dtype, device: nan_empty(shape, dtype,
-                                                                                                      device)))
-    except ImportError:
-        pass
+    if hasattr(kv_ops, "_empty"):
+        patches.append(mock.patch.object(kv_ops, "_empty", nan_empty))
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
@@ -181,25 +180,23 @@ def measure(t: Tuner, fn: Callable[[], Any]) -> tuple:
         fn()
         ms = (time.perf_counter() - t0) * 1e3
         return ms, ms, ms, 1, "perf_counter (interpreter, 1 call: not a speed)"
-    ctx = t.bench_ctx()
-    run, suffix = fn, ""
-    if t.device == "cuda":
-        import torch
+    import torch
 
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            run, suffix = graph.replay, "+graph"
-        except Exception as e:  # timed eagerly; the row's timer says so
-            torch.cuda.synchronize()
-            suffix = f"+eager (graph capture failed: {type(e).__name__})"
-    median, p20, p80, n, timer = time_fn(run, ctx)
+    run, suffix = fn, "+graph"
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except Exception as e:  # timed eagerly; the row's timer says so
+        torch.cuda.synchronize()
+        suffix = f"+eager (graph capture failed: {type(e).__name__})"
+    median, p20, p80, n, timer = time_fn(run, t.bench_ctx())
     return median, p20, p80, n, timer + suffix
 
 

@@ -106,23 +106,35 @@ def validate_table(t: Any, family: str) -> dict:
     return t
 
 
+def _load(family: str) -> dict:
+    path = table_path(family)
+    try:
+        with open(path) as f:
+            t = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the config table {path}: {e}") from e
+    return validate_table(t, family)
+
+
 def table(family: str) -> dict:
     """The (validated, cached) table of `family`."""
     t = _TABLES.get(family)
     if t is None:
-        path = table_path(family)
-        try:
-            with open(path) as f:
-                t = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read the config table {path}: {e}") from e
-        _TABLES[family] = t = validate_table(t, family)
+        _check_family(family)
+        _TABLES[family] = t = _load(family)
     return t
 
 
 def reload() -> None:
-    """Forget the cached tables (read again on the next lookup, e.g. after DZ_CONFIG_DIR changed)."""
+    """Read the tables again (e.g. after DZ_CONFIG_DIR changed). They are read here, eagerly, and at import:
+    lookups traced by torch.compile then touch no file. A table that fails to read is left out, and its first
+    lookup raises the reason."""
     _TABLES.clear()
+    for family in FAMILIES:
+        try:
+            _TABLES[family] = _load(family)
+        except ValueError:
+            pass
 
 
 def matches(match: dict, key: dict) -> bool:
@@ -202,9 +214,14 @@ def arch_of(device) -> str:
     return arch
 
 
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
+                torch.float8_e4m3fn: "float8_e4m3fn"}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The tables' name of a dtype: "bfloat16", "float16", "float32", "float8_e4m3fn"."""
-    return str(dtype).replace("torch.", "")
+    name = _DTYPE_NAMES.get(dtype)
+    return name if name is not None else str(dtype).replace("torch.", "")
 
 
 def merge_entries(t: dict, arch: str, kind: str, new_entries: list) -> dict:
@@ -236,3 +253,6 @@ def dumps(t: dict) -> str:
         out += [f"  {json.dumps(a)}: {{"] + entries(kinds, "   ") + ["  }" + ("," if i < len(archs) - 1 else "")]
     out += [" }", "}"]
     return "\n".join(out) + "\n"
+
+
+reload()
