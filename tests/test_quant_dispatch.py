@@ -89,11 +89,13 @@ def test_splitk_plan_covers_k_without_empty_slices(M, N, K, split, waves):
 def fp8_table(monkeypatch):
     """Puts a table with the given linear_path rows (for this machine's architecture) in the loader's cache."""
     configs.reload()
+    monkeypatch.setattr(configs, "_MEMO", {})       # this test's lookups stay out of the shared memo
 
     def write(path_rows):
         t = configs.merge_entries(configs.table("fp8"), configs.arch_of(torch.device(DEV)), "linear_path",
                                   [{"match": m, "config": {"path": p}, "source": "test"} for m, p in path_rows])
         monkeypatch.setitem(configs._TABLES, "fp8", configs.validate_table(t, "fp8"))
+        configs._MEMO.clear()
 
     return write
 

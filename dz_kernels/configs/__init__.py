@@ -130,6 +130,7 @@ def reload() -> None:
     lookups traced by torch.compile then touch no file. A table that fails to read is left out, and its first
     lookup raises the reason."""
     _TABLES.clear()
+    _MEMO.clear()
     for family in FAMILIES:
         try:
             _TABLES[family] = _load(family)
@@ -158,11 +159,23 @@ def _first(entries, key):
     return None
 
 
+_MEMO: dict = {}
+
+
 def lookup(family: str, kind: str, arch: str, **key) -> Choice:
-    """The configuration of kernel `kind` of `family` on `arch` for `key` (see the module doc for the rule)."""
+    """The configuration of kernel `kind` of `family` on `arch` for `key` (see the module doc for the rule).
+    Launchers call this on every launch: results are memoized (until reload), so treat the config as read-only."""
     pinned = _FORCED.get((family, kind))
     if pinned is not None:
         return Choice(dict(pinned), "forced")
+    memo_key = (family, kind, arch, tuple(sorted(key.items())))
+    hit = _MEMO.get(memo_key)
+    if hit is None:
+        hit = _MEMO[memo_key] = _lookup(family, kind, arch, key)
+    return hit
+
+
+def _lookup(family: str, kind: str, arch: str, key: dict) -> Choice:
     t = table(family)
     if kind not in t["defaults"]:
         raise ValueError(f"config table {family!r} has no kind {kind!r}; kinds: {', '.join(t['defaults'])}")
