@@ -143,6 +143,7 @@ packages, package_dir = _packages()
 setup(
     packages=packages,
     package_dir=package_dir,
+    package_data={"dz_kernels.configs": ["*.json"]},  # the kernels' tuned launch configurations
     ext_modules=[CMakeExtension("dz_kernels._C", sourcedir=HERE)],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithCsrc},
 )

@@ -11,6 +11,7 @@
 | `DZ_CSRC_DIR` | dz_kernels._ext | the package's csrc | folder holding the `.cu` sources that the cupy (NVRTC) fallback compiles |
 | `TRITON_INTERPRET` | Triton, tests, dz_bench | unset | `1` runs Triton kernels in the CPU interpreter; tests/conftest.py and `python -m dz_bench` set it when there is no GPU |
 | `DZ_COMMIT` | dz_bench | `git rev-parse HEAD` | commit written into benchmark records (for a copy of the tree without `.git`) |
+| `DZ_CONFIG_DIR` | dz_kernels.configs | unset | folder whose `<family>.json` replace the packaged kernel config tables (e.g. a tuning run's output) |
 | `WORLD_SIZE` | dreamzero.train | `1` | processes in a distributed run (set by torchrun); above 1 the trainer joins the process group |
 | `LOCAL_RANK` | dreamzero.train | `0` | this process's GPU on its machine (set by torchrun) |
 | `DZ_VENV` | scripts/*.sh | `<repo>/.venv` | virtual environment that scripts/test.sh and scripts/bench.sh create or reuse |
@@ -44,6 +45,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("DZ_CSRC_DIR", "dz_kernels._ext", "", "folder of the .cu sources for the cupy/NVRTC fallback"),
     EnvVar("TRITON_INTERPRET", "triton, tests, dz_bench", "", "run Triton kernels in the CPU interpreter"),
     EnvVar("DZ_COMMIT", "dz_bench", "", "commit recorded in benchmark records"),
+    EnvVar("DZ_CONFIG_DIR", "dz_kernels.configs", "", "folder of kernel config tables replacing the packaged ones"),
     EnvVar("WORLD_SIZE", "dreamzero.train", "1", "processes in a distributed run (set by torchrun)"),
     EnvVar("LOCAL_RANK", "dreamzero.train", "0", "this process's GPU on its machine (set by torchrun)"),
     EnvVar("DZ_VENV", "scripts/*.sh", "<repo>/.venv", "virtual environment used by the scripts"),
@@ -160,6 +162,12 @@ def triton_interpret() -> bool:
 def commit_override() -> str | None:
     """DZ_COMMIT, or None when unset."""
     value = os.environ.get("DZ_COMMIT", "").strip()
+    return value or None
+
+
+def config_dir_override() -> str | None:
+    """DZ_CONFIG_DIR, or None when unset."""
+    value = os.environ.get("DZ_CONFIG_DIR", "").strip()
     return value or None
 
 

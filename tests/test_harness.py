@@ -214,3 +214,11 @@ def test_rows_stream_samples_and_deadline(dummy_bench, tmp_path, capsys):
     skipped = harness.run_bench(name, late, progress=False)
     assert [r["status"] for r in skipped] == ["skipped"] * len(skipped) and len(skipped) == 6
     assert all("time budget" in r["unavailable"] for r in skipped)
+
+
+def test_echo_prints_a_row_whose_error_is_not_finite(capsys):
+    """A peer that computes a different function records max_err nan, which the JSON-safe record holds as "nan"."""
+    row = {"bench": "b", "case": "c", "impl": "copy_", "status": "ok", "median_ms": 1.0, "p20_ms": 0.9,
+           "p80_ms": 1.1, "samples": 5, "gbps": 10.0, "max_err": "nan", "first_call_s": 0.1, "setup_s": 0.1}
+    harness._echo(row)
+    assert "err nan" in capsys.readouterr().out

@@ -422,8 +422,9 @@ def _echo(row: dict) -> None:
     for key, unit in (("tflops", "TFLOP/s"), ("gbps", "GB/s")):
         if row.get(key) is not None:
             parts.append(f"{row[key]:.4g} {unit}")
-    if row.get("max_err") is not None:
-        parts.append(f"err {row['max_err']:.3g}")
+    if row.get("max_err") is not None:   # a string after _json_safe when not finite ("nan": a different function)
+        err = row["max_err"]
+        parts.append(f"err {err:.3g}" if isinstance(err, (int, float)) else f"err {err}")
     if row.get("first_call_s") is not None and row["first_call_s"] + (row.get("setup_s") or 0) > 5:
         parts.append(f"setup {row.get('setup_s') or 0:.1f} s + first call {row['first_call_s']:.1f} s")
     if row.get("unavailable") or row.get("error"):

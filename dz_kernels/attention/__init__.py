@@ -21,12 +21,16 @@ Dispatch (one rule): when every query sees every key (e.g. a release-rule denois
 the cuDNN backend first, then flash, then mem-efficient (REFERENCE.md section 7: cuDNN leads dense attention on
 the H100). `dense_sdpa=False` forces the Triton kernel, `dense_sdpa=True` takes SDPA for dense layouts on any
 device. `sdpa_blocks=2` extends the rule to layouts made of two dense blocks (the control step), one SDPA call
-per block; off by default until measured against the kernel. On a CPU the kernels run under the Triton
+per block; its default is the config table's (mode infer), 1 until a tuning run measures the two calls faster. On a CPU the kernels run under the Triton
 interpreter (TRITON_INTERPRET=1 must be set before triton is imported); otherwise CPU tensors are rejected.
 
 Backward: dq, dk, dv from the saved log-sum-exp. deterministic=False adds dq with fp32 atomics inside the dk/dv
-kernel; deterministic=True runs a separate dq kernel over the query-side schedule instead (no atomics: two runs
-give bitwise identical gradients).
+kernel, unless the tile config says `atomic_dq=False` (the tuning measured the separate pass faster);
+deterministic=True always runs a separate dq kernel over the query-side schedule (no atomics: two runs give
+bitwise identical gradients).
+
+Tiles: `default_config` reads dz_kernels/configs/attention.json (see dz_kernels.configs) for the device's
+architecture, dtype, head dim and mode ("train" for training layouts, "infer" otherwise); `config=` overrides.
 """
 from __future__ import annotations
 
@@ -37,12 +41,13 @@ import torch.nn.functional as F
 from dreamzero.layout import SequenceLayout
 
 from ._common import interpreting
-from .op import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, TileConfig, default_config, layout_attention_op, poison_outputs
+from .op import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, TileConfig, config_choice, default_config, layout_attention_op,
+                 poison_outputs)
 from .schedule import TileSchedule, TokenTables, build_schedule, schedule_for, tile_mask, token_tables
 
-__all__ = ["layout_attention", "TileConfig", "default_config", "build_schedule", "schedule_for", "token_tables",
-           "tile_mask", "TileSchedule", "TokenTables", "layout_is_dense", "dense_blocks", "schedule_tensors",
-           "poison_outputs"]
+__all__ = ["layout_attention", "TileConfig", "default_config", "config_choice", "config_mode", "build_schedule",
+           "schedule_for", "token_tables", "tile_mask", "TileSchedule", "TokenTables", "layout_is_dense", "dense_blocks",
+           "schedule_tensors", "poison_outputs"]
 
 
 @torch.compiler.assume_constant_result
@@ -132,15 +137,18 @@ def _check_inputs(q, k, v, layout) -> None:
 
 def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout,
                      scale: float | None = None, deterministic: bool = False, *, config: TileConfig | None = None,
-                     dense_sdpa: bool | None = None, sdpa_blocks: int = 1) -> torch.Tensor:
+                     dense_sdpa: bool | None = None, sdpa_blocks: int | None = None) -> torch.Tensor:
     """Attention of q over k, v under `layout`'s visibility rule (see the module doc).
 
     q [B, Lq, H, D]; k, v [B, Lk, H, D] with Lq = layout.q_len, Lk = layout.k_len; scale defaults to D ** -0.5.
     Returns out [B, Lq, H, D] (q's dtype). Differentiable in q, k and v.
-    config: tile sizes (default: `default_config` for the device, dtype and head dim).
+    config: tile sizes (default: `default_config` for the device, dtype, head dim and `config_mode(layout)`, from
+    the config table dz_kernels/configs/attention.json; its `atomic_dq` picks the dq pass of a non-deterministic
+    backward).
     dense_sdpa: route dense layouts to SDPA (default: on CUDA unless deterministic). sdpa_blocks: with dense_sdpa,
     also route layouts made of up to this many dense blocks (`dense_blocks`, e.g. 2 for the control step) to one
-    SDPA call per block on views of q, k, v; 1 (the default) routes only fully dense layouts.
+    SDPA call per block on views of q, k, v; 1 routes only fully dense layouts; None (the default): the config's
+    sdpa_blocks (the table's: 1 until a tuning run measured the per-block SDPA calls faster than the kernel).
 
     Example:
         lay = layout_for_config(get_config("droid-14b"), "train")
@@ -154,6 +162,9 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     if dense_sdpa:
         if layout_is_dense(layout):
             return _dense_sdpa(q, k, v, scale)
+        if sdpa_blocks is None:
+            sdpa_blocks = (config if config is not None else
+                           default_config(q.device, q.dtype, D, config_mode(layout))).sdpa_blocks
         blocks = dense_blocks(layout) if sdpa_blocks > 1 else None
         if blocks is not None and len(blocks) <= sdpa_blocks:
             return torch.cat([_dense_sdpa(q[:, qa:qb], k[:, ka:kb], v[:, ka:kb], scale)
@@ -163,13 +174,19 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                          "Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"layout_attention runs on CUDA (or the CPU interpreter), got device {q.device}")
-    cfg = config if config is not None else default_config(q.device, q.dtype, D)
+    cfg = config if config is not None else default_config(q.device, q.dtype, D, config_mode(layout))
     cfg.validate()
     tiles = cfg.as_list()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     sched = schedule_tensors(layout, tuple(tiles), q.device)
-    out, _lse = layout_attention_op(q, k, v, *sched, scale, tiles, bool(deterministic))
+    # the atomic-free dq pass also serves a non-deterministic call when the config says it is the faster one
+    out, _lse = layout_attention_op(q, k, v, *sched, scale, tiles, bool(deterministic) or not cfg.atomic_dq)
     return out
+
+
+def config_mode(layout) -> str:
+    """The config table's mode of a layout: "train" for training layouts (forward and backward), else "infer"."""
+    return "train" if getattr(layout, "mode", "train") == "train" else "infer"
 
 
 def _dense_sdpa(q, k, v, scale: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _dot, _tile_mask
+from ._common import _dot, _tile_and_head, _tile_mask
 
 
 
@@ -86,9 +86,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_SEG, K_SEG, KQ_B
                      stride_dqb, stride_dql, stride_dqh,
                      H, Lq, Lk, n_words, qk_scale, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+                     ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr, HEADS_FIRST: tl.constexpr = False):
+    pid, bh = _tile_and_head(HEADS_FIRST)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     tile = tl.load(ROWS + pid * 4)
@@ -161,9 +160,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Q_SEG, K_SEG, QK_BITS, ROWS, COL
                    stride_dqb, stride_dql, stride_dqh,
                    H, Lq, Lk, n_words, qk_scale, sm_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
-                   INTERPRET: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+                   INTERPRET: tl.constexpr, HEADS_FIRST: tl.constexpr = False):
+    pid, bh = _tile_and_head(HEADS_FIRST)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     tile = tl.load(ROWS + pid * 4)

@@ -1,4 +1,5 @@
-"""Triton helpers shared by the layout-attention kernels: the dot wrapper and the in-tile token mask."""
+"""Triton helpers shared by the layout-attention kernels: the dot wrapper, the program ids and the in-tile token
+mask."""
 from __future__ import annotations
 
 import os
@@ -25,6 +26,15 @@ def _dot(a, b, INTERPRET: tl.constexpr):
     else:
         c = tl.dot(a, b)
     return c
+
+
+@triton.jit
+def _tile_and_head(HEADS_FIRST: tl.constexpr):
+    """(schedule row, batch x head) of this program: grid (rows, B*H), or (B*H, rows) with HEADS_FIRST, which
+    launches every head of the first (heaviest) schedule row before the next row."""
+    if HEADS_FIRST:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
 
 
 @triton.jit

@@ -8,16 +8,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _dot, _tile_mask
+from ._common import _dot, _tile_and_head, _tile_mask
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_start, e_end,
                K_SEG, QK_BITS, n_words, Lk, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
-               MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+               MASKED: tl.constexpr, INTERPRET: tl.constexpr, WS: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
-    for e in range(e_start, e_end):
+    for e in tl.range(e_start, e_end, warp_specialize=WS):
         kt = tl.load(COLS + e)
         offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -50,9 +50,8 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SEG, K_SEG, QK_BITS, ROWS, COLS,
                 stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
                 H, Lq, Lk, n_words, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
-                INTERPRET: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+                INTERPRET: tl.constexpr, HEADS_FIRST: tl.constexpr = False, WS: tl.constexpr = False):
+    pid, bh = _tile_and_head(HEADS_FIRST)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     tile = tl.load(ROWS + pid * 4)
@@ -74,10 +73,10 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SEG, K_SEG, QK_BITS, ROWS, COLS,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_start, e_mid,
                                K_SEG, QK_BITS, n_words, Lk, qk_scale,
-                               BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, False, INTERPRET)
+                               BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, False, INTERPRET, WS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_mid, e_end,
                                K_SEG, QK_BITS, n_words, Lk, qk_scale,
-                               BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, INTERPRET)
+                               BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, INTERPRET, WS)
 
     empty = l_i == 0.0                                   # a row that sees no key: output 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)

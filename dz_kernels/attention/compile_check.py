@@ -1,12 +1,15 @@
 """Compile the layout-attention kernels ahead of time for a CUDA architecture, without a GPU.
 
 The CPU tests run the kernels in Triton's interpreter, which never sees the GPU code path (bf16 tensor-core dots,
-full-precision fp32 dots, atomics, shared-memory limits). This compiles every kernel of the default tile configs
-(`op.default_config` on CUDA) for bf16, fp16 and fp32 and head dims 16..128 down to a cubin with Triton's bundled
-ptxas, and prints the shared memory each one needs:
+full-precision fp32 dots, atomics, shared-memory limits). This compiles every kernel of the tile configs the config
+table gives for that architecture (dz_kernels/configs/attention.json, modes train and infer) for bf16, fp16 and
+fp32 and head dims 16..128 down to a cubin with Triton's bundled ptxas, and prints the shared memory each one needs:
 
     python -m dz_kernels.attention.compile_check [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 16,32,64,128]
+                                                 [--kernels fwd,...] [--config JSON]
 
+--config compiles one TileConfig given as a JSON object of its fields instead (e.g. '{"fwd_ws": true}' or
+'{"fwd": [128, 128], "heads_first": true}'): how a tuning candidate is checked here before a GPU times it.
 Run it with TRITON_INTERPRET unset: under the interpreter the kernels are interpreted functions, not compilable.
 """
 from __future__ import annotations
@@ -19,9 +22,9 @@ _SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 1
 
 
 def compile_all(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), head_dims=(16, 32, 64, 128), kernels=None,
-                verbose=True) -> list:
-    """Compile each kernel (all, or those named in `kernels`) for each (dtype, head dim); returns
-    [(kernel, dtype, head dim, shared bytes)]."""
+                verbose=True, config: dict | None = None) -> list:
+    """Compile each kernel (all, or those named in `kernels`) for each (dtype, head dim) at the table's configs
+    (or at TileConfig.from_dict(config)); returns [(kernel, dtype, head dim, shared bytes)]."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the kernels are interpreted functions "
                            "under the interpreter)")
@@ -32,7 +35,7 @@ def compile_all(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), head_dims=(16, 
 
     from ._bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
     from ._fwd import _fwd_kernel
-    from .op import default_config
+    from .op import TileConfig, table_config
     from .schedule import nwin
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,23 +61,36 @@ def compile_all(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), head_dims=(16, 
         kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
         return int(kernel.metadata.shared)
 
+    done = set()
     for dt in dtypes:
         for d in head_dims:
-            cfg = default_config(torch.device("cuda"), torch_dtype[dt], d)
-            (fm, fn_), (km, kn), (qm, qn) = cfg.fwd, cfg.dkv, cfg.dq
-            jobs = [
-                ("fwd", _fwd_kernel, dict(BLOCK_M=fm, BLOCK_N=fn_, HEAD_DIM=d, NWIN=nwin(fn_), INTERPRET=False),
-                 cfg.fwd_warps, cfg.fwd_stages),
-                ("dkdv-atomic-dq", _bwd_dkdv_kernel, dict(BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=d, NWIN=nwin(km),
-                                                          ATOMIC_DQ=True, INTERPRET=False),
-                 cfg.bwd_warps, cfg.bwd_stages),
-                ("dkdv", _bwd_dkdv_kernel, dict(BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=d, NWIN=nwin(km), ATOMIC_DQ=False,
-                                                INTERPRET=False), cfg.bwd_warps, cfg.bwd_stages),
-                ("dq", _bwd_dq_kernel, dict(BLOCK_M=qm, BLOCK_N=qn, HEAD_DIM=d, NWIN=nwin(qn), INTERPRET=False),
-                 cfg.bwd_warps, cfg.bwd_stages),
-                ("preprocess", _bwd_preprocess_kernel, dict(HAS_DLSE=True, BLOCK_M=64, HEAD_DIM=d), 4, 1),
-            ]
+            if config is not None:
+                cfgs = [TileConfig.from_dict(config)]
+            else:
+                cfgs = [table_config(f"sm{arch}", torch_dtype[dt], d, mode)[0] for mode in ("train", "infer")]
+            jobs = []
+            for cfg in cfgs:
+                (fm, fn_), (km, kn), (qm, qn) = cfg.fwd, cfg.dkv, cfg.dq
+                hf = cfg.heads_first
+                jobs += [
+                    ("fwd", _fwd_kernel, dict(BLOCK_M=fm, BLOCK_N=fn_, HEAD_DIM=d, NWIN=nwin(fn_), INTERPRET=False,
+                                              HEADS_FIRST=hf, WS=cfg.fwd_ws), cfg.fwd_warps, cfg.fwd_stages),
+                    ("dkdv-atomic-dq", _bwd_dkdv_kernel, dict(BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=d, NWIN=nwin(km),
+                                                              ATOMIC_DQ=True, INTERPRET=False, HEADS_FIRST=hf),
+                     cfg.bwd_warps, cfg.bwd_stages),
+                    ("dkdv", _bwd_dkdv_kernel, dict(BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=d, NWIN=nwin(km),
+                                                    ATOMIC_DQ=False, INTERPRET=False, HEADS_FIRST=hf),
+                     cfg.bwd_warps, cfg.bwd_stages),
+                    ("dq", _bwd_dq_kernel, dict(BLOCK_M=qm, BLOCK_N=qn, HEAD_DIM=d, NWIN=nwin(qn), INTERPRET=False,
+                                                HEADS_FIRST=hf), cfg.dq_warps or cfg.bwd_warps,
+                     cfg.dq_stages or cfg.bwd_stages),
+                    ("preprocess", _bwd_preprocess_kernel, dict(HAS_DLSE=True, BLOCK_M=64, HEAD_DIM=d), 4, 1),
+                ]
             for name, fn, consts, warps, stages in jobs:
+                ident = (name, dt, tuple(sorted(consts.items())), warps, stages)
+                if ident in done:      # the train and infer configs often share kernels
+                    continue
+                done.add(ident)
                 if kernels is not None and name not in kernels:
                     continue
                 shared = build(fn, dt, consts, warps, stages)
@@ -95,9 +111,21 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", default="16,32,64,128")
     parser.add_argument("--kernels", default=None, help="comma-separated subset of fwd,dkdv-atomic-dq,dkdv,dq,"
                                                           "preprocess (default: all)")
+    parser.add_argument("--config", default=None, help="one TileConfig as a JSON object of its fields (default: "
+                                                             "the config table's train and infer configs)")
     args = parser.parse_args(argv)
+    config = None
+    if args.config is not None:
+        import json
+
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as e:
+            parser.error(f"--config is not valid JSON ({e}); example: --config '{{\"fwd\": [128, 128]}}'")
+        if not isinstance(config, dict):
+            parser.error("--config must be a JSON object of TileConfig fields")
     compile_all(args.arch, tuple(args.dtypes.split(",")), tuple(int(x) for x in args.head_dims.split(",")),
-                kernels=None if args.kernels is None else tuple(args.kernels.split(",")))
+                kernels=None if args.kernels is None else tuple(args.kernels.split(",")), config=config)
     return 0
 
 

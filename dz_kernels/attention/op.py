@@ -11,7 +11,9 @@ graphs can capture them (no host syncs, no host-to-device copies inside: the sch
 The first has an autograd formula (register_autograd) that calls the second; the gradient of lse is supported
 (it enters through delta). `tiles` = [fwd BLOCK_M, fwd BLOCK_N, dkv BLOCK_M, dkv BLOCK_N, dq BLOCK_M, dq BLOCK_N,
 fwd warps, fwd stages, bwd warps, bwd stages]; the schedule tensors must have been built for those block sizes
-(schedule.py); `layout_attention` in __init__.py does all of that from a layout.
+(schedule.py); `layout_attention` in __init__.py does all of that from a layout. Optional trailing entries (TileConfig
+.as_list writes them): [..., dq warps, dq stages, flags] (flags: FLAG_HEADS_FIRST | FLAG_FWD_WS); without them the dq
+kernel takes the backward's warps and stages and no flag is set.
 Outputs are freshly allocated and contiguous; inputs may have any strides with a contiguous last dim.
 """
 from __future__ import annotations
@@ -35,7 +37,12 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 @dataclass(frozen=True)
 class TileConfig:
     """Block sizes and launch parameters of the three kernels. (BLOCK_M queries, BLOCK_N keys) per kernel; every
-    block size a power of two >= 16 (tl.dot's minimum)."""
+    block size a power of two >= 16 (tl.dot's minimum). dq_warps/dq_stages: the dq kernel's (None: the dk/dv
+    kernel's). atomic_dq: the non-deterministic backward adds dq with atomics in the dk/dv kernel (True) or runs the
+    separate dq kernel (False). heads_first: the launch grid puts batch x head on its fastest axis. fwd_ws: the
+    forward's key loop is warp-specialized (tl.range(..., warp_specialize=True)). sdpa_blocks: layout_attention's
+    default for its argument of that name (layouts of up to this many dense blocks go to SDPA, one call per block,
+    when SDPA dispatch is on; 1: only fully dense layouts); not a kernel parameter."""
     fwd: tuple = (128, 64)
     dkv: tuple = (32, 128)
     dq: tuple = (128, 32)
@@ -43,37 +50,78 @@ class TileConfig:
     fwd_stages: int = 3
     bwd_warps: int = 4
     bwd_stages: int = 3
+    dq_warps: Optional[int] = None
+    dq_stages: Optional[int] = None
+    atomic_dq: bool = True
+    heads_first: bool = False
+    fwd_ws: bool = False
+    sdpa_blocks: int = 1
 
     def as_list(self) -> list:
-        return [*self.fwd, *self.dkv, *self.dq, self.fwd_warps, self.fwd_stages, self.bwd_warps, self.bwd_stages]
+        """The op's `tiles` argument (see the module doc)."""
+        flags = (FLAG_HEADS_FIRST if self.heads_first else 0) | (FLAG_FWD_WS if self.fwd_ws else 0)
+        return [*self.fwd, *self.dkv, *self.dq, self.fwd_warps, self.fwd_stages, self.bwd_warps, self.bwd_stages,
+                self.dq_warps or self.bwd_warps, self.dq_stages or self.bwd_stages, flags]
 
     def validate(self) -> None:
         for name in ("fwd", "dkv", "dq"):
             blocks = getattr(self, name)
             if len(blocks) != 2 or any(not isinstance(b, int) or b < 16 or b & (b - 1) for b in blocks):
                 raise ValueError(f"TileConfig.{name} must be two powers of two >= 16, got {blocks}")
-        for name in ("fwd_warps", "bwd_warps"):
+        for name in ("fwd_warps", "bwd_warps", "dq_warps"):
             w = getattr(self, name)
-            if w not in (1, 2, 4, 8, 16):
+            if w is not None and w not in (1, 2, 4, 8, 16):
                 raise ValueError(f"TileConfig.{name} must be 1, 2, 4, 8 or 16, got {w}")
-        if self.fwd_stages < 1 or self.bwd_stages < 1:
+        if self.fwd_stages < 1 or self.bwd_stages < 1 or (self.dq_stages is not None and self.dq_stages < 1):
             raise ValueError("TileConfig stages must be >= 1")
+        if not isinstance(self.sdpa_blocks, int) or self.sdpa_blocks < 1:
+            raise ValueError(f"TileConfig.sdpa_blocks must be an int >= 1, got {self.sdpa_blocks!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TileConfig":
+        """From a config table entry (dz_kernels/configs/attention.json); unknown fields raise."""
+        names = set(cls.__dataclass_fields__)
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TileConfig fields {sorted(unknown)}; known: {sorted(names)}")
+        kw = {k: (tuple(v) if k in ("fwd", "dkv", "dq") else v) for k, v in d.items()}
+        return cls(**kw)
 
 
-def default_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> TileConfig:
-    """Tile sizes per device and dtype. GPU values follow the Triton flash-attention tutorial's Hopper settings;
-    they are starting points for a tuning run on the device, not measured here."""
-    if device.type != "cuda":
-        return TileConfig(fwd=(32, 32), dkv=(32, 32), dq=(32, 32), fwd_warps=4, fwd_stages=1, bwd_warps=4,
-                          bwd_stages=1)
-    if dtype == torch.float32:
-        return TileConfig(fwd=(64, 32), dkv=(32, 64), dq=(64, 32), fwd_warps=4, fwd_stages=2, bwd_warps=4,
-                          bwd_stages=2)
-    if head_dim <= 64:
-        return TileConfig(fwd=(128, 64), dkv=(32, 128), dq=(128, 32), fwd_warps=4, fwd_stages=3, bwd_warps=4,
-                          bwd_stages=3)
-    return TileConfig(fwd=(128, 64), dkv=(32, 128), dq=(128, 32), fwd_warps=8, fwd_stages=3, bwd_warps=4,
-                      bwd_stages=3)
+# tiles[12] bits
+FLAG_HEADS_FIRST = 1
+FLAG_FWD_WS = 2
+_INTERPRETER_CONFIG = TileConfig(fwd=(32, 32), dkv=(32, 32), dq=(32, 32), fwd_warps=4, fwd_stages=1, bwd_warps=4,
+                                 bwd_stages=1)
+
+
+def default_config(device: torch.device, dtype: torch.dtype, head_dim: int, mode: str = "train") -> TileConfig:
+    """Tile sizes per device, dtype, head dim and mode ("train": training layouts, forward and backward; "infer":
+    the others). On CUDA: dz_kernels/configs/attention.json for the device's architecture (tuned entries where a
+    sweep measured them, else the defaults there: the Triton flash-attention tutorial's Hopper settings); on the
+    CPU interpreter: small tiles."""
+    if torch.device(device).type != "cuda":
+        return _INTERPRETER_CONFIG
+    return config_choice(device, dtype, head_dim, mode)[0]
+
+
+def config_choice(device, dtype: torch.dtype, head_dim: int, mode: str = "train") -> tuple:
+    """(TileConfig, source) from the config table for `device`'s architecture: source says "default" or which
+    tuned entry it came from."""
+    from dz_kernels import configs
+
+    return table_config(configs.arch_of(device), dtype, head_dim, mode)
+
+
+def table_config(arch: str, dtype: torch.dtype, head_dim: int, mode: str = "train") -> tuple:
+    """(TileConfig, source) from the config table for an architecture named like "sm90"."""
+    from dz_kernels import configs
+
+    if mode not in ("train", "infer"):
+        raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+    choice = configs.lookup("attention", "tiles", arch, head_dim=int(head_dim), dtype=configs.dtype_name(dtype),
+                            mode=mode)
+    return TileConfig.from_dict(choice.config), choice.source
 
 
 # ---------------------------------------------------------------------- output allocation (with a test hook)
@@ -106,6 +154,14 @@ def _launch_kwargs(warps: int, stages: int) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
+def _flags(tiles: list) -> int:
+    return tiles[12] if len(tiles) > 12 else 0
+
+
+def _grid(n_rows: int, n_bh: int, heads_first: bool) -> tuple:
+    return (n_bh, n_rows) if heads_first else (n_rows, n_bh)
+
+
 # ---------------------------------------------------------------------- launchers
 def _forward(q, k, v, q_seg, k_seg, qk_bits, rows, cols, scale: float, tiles: list):
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
@@ -118,14 +174,15 @@ def _forward(q, k, v, q_seg, k_seg, qk_bits, rows, cols, scale: float, tiles: li
                          f"Lq={Lq}, BLOCK_M={bm}: build it with the same block sizes")
     out = _alloc((B, Lq, H, D), q.dtype, q.device)
     lse = _alloc((B, H, Lq), torch.float32, q.device)
-    grid = (rows.shape[0], B * H)
-    _fwd_kernel[grid](
+    flags = _flags(tiles)
+    heads_first = bool(flags & FLAG_HEADS_FIRST)
+    _fwd_kernel[_grid(rows.shape[0], B * H, heads_first)](
         q, k, v, out, lse, q_seg, k_seg, qk_bits, rows, cols,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, Lq, Lk, qk_bits.shape[1], scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, NWIN=nwin(bn), INTERPRET=interpreting(),
-        **_launch_kwargs(tiles[6], tiles[7]))
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, NWIN=nwin(bn), INTERPRET=interpreting(), HEADS_FIRST=heads_first,
+        WS=bool(flags & FLAG_FWD_WS), **_launch_kwargs(tiles[6], tiles[7]))
     return out, lse
 
 
@@ -145,6 +202,8 @@ def _backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv
         t.contiguous() for t in (q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols))
     interp = interpreting()
     launch = _launch_kwargs(tiles[8], tiles[9])
+    launch_dq = _launch_kwargs(tiles[10], tiles[11]) if len(tiles) > 11 else launch
+    heads_first = bool(_flags(tiles) & FLAG_HEADS_FIRST)
 
     delta = _alloc((B, H, Lq), torch.float32, q.device)
     pre_m = 64
@@ -161,23 +220,24 @@ def _backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv
     else:
         dq_acc = torch.zeros((B, Lq, H, D), dtype=torch.float32, device=q.device)
         dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2))
-    _bwd_dkdv_kernel[(dkv_rows.shape[0], B * H)](
+    _bwd_dkdv_kernel[_grid(dkv_rows.shape[0], B * H, heads_first)](
         q, k, v, dout, lse, delta, dk, dv, dq_acc, q_seg, k_seg, kq_bits, dkv_rows, dkv_cols,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dq_strides,
         H, Lq, Lk, kq_bits.shape[1], scale * LOG2E, scale,
         BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=D, NWIN=nwin(km), ATOMIC_DQ=not deterministic, INTERPRET=interp,
-        **launch)
+        HEADS_FIRST=heads_first, **launch)
     if deterministic:
         dq = _alloc((B, Lq, H, D), q.dtype, q.device)
-        _bwd_dq_kernel[(dq_rows.shape[0], B * H)](
+        _bwd_dq_kernel[_grid(dq_rows.shape[0], B * H, heads_first)](
             q, k, v, dout, lse, delta, dq, q_seg, k_seg, qk_bits, dq_rows, dq_cols,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             H, Lq, Lk, qk_bits.shape[1], scale * LOG2E, scale,
-            BLOCK_M=qm, BLOCK_N=qn, HEAD_DIM=D, NWIN=nwin(qn), INTERPRET=interp, **launch)
+            BLOCK_M=qm, BLOCK_N=qn, HEAD_DIM=D, NWIN=nwin(qn), INTERPRET=interp, HEADS_FIRST=heads_first,
+            **launch_dq)
     else:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv

@@ -39,31 +39,34 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
-def row_config(C: int, backward: bool = False) -> tuple[int, int]:
-    """(BLOCK_C, num_warps) for a kernel that holds one whole row of C elements in registers.
+def launch_config(kind: str, device, **key) -> dict:
+    """This package's launch parameters of `kind` ("row_fwd", "row_bwd", "elementwise") for `device`'s
+    architecture, from dz_kernels/configs/fused.json (tuned entries where a sweep measured them, else defaults)."""
+    from dz_kernels import configs
 
-    Chosen from ptxas register reports for sm_90 (triton 3.9): at BLOCK_C 8192 the forward kernels fit 16 warps
-    without spilling; the backward kernels keep more values live and spill least with 32 warps (8 values per
-    thread per tensor); at 16384 everything takes 32 warps. Not yet tuned by measurement."""
+    arch = configs.arch_of(device) if device is not None else "cpu"
+    return configs.lookup("fused", kind, arch, **key).config
+
+
+def row_config(C: int, backward: bool = False, device=None) -> tuple[int, int]:
+    """(BLOCK_C, num_warps) for a kernel that holds one whole row of C elements in registers: BLOCK_C =
+    next_pow2(C), num_warps from the config table (kind row_fwd / row_bwd, key block_c). The defaults were chosen
+    from ptxas register reports for sm_90 (triton 3.9): at BLOCK_C 8192 the forward kernels fit 16 warps without
+    spilling; the backward kernels keep more values live and spill least with 32 warps (8 values per thread per
+    tensor); at 16384 everything takes 32 warps."""
     block = triton.next_power_of_2(C)
-    if block >= 16384:
-        warps = 32
-    elif block >= 8192:
-        warps = 32 if backward else 16
-    elif block >= 2048:
-        warps = 8
-    elif block >= 512:
-        warps = 4
-    else:
-        warps = 2
-    return block, warps
+    cfg = launch_config("row_bwd" if backward else "row_fwd", device, block_c=block)
+    return block, int(cfg["num_warps"])
 
 
-def partial_programs(n_rows: int, device: torch.device) -> int:
+def partial_programs(n_rows: int, device: torch.device, C: int | None = None) -> int:
     """How many programs a reducing backward launches (each sums dweight over a contiguous block of rows into its
-    own float32 partial row; the partials are summed afterwards in torch: deterministic for a given device)."""
+    own float32 partial row; the partials are summed afterwards in torch: deterministic for a given device):
+    programs_per_sm (config table, kind row_bwd) per multiprocessor on CUDA."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        block = triton.next_power_of_2(C) if C else 0
+        per_sm = launch_config("row_bwd", device, block_c=block)["programs_per_sm"]
+        target = int(per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter: a few programs, so multi-row blocks and a short last block are exercised
         target = 4
     return max(1, min(n_rows, target))

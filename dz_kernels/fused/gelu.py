@@ -20,7 +20,6 @@ from . import _common as cm
 
 __all__ = ["gelu_tanh", "gelu_tanh_reference"]
 
-_BLOCK = 1024
 _K = math.sqrt(2.0 / math.pi)
 _A = 0.044715
 
@@ -55,16 +54,19 @@ def _gelu_tanh_bwd_kernel(DY, X, DX, n, k, a, INTERPRET: tl.constexpr, BLOCK: tl
 def _launch_fwd(x, out):
     n = x.numel()
     if n:
-        _gelu_tanh_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x, out, n, _K, _A, INTERPRET=cm.interpreting(),
-                                                         BLOCK=_BLOCK, num_warps=4)
+        cfg = cm.launch_config("elementwise", x.device, op="gelu_tanh_fwd")
+        _gelu_tanh_fwd_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](x, out, n, _K, _A, INTERPRET=cm.interpreting(),
+                                                               BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
 
 
 def _launch_bwd(dy, x):
     dx = cm.empty(x.shape, x.dtype, x.device)
     n = x.numel()
     if n:
-        _gelu_tanh_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dy.contiguous(), x, dx, n, _K, _A,
-                                                         INTERPRET=cm.interpreting(), BLOCK=_BLOCK, num_warps=4)
+        cfg = cm.launch_config("elementwise", x.device, op="gelu_tanh_bwd")
+        _gelu_tanh_bwd_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](dy.contiguous(), x, dx, n, _K, _A,
+                                                               INTERPRET=cm.interpreting(), BLOCK=cfg["BLOCK"],
+                                                               num_warps=cfg["num_warps"])
     return dx
 
 

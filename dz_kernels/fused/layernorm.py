@@ -181,7 +181,7 @@ def _launch_fwd(x, y, gate, shift, scale, weight, bias, eps, x_out, out, out_sca
     sh3, sshb, sshl = cm.rows_view(shift, shape) if shift is not None else (dummy, 0, 0)
     sc3, sscb, sscl = cm.rows_view(scale, shape) if scale is not None else (dummy, 0, 0)
     fp8 = out.dtype == cm.FP8_DTYPE
-    block, warps = cm.row_config(C)
+    block, warps = cm.row_config(C, device=x3.device)
     _ln_fwd_kernel[(n_rows,)](
         x3, sxb, sxl,
         y3, syb, syl,
@@ -240,14 +240,14 @@ def _launch_bwd(dout, dxn, xn, y, gate, scale, weight, bias, mean, rstd, needs):
     g3, sgb, sgl = cm.rows_view(gate, x_shape) if gate is not None else (dummy, 0, 0)
     sc3, sscb, sscl = cm.rows_view(scale, x_shape) if scale is not None else (dummy, 0, 0)
     if need_dw or need_db:
-        programs = cm.partial_programs(n_rows, xn.device)
+        programs = cm.partial_programs(n_rows, xn.device, C)
         rows_per_prog = triton.cdiv(n_rows, programs)
         programs = triton.cdiv(n_rows, rows_per_prog)
     else:
         programs, rows_per_prog = n_rows, 1
     dw_part = cm.empty((programs, C), torch.float32, xn.device) if need_dw else dummy
     db_part = cm.empty((programs, C), torch.float32, xn.device) if need_db else dummy
-    block, warps = cm.row_config(C, backward=True)
+    block, warps = cm.row_config(C, backward=True, device=xn.device)
     _ln_bwd_kernel[(programs,)](
         do3, sdob, sdol,
         dn3, sdnb, sdnl,

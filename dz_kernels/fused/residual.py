@@ -16,7 +16,6 @@ from . import _common as cm
 
 __all__ = ["gated_residual", "gated_residual_reference"]
 
-_BLOCK = 1024  # columns per program; a row of C features takes cdiv(C, _BLOCK) programs
 
 
 @triton.jit
@@ -56,16 +55,17 @@ def _gated_residual_bwd_kernel(
         tl.store(DG + row * C + cols, cm.cast_like(d * y, DG, INTERPRET), mask=mask)
 
 
-def _grid(x_shape):
+def _grid(x_shape, block: int):
     C = x_shape[-1]
     rows = 1
     for s in x_shape[:-1]:
         rows *= s
-    return rows, triton.cdiv(C, _BLOCK)
+    return rows, triton.cdiv(C, block)
 
 
 def _launch_fwd(x, y, gate, out):
-    rows, col_blocks = _grid(x.shape)
+    cfg = cm.launch_config("elementwise", x.device, op="gated_residual_fwd")
+    rows, col_blocks = _grid(x.shape, cfg["BLOCK"])
     if rows == 0:
         return
     x3, sxb, sxl = cm.rows_view(x, x.shape)
@@ -73,8 +73,8 @@ def _launch_fwd(x, y, gate, out):
     y3, syb, syl = cm.rows_view(y, x.shape)
     g3, sgb, sgl = cm.rows_view(gate, x.shape)
     _gated_residual_fwd_kernel[(rows, col_blocks)](
-        x3, sxb, sxl, y3, syb, syl, g3, sgb, sgl, out, L, C, INTERPRET=cm.interpreting(), BLOCK=_BLOCK,
-        num_warps=4)
+        x3, sxb, sxl, y3, syb, syl, g3, sgb, sgl, out, L, C, INTERPRET=cm.interpreting(), BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"])
 
 
 def _bwd_specs(x_shape, y, gate, need_dy, need_dg):
@@ -87,7 +87,8 @@ def _bwd_specs(x_shape, y, gate, need_dy, need_dg):
 
 def _launch_bwd(d, y, gate, need_dy, need_dg):
     dy, dg = (cm.empty(s, dt, d.device) for s, dt in _bwd_specs(y.shape, y, gate, need_dy, need_dg))
-    rows, col_blocks = _grid(y.shape)
+    cfg = cm.launch_config("elementwise", d.device, op="gated_residual_bwd")
+    rows, col_blocks = _grid(y.shape, cfg["BLOCK"])
     if rows == 0 or not (need_dy or need_dg):
         return dy, dg
     _, L, C = cm.as_3d(y).shape
@@ -96,7 +97,8 @@ def _launch_bwd(d, y, gate, need_dy, need_dg):
     g3, sgb, sgl = cm.rows_view(gate, y.shape)
     _gated_residual_bwd_kernel[(rows, col_blocks)](
         d3, sdb, sdl, y3, syb, syl, g3, sgb, sgl, dy if need_dy else d3, dg if need_dg else d3, L, C,
-        NEED_DY=need_dy, NEED_DG=need_dg, INTERPRET=cm.interpreting(), BLOCK=_BLOCK, num_warps=4)
+        NEED_DY=need_dy, NEED_DG=need_dg, INTERPRET=cm.interpreting(), BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"])
     return dy, dg
 
 

@@ -81,7 +81,7 @@ def _launch_fwd(x, weight, eps, out, rstd):
         return
     x3, sxb, sxl = cm.rows_view(x, x.shape)
     _, L, C = x3.shape
-    block, warps = cm.row_config(C)
+    block, warps = cm.row_config(C, device=x3.device)
     _rms_norm_fwd_kernel[(n_rows,)](
         x3, sxb, sxl, weight, out, rstd if rstd is not None else out,
         L, C, float(eps), STORE_RSTD=rstd is not None, INTERPRET=cm.interpreting(), BLOCK_C=block,
@@ -101,13 +101,13 @@ def _launch_bwd(dy, x, weight, rstd, need_dw):
     _, L, _ = x3.shape
     dy3, sdb, sdl = cm.rows_view(dy, x.shape)
     if need_dw:
-        programs = cm.partial_programs(n_rows, x.device)
+        programs = cm.partial_programs(n_rows, x.device, C)
         rows_per_prog = triton.cdiv(n_rows, programs)
         programs = triton.cdiv(n_rows, rows_per_prog)
         dw_part = cm.empty((programs, C), torch.float32, x.device)
     else:
         programs, rows_per_prog, dw_part = n_rows, 1, dx
-    block, warps = cm.row_config(C, backward=True)
+    block, warps = cm.row_config(C, backward=True, device=x.device)
     _rms_norm_bwd_kernel[(programs,)](
         dy3, sdb, sdl, x3, sxb, sxl, weight, rstd, dx, dw_part,
         n_rows, L, C, rows_per_prog, NEED_DW=need_dw, INTERPRET=cm.interpreting(), BLOCK_C=block,

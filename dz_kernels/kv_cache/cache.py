@@ -102,7 +102,7 @@ class FusedKVCache:
         self.dtype = dtype
         self.fp8 = bool(fp8)
         self.device = torch.device(device)
-        self.backend = ops.resolve_backend(self.device, backend)
+        self.backend = ops.resolve_backend(self.device, backend, FP8_DTYPE if self.fp8 else dtype, dtype)
         self.capacity_frames = cfg.local_attn_size if capacity_frames is None else capacity_frames
         if self.capacity_frames < 1 + cfg.frames_per_chunk:
             raise ValueError(f"a cache of {self.capacity_frames} frames cannot hold the first frame and one chunk")

@@ -7,7 +7,8 @@ Two ops, each with four interchangeable backends (same contract, same numerics):
   written into their cache rows (quantized when the cache is FP8).
 - ``kv_cache_write``: only the cache write, for keys that are already normalized and rotated.
 
-Backends: "triton" (triton_kernels.py; the default on CUDA and under TRITON_INTERPRET=1), "cuda" (csrc/
+Backends: "triton" (triton_kernels.py; the default under TRITON_INTERPRET=1, and on CUDA unless the config table
+says "cuda" for the cache dtype), "cuda" (csrc/
 qk_norm_rope.cu through the compiled extension dz_kernels._C, else the same source through cupy/NVRTC), "cupy"
 (NVRTC only), "torch" (the plain reference chain of reference.py; the default on a CPU without the interpreter).
 "auto" picks the default. Each op is a custom op in the ``dz`` namespace that mutates the cache tensors, with a
@@ -36,21 +37,42 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(device, backend: str = "auto") -> str:
-    """The backend that runs on `device` for the requested one ("auto" -> "triton" on CUDA or under the Triton
-    interpreter, else "torch"). Raises ValueError for an unknown name or one that cannot run on that device;
-    availability of "cuda"/"cupy" (extension built, cupy installed) is checked when they launch."""
+def resolve_backend(device, backend: str = "auto", cache_dtype: Optional[torch.dtype] = None,
+                    act_dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs on `device` for the requested one ("auto": on CUDA the config table's choice for the
+    cache dtype (dz_kernels/configs/kv_cache.json, kind backend: "triton" unless a tuning run measured the CUDA
+    kernels faster; "cuda" only where they can run these dtypes), under the Triton interpreter "triton", else
+    "torch"). Raises ValueError for an unknown name or one that cannot run on that device; availability of
+    "cuda"/"cupy" (extension built, cupy installed) is checked when they launch."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if (device.type == "cuda" or _interpreting()) else "torch"
+        if device.type == "cuda":
+            return _table_backend(device, cache_dtype, act_dtype)
+        return "triton" if _interpreting() else "torch"
     if backend == "triton" and device.type != "cuda" and not _interpreting():
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                          f"the tensors are on {device}")
     if backend in ("cuda", "cupy") and device.type != "cuda":
         raise ValueError(f"backend {backend!r} needs CUDA tensors; the tensors are on {device}")
     return backend
+
+
+def _table_backend(device, cache_dtype, act_dtype) -> str:
+    from dz_kernels import configs
+
+    key = {} if cache_dtype is None else {"cache": configs.dtype_name(cache_dtype)}
+    choice = configs.lookup("kv_cache", "backend", configs.arch_of(device), **key).config["backend"]
+    if choice not in ("triton", "cuda"):
+        raise ValueError(f"config table kv_cache: backend {choice!r} is not 'triton' or 'cuda'")
+    if choice == "cuda":
+        from . import cuda as kv_cuda
+
+        dtypes_ok = act_dtype is None or (act_dtype in ACT_DTYPES and cache_dtype in (None, act_dtype, FP8_DTYPE))
+        if not (dtypes_ok and kv_cuda.available()[0]):
+            choice = "triton"
+    return choice
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
@@ -216,7 +238,7 @@ def _qk_norm_rope_kv_write_op(
     k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], pos: torch.Tensor, backend: str,
 ) -> torch.Tensor:
     B, L, C = q.shape
-    backend = resolve_backend(q.device, backend)
+    backend = resolve_backend(q.device, backend, k_cache.dtype, q.dtype)
     if backend == "torch":
         T = k_cache.shape[1]
         p = pos.reshape(()).to(torch.int64)
@@ -260,7 +282,7 @@ def _kv_cache_write_op(
     k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], pos: torch.Tensor, backend: str,
 ) -> None:
-    backend = resolve_backend(k_new.device, backend)
+    backend = resolve_backend(k_new.device, backend, k_cache.dtype, k_new.dtype)
     if backend == "torch":
         L, T = k_new.shape[1], k_cache.shape[1]
         p = pos.reshape(()).to(torch.int64)

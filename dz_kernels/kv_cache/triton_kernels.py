@@ -265,12 +265,24 @@ def _warps(elems: int) -> int:
     return 2
 
 
-def _block_rows(n_rows: int, tile: int) -> int:
-    """Token rows per program: on the GPU enough rows for a tile of about 4096 elements (one row at the droid
-    shape, H=40 x D/2=64 -> 64 x 64), under the interpreter up to 64 rows (its cost is per program)."""
-    cap = 64 if _interpreting() else max(1, 4096 // tile)
-    cap = 1 << (cap.bit_length() - 1)          # a power of two <= cap
-    return max(1, min(triton.next_power_of_2(n_rows), cap))
+def _launch_params(kind: str, n_rows: int, tile: int, H: int, D: int, cache_dtype, device) -> tuple[int, int]:
+    """(token rows per program, num_warps) of kernel `kind` ("epilogue" or "write") from the config table
+    dz_kernels/configs/kv_cache.json: by default enough rows for a tile of about tile_elems = 4096 elements (one
+    row at the droid shape, H=40 x D/2=64 -> 64 x 64) and warps by the tile's size; under the interpreter up to 64
+    rows (its cost is per program)."""
+    if _interpreting():
+        rows = 64
+        warps = 0
+    else:
+        from dz_kernels import configs
+
+        cfg = configs.lookup("kv_cache", kind, configs.arch_of(device), H=H, D=D,
+                             cache=configs.dtype_name(cache_dtype)).config
+        rows = int(cfg["block_rows"]) or max(1, int(cfg["tile_elems"]) // tile)
+        warps = int(cfg["num_warps"])
+    rows = 1 << (rows.bit_length() - 1)        # a power of two <= rows
+    rows = max(1, min(triton.next_power_of_2(n_rows), rows))
+    return rows, (warps or _warps(rows * tile))
 
 
 def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v_cache, k_scale, v_scale, pos,
@@ -287,7 +299,7 @@ def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v
     fp8 = k_cache.dtype == FP8_DTYPE
     block_h = triton.next_power_of_2(H)
     block_p = triton.next_power_of_2(D // 2)
-    block_r = _block_rows(N, block_h * block_p)
+    block_r, warps = _launch_params("epilogue", N, block_h * block_p, H, D, k_cache.dtype, q.device)
     ks, vs = (k_scale, v_scale) if fp8 else (pos, pos)     # dummies: never dereferenced without FP8
     ssb, sst = (k_scale.stride(0), k_scale.stride(1)) if fp8 else (0, 0)
     _qk_norm_rope_kv_kernel[(triton.cdiv(N, block_r),)](
@@ -303,7 +315,7 @@ def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v
         N, L, T, H, D, C, float(eps), FP8_AMAX_FLOOR,
         ROUND_W=(wq.dtype == q.dtype and q.dtype != torch.float32), FP8=fp8, INTERPRET=_interpreting(),
         ACT_FIX=_fix(q.dtype), CACHE_FIX=_fix(k_cache.dtype),
-        BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=_warps(block_r * block_h * block_p),
+        BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=warps,
     )
 
 
@@ -317,7 +329,7 @@ def launch_kv_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos) -> No
     fp8 = k_cache.dtype == FP8_DTYPE
     block_h = triton.next_power_of_2(H)
     block_d = triton.next_power_of_2(D)
-    block_r = _block_rows(N, block_h * block_d)
+    block_r, warps = _launch_params("write", N, block_h * block_d, H, D, k_cache.dtype, k_new.device)
     ks, vs = (k_scale, v_scale) if fp8 else (pos, pos)
     ssb, sst = (k_scale.stride(0), k_scale.stride(1)) if fp8 else (0, 0)
     _kv_write_kernel[(triton.cdiv(N, block_r),)](
@@ -328,5 +340,5 @@ def launch_kv_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos) -> No
         pos,
         N, L, T, H, D, FP8_AMAX_FLOOR,
         FP8=fp8, INTERPRET=_interpreting(), CACHE_FIX=_fix(k_cache.dtype),
-        BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=_warps(block_r * block_h * block_d),
+        BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps,
     )

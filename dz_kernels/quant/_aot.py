@@ -3,6 +3,7 @@
 `python -m dz_kernels.quant._aot [NAME ...]` compiles (all by default), with Triton's own compiler and ptxas:
     fp8_gemm (row and block scales)  for sm_90   (Hopper: expects FP8 wgmma)
     nvfp4_w4a16                      for sm_90   (bf16 wgmma after in-register dequantization)
+    nvfp4_w4a16 split-K (small M)    for sm_90   (the same, on [16, BLOCK_K] activation tiles)
     nvfp4_w4a4, dot_scaled           for sm_100  (Blackwell: expects tcgen05.mma kind::mxf4nvf4 block16)
     nvfp4_w4a4, register dequant     for sm_90
 and prints a JSON object {name: [distinct MMA instructions found in the PTX]}. It must run without
@@ -40,7 +41,7 @@ def _mma(ptx: str) -> list[str]:
 
 
 NAMES = ("fp8_gemm_row_sm90", "fp8_gemm_block_sm90", "nvfp4_w4a16_sm90", "nvfp4_w4a4_dot_scaled_sm100",
-         "nvfp4_w4a4_dequant_sm90")
+         "nvfp4_w4a4_dequant_sm90", "nvfp4_w4a16_splitk_sm90")
 
 
 def main(names=NAMES) -> dict:
@@ -77,6 +78,16 @@ def main(names=NAMES) -> dict:
     sig, ce = _sig(w16_ptrs, len(w16_ints), w16_ints, {**epi, "INTERPRET": False, **tiles})
     if "nvfp4_w4a16_sm90" in names:
         out["nvfp4_w4a16_sm90"] = _mma(_compile(nvfp4._nvfp4_w4a16_kernel, sig, ce, 90))
+
+    if "nvfp4_w4a16_splitk_sm90" in names:
+        from . import nvfp4_splitk
+
+        sk_ints = ["M", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_wsn", "stride_ps", "stride_pm",
+                   "stride_gm", "stride_gn", "stride_rm", "stride_rn", "stride_om"]
+        sk_ptrs = {**w16_ptrs, "PART": "*fp32"}
+        sig, ce = _sig(sk_ptrs, len(sk_ints), sk_ints, {**epi, "SINGLE": False, "INTERPRET": False, "BLOCK_M": 16,
+                                                         "BLOCK_N": 64, "BLOCK_K": 256})
+        out["nvfp4_w4a16_splitk_sm90"] = _mma(_compile(nvfp4_splitk._nvfp4_w4a16_splitk_kernel, sig, ce, 90))
 
     w4_ints = ["M", "N", "K", "stride_am", "stride_asm", "stride_wn", "stride_wsn", "stride_gm", "stride_gn",
                "stride_rm", "stride_rn", "stride_om"]

@@ -26,6 +26,14 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
 
 
+def launch_config(family: str, kind: str, device, **key) -> dict:
+    """Launch parameters of kernel `kind` of `family` ("fp8", "nvfp4") for `device`'s architecture, from
+    dz_kernels/configs/<family>.json (tuned entries where a sweep measured them, else the defaults there)."""
+    from dz_kernels import configs
+
+    return configs.lookup(family, kind, configs.arch_of(device), **key).config
+
+
 def empty(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
     """Every output buffer of the quant kernels comes from here, so a test can swap in NaN-poisoned buffers."""
     return torch.empty(tuple(shape), dtype=dtype, device=device)

@@ -22,13 +22,20 @@ import triton.language as tl
 INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}
 
 
-def launch_gemm(kernel, tuned, M: int, N: int, args: tuple, flags: dict, interpreting: bool) -> None:
+def launch_gemm(kernel, tuned, M: int, N: int, args: tuple, flags: dict, interpreting: bool,
+                config: dict | None = None) -> None:
     """Launch a grouped-tile GEMM kernel over an M x N output: the plain kernel with INTERPRET_GEMM tiles in the
-    interpreter, else its autotuned wrapper `tuned`."""
+    interpreter; on a GPU the plain kernel at `config` (a config table entry: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    num_warps, num_stages) when one is given and it does not say autotune, else the autotuned wrapper `tuned`."""
     if interpreting:
         cfg = INTERPRET_GEMM
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         kernel[grid](*args, **flags, **cfg, num_warps=1)
+    elif config is not None and not config.get("autotune", False):
+        tiles = {k: int(config[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
+        kernel[grid](*args, **flags, **tiles, num_warps=int(config["num_warps"]),
+                     num_stages=int(config["num_stages"]))
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         tuned[grid](*args, **flags)

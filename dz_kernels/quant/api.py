@@ -19,6 +19,9 @@ time_projection. A module is excluded when any component of its qualified name s
 
 Execution: on CUDA the quantized modules run the Triton kernels (fp8.py / nvfp4.py); on CPU they run the plain
 PyTorch references of formats.py (same quantizer bits; the GEMM in float32). Inference only: no backward.
+An FP8 module on CUDA runs the path the config table picks for its shape (dispatch.py: our FP8 GEMM, our quantizer
+with cuBLAS's FP8 GEMM, or, where the tuning measured FP8 slower than bf16 and the original weight is kept, bf16);
+`Float8Linear.path_for(x)` says which.
 
 Reversibility: with reversible=True (default) each quantized module keeps a reference to the nn.Linear it replaced
 (no copy, but the original weights stay alive), and dequantize_ puts those exact modules back, so outputs are
@@ -175,11 +178,26 @@ class Float8Linear(_QuantLinearBase):
         s = self.weight_scale if self.block_scaled else self.weight_scale.view(-1, 1)
         return dequantize_fp8_reference(self.weight, s, self.granularity, dtype or self.orig_dtype)
 
+    def _bf16_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The kept original's weight when it is on x's device (the "bf16" dispatch path), else None."""
+        orig = self._original[0] if self._original else None
+        w = getattr(orig, "weight", None)
+        return w if isinstance(w, torch.Tensor) and w.device == x.device else None
+
+    def path_for(self, x: torch.Tensor) -> str:
+        """The path forward(x) runs on CUDA: "triton", "scaled_mm" or "bf16" (see dz_kernels.quant.dispatch)."""
+        from .dispatch import fp8_linear_path
+
+        M = x.numel() // self.in_features
+        return fp8_linear_path(M, self.in_features, self.out_features, x.device, block_scaled=self.block_scaled,
+                               has_bf16_weight=self._bf16_weight(x) is not None, out_dtype=x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x)
         if x.is_cuda:
-            from .fp8 import fp8_linear
-            return fp8_linear(x, self.weight, self.weight_scale, self.bias, block_scaled=self.block_scaled)
+            from .dispatch import fp8_linear_dispatch
+            return fp8_linear_dispatch(x, self.weight, self.weight_scale, self.bias, block_scaled=self.block_scaled,
+                                       bf16_weight=self._bf16_weight(x))
         x2 = cm.as_rows(x)
         a, sa = quantize_fp8_reference(x2, "block1x128" if self.block_scaled else "row")
         y = fp8_gemm_reference(a, sa, self.weight, self.weight_scale, block_scaled=self.block_scaled, bias=self.bias,

@@ -152,7 +152,9 @@ _GEMM_CONFIGS = [
 _fp8_gemm_tuned = triton.autotune(
     configs=_GEMM_CONFIGS, key=["M", "N", "K", "BLOCK_SCALED", "HAS_BIAS", "ACT", "HAS_GATE", "HAS_RES"],
 )(_fp8_gemm_kernel)
-# The interpreter runs one small configuration (several K steps, several 128-blocks of N, ragged edges).
+# The interpreter runs one small configuration (several K steps, several 128-blocks of N, ragged edges). On a GPU the
+# config table (dz_kernels/configs/fp8.json, kind gemm) names one configuration per shape where a sweep measured it;
+# elsewhere this autotuned wrapper picks among the list above.
 
 
 # ---------------------------------------------------------------------------------------------------------- launchers
@@ -165,7 +167,9 @@ def _launch_quant_rows(x2: torch.Tensor):
     if cm.interpreting():
         block_m, block_k, warps = 4, 64, 1
     else:
-        block_m, block_k, warps = 4, min(1024, triton.next_power_of_2(K)), 4
+        cfg = cm.launch_config("fp8", "quant_rows", x2.device, k=K)
+        block_m, warps = int(cfg["BLOCK_M"]), int(cfg["num_warps"])
+        block_k = min(int(cfg["BLOCK_K"]), triton.next_power_of_2(K))
     _fp8_quant_rows_kernel[(triton.cdiv(M, block_m),)](
         x2, q, s, M, K, x2.stride(0), q.stride(0), FP8_AMAX_FLOOR,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
@@ -236,7 +240,9 @@ def _launch_gemm(a, a_scale, b, b_scale, block_scaled, bias, activation, gate, r
             res2.stride(0) if res2 is not None else 0, res2.stride(1) if res2 is not None else 0, out.stride(0))
     flags = dict(BLOCK_SCALED=block_scaled, HAS_BIAS=bias is not None, ACT=activation_code(activation),
                  HAS_GATE=gate2 is not None, HAS_RES=res2 is not None)
-    launch_gemm(_fp8_gemm_kernel, _fp8_gemm_tuned, M, N, args, flags, cm.interpreting())
+    config = None if cm.interpreting() else cm.launch_config("fp8", "gemm", a.device, m=M, n=N, k=K,
+                                                                block_scaled=bool(block_scaled))
+    launch_gemm(_fp8_gemm_kernel, _fp8_gemm_tuned, M, N, args, flags, cm.interpreting(), config)
     return out
 
 

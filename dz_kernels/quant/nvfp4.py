@@ -13,7 +13,12 @@ How the GEMMs compute:
   W4A16: each weight tile is unpacked in registers: E2M1 code -> value -> times its E4M3 block scale, which is exact
     in bf16 (a 2-bit-significand value times a 4-bit-significand scale needs 5 bits; bf16 has 8, and the range
     2^-10 .. 2688 is inside bf16's and fp16's), then a bf16 (or fp16) tensor-core dot with float32 accumulation;
-    the FP32 global scale multiplies the accumulator once at the end.
+    the FP32 global scale multiplies the accumulator once at the end. Decode-like M (by default M <= 16; the config
+    table's w4a16_path decides) runs the split-K kernel of nvfp4_splitk.py instead: the same products, K spread
+    over many programs so the 4-bit weight streams through every multiprocessor once. Large M (by default
+    M > 16) dequantizes the weight (E2M1 times its block scale, exact in bf16) once per call and runs torch's
+    dense GEMM with float32 output, then one pass applies the global scale and the epilogue ("dequant": the same
+    products and float32 accumulation, cuBLAS's tensor-core GEMM on a GPU).
   W4A4, sm_100 (Blackwell): `tl.dot_scaled(a, a_scale, "e2m1", w^T, w_scale, "e2m1")` with the E4M3 scales per 16:
     Triton's NVFP4 form of the block-scaled MMA (tcgen05.mma kind::mxf4nvf4 block16; checked by compiling this
     kernel for sm_100 in tests/test_quant_nvfp4.py). Both global scales multiply the accumulator at the end.
@@ -41,7 +46,7 @@ from .formats import (
 )
 
 __all__ = ["quantize_nvfp4", "dequantize_nvfp4", "nvfp4_gemm_w4a16", "nvfp4_gemm_w4a4", "nvfp4_linear",
-           "nvfp4_global_scale_device", "dot_scaled_available"]
+           "nvfp4_global_scale_device", "dot_scaled_available", "w4a16_path", "W4A16_PATHS"]
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -100,6 +105,20 @@ def _unpack_tile(packed, scale_per_byte, ROWS: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
+def _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, p, p_end,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + x @ (e2m1(w) * ws)^T for one K step: x [BLOCK_M, BLOCK_K] (16-bit, masked by the caller), the packed
+    weight bytes p (< p_end) of rows w_rows and their E4M3 scales, unpacked in registers (exact in bf16)."""
+    pmask = mask_n[:, None] & (p < p_end)[None, :]
+    wp = tl.load(W + w_rows * stride_wn + p[None, :], mask=pmask, other=0)
+    ws = tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=pmask, other=0.0).to(tl.float32)
+    w = _unpack_tile(wp, ws, BLOCK_N, BLOCK_K)
+    if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 operands give the exact products
+        return tl.dot(x.to(tl.float32), tl.trans(w), acc)
+    return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+
+
+@triton.jit
 def _nvfp4_w4a16_kernel(X, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
                         stride_xm, stride_wn, stride_wsn, stride_gm, stride_gn, stride_rm, stride_rn, stride_om,
                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
@@ -119,15 +138,8 @@ def _nvfp4_w4a16_kernel(X, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
-        p = k0 // 2 + offs_p
-        pmask = mask_n[:, None] & (p < K // 2)[None, :]
-        wp = tl.load(W + w_rows * stride_wn + p[None, :], mask=pmask, other=0)
-        ws = tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=pmask, other=0.0).to(tl.float32)
-        w = _unpack_tile(wp, ws, BLOCK_N, BLOCK_K)
-        if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 operands give the exact products
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc)
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        acc = _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, k0 // 2 + offs_p, K // 2,
+                              BLOCK_N, BLOCK_K, INTERPRET)
         x_ptrs += BLOCK_K
     acc = acc * tl.load(WG)
     _epilogue_store(acc, offs_m, offs_n, M, N, BIAS, GATE, stride_gm, stride_gn, RES, stride_rm, stride_rn,
@@ -247,12 +259,67 @@ def _launch_w4a16(x, w, ws, wg, bias, activation, gate, residual, out_dtype):
     (G, sgm, sgn, Rz, srm, srn), has_gate, has_res = _epilogue_args(out, gate, residual, M, N)
     if x.dtype == torch.float32:  # 16-bit activations: the tensor-core dot takes bf16 (documented in nvfp4_linear)
         x = x.to(torch.bfloat16)
+    path = w4a16_path(M, N, K, x.device)
+    if path == "dequant":
+        from .nvfp4_splitk import launch_scaled_epilogue
+
+        # e2m1 * block scale is exact in bf16/fp16; the global scale joins in float32 after the GEMM
+        wd = _launch_dequant(w, ws, torch.ones((), dtype=torch.float32, device=w.device), x.dtype)
+        launch_scaled_epilogue(_mm_f32(x, wd), wg, bias, activation_code(activation), (G, sgm, sgn, Rz, srm, srn),
+                               has_gate, has_res, out)
+        return out
+    if path == "splitk":
+        from .nvfp4_splitk import launch_w4a16_splitk
+
+        config = cm.launch_config("nvfp4", "splitk", x.device, m=M, n=N, k=K)
+        if cm.interpreting():  # small tiles: several N blocks, K slices and a ragged last slice at test sizes
+            config = dict(config, BLOCK_N=min(int(config["BLOCK_N"]), 32), BLOCK_K=min(int(config["BLOCK_K"]), 64),
+                          SPLIT_K=int(config["SPLIT_K"]) or 3)
+        launch_w4a16_splitk(x, w, ws, wg, bias, activation_code(activation), (G, sgm, sgn, Rz, srm, srn),
+                            has_gate, has_res, out, config)
+        return out
     args = (x, w, ws, wg, bias if bias is not None else out, G, Rz, out, M, N, K,
             x.stride(0), w.stride(0), ws.stride(0), sgm, sgn, srm, srn, out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACT=activation_code(activation), HAS_GATE=has_gate, HAS_RES=has_res,
                  INTERPRET=cm.interpreting())
-    launch_gemm(_nvfp4_w4a16_kernel, _w4a16_tuned, M, N, args, flags, cm.interpreting())
+    config = None if cm.interpreting() else cm.launch_config("nvfp4", "w4a16", x.device, m=M, n=N, k=K)
+    launch_gemm(_nvfp4_w4a16_kernel, _w4a16_tuned, M, N, args, flags, cm.interpreting(), config)
     return out
+
+
+W4A16_PATHS = ("splitk", "tiled", "dequant")
+
+
+def w4a16_path(M: int, N: int, K: int, device) -> str:
+    """Which W4A16 kernel runs for an [M, K] x [N, K] product on `device`: "splitk" (nvfp4_splitk.py, decode-like
+    M), "dequant" (the weight dequantized to the activation dtype by _nvfp4_dequant_kernel, then the dense GEMM of
+    torch, cuBLAS on a GPU, float32 accumulation and output, then one epilogue pass) or "tiled" (the tiled GEMM
+    above, dequantizing in registers), from the config table
+    (dz_kernels/configs/nvfp4.json, kind w4a16_path)."""
+    path = cm.launch_config("nvfp4", "w4a16_path", device, m=M, n=N, k=K)["path"]
+    if path not in W4A16_PATHS:
+        raise ValueError(f"config table nvfp4: w4a16_path {path!r} is not one of {W4A16_PATHS}")
+    return path
+
+
+_MM_OUT_DTYPE: list = []   # whether torch.mm(..., out_dtype=float32) runs here (found on the first CUDA call)
+
+
+def _mm_f32(x: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
+    """x @ wd^T with float32 accumulation and a float32 result: torch.mm(out_dtype=float32) on CUDA (cuBLAS, 16-bit
+    operands), float32 operands elsewhere (exact products of 16-bit values); where this torch has no float32 output
+    for 16-bit operands, its 16-bit linear (the product then rounded once to x's dtype)."""
+    if not x.is_cuda:
+        return torch.nn.functional.linear(x.float(), wd.float())
+    if not _MM_OUT_DTYPE:
+        try:
+            torch.mm(x[:1], wd[:1].t(), out_dtype=torch.float32)
+            _MM_OUT_DTYPE.append(True)
+        except (NotImplementedError, RuntimeError, TypeError):
+            _MM_OUT_DTYPE.append(False)
+    if _MM_OUT_DTYPE[0]:
+        return torch.mm(x, wd.t(), out_dtype=torch.float32)
+    return torch.nn.functional.linear(x, wd)
 
 
 def _launch_w4a4(a, a_s, ag, w, ws, wg, bias, activation, gate, residual, out_dtype, use_dot_scaled):
@@ -267,7 +334,9 @@ def _launch_w4a4(a, a_s, ag, w, ws, wg, bias, activation, gate, residual, out_dt
             a.stride(0), a_s.stride(0), w.stride(0), ws.stride(0), sgm, sgn, srm, srn, out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACT=activation_code(activation), HAS_GATE=has_gate, HAS_RES=has_res,
                  USE_DOT_SCALED=use_dot_scaled, INTERPRET=cm.interpreting())
-    launch_gemm(_nvfp4_w4a4_kernel, _w4a4_tuned, M, N, args, flags, cm.interpreting())
+    config = None if cm.interpreting() else cm.launch_config("nvfp4", "w4a4", a.device, m=M, n=N, k=K,
+                                                                dot_scaled=bool(use_dot_scaled))
+    launch_gemm(_nvfp4_w4a4_kernel, _w4a4_tuned, M, N, args, flags, cm.interpreting(), config)
     return out
 
 

@@ -23,6 +23,16 @@ light of dense attention; their max_err is nan there), "release-loop" (dreamzero
 one SDPA call per group of query segments over the torch.cat of its keys). check = max abs error against the
 release loop's result (outputs, and dq, dk, dv for the backward cases).
 
+Timing: the inference and control cases replay every impl from a CUDA graph (params["timed"]), as the model's
+captured control step runs them (at 0.7-2 ms an eager timing also counts the host: Python dispatch, and the
+release loop's per-block calls); an impl that cannot be captured is timed eagerly and listed in
+params["eager_timed"]. The training cases are timed eagerly.
+Dispatch record: for every case the "dz" impl fills params["dispatch"] (what layout_attention's rule picks for the
+layout: "SDPA (dense layout)", "SDPA per dense block", or "dz Triton kernel") and, on CUDA, params["kernels"]: the
+kernels one call launched, read off torch.profiler (e.g. cuDNN's or our _fwd_kernel), and params["config"]: where
+the kernel's tiles came from (the config table's default or a tuned entry).
+On the H200 (evidence 2026-11-29) the whole bench ran in about 55 s (the dz backward rows take 5-10 s each).
+
 Small (CPU) run: tiny layouts (6-token frames, 2 heads x 16); "dz" runs in the Triton interpreter when
 TRITON_INTERPRET=1 was set before import (else Unavailable), the CUDA-only peers are Unavailable.
 """
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from dz_bench.cases._peers import graphed
 from dz_bench.harness import Case, Unavailable, lazy, register
 
 from ._flex import flex_attention_for, flex_block_mask
@@ -136,35 +147,78 @@ def _warm(run):
     return run
 
 
+# ------------------------------------------------------------------------------------------------ dispatch record
+_KERNEL_KINDS = (("cudnn", "cuDNN"), ("flash", "flash"), ("fmha", "mem-efficient"), ("_fwd_kernel", "dz Triton"),
+                 ("_bwd_", "dz Triton"))
+
+
+def _record_dispatch(ctx, params: dict, lay, run, **kw) -> None:
+    """params["dispatch"]: the op's rule for this layout and call; params["kernels"] (CUDA): what one call of run
+    launched, from torch.profiler; params["config"]: the tile config's source."""
+    attn = _attn()
+    dense_sdpa = kw.get("dense_sdpa")
+    cfg, source = attn.config_choice(torch.device(ctx.device), DTYPE, params["D"], attn.config_mode(lay)) \
+        if ctx.device == "cuda" else (attn.default_config(torch.device(ctx.device), DTYPE, params["D"]), "interpreter")
+    sdpa_on = dense_sdpa if dense_sdpa is not None else (ctx.device == "cuda" and not kw.get("deterministic"))
+    blocks = attn.dense_blocks(lay)
+    n_blocks = kw.get("sdpa_blocks") or cfg.sdpa_blocks
+    if sdpa_on and attn.layout_is_dense(lay):
+        params["dispatch"] = "SDPA (dense layout; cuDNN first)"
+    elif sdpa_on and blocks is not None and len(blocks) <= n_blocks and n_blocks > 1:
+        params["dispatch"] = f"SDPA per dense block ({len(blocks)} calls; cuDNN first)"
+    else:
+        params["dispatch"] = "dz Triton kernel"
+        params["config"] = source
+    if ctx.device != "cuda":
+        return
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        names = sorted({e.name for e in prof.events() if e.device_type == DeviceType.CUDA})
+        kinds = sorted({label for n in names for key, label in _KERNEL_KINDS if key in n.lower() or key in n})
+        params["kernels"] = (", ".join(kinds) or "other") + ": " + "; ".join(n[:80] for n in names[:4])
+    except Exception as e:   # the profiler is a record, not the measurement
+        params["kernels"] = f"unknown (profiler: {type(e).__name__}: {str(e)[:100]})"
+
+
 # ------------------------------------------------------------------------------------------------ case builders
-def _fwd_case(ctx, name, lay, B, H, D, impls: dict, dense_peers: bool, params: dict):
-    """impls: {impl name: (builder of fn(q, k, v) -> out, requirement check or None)}."""
+def _fwd_case(ctx, name, lay, B, H, D, impls: dict, dense_peers: bool, params: dict, graph: bool = False,
+              dz_kw: dict | None = None):
+    """impls: {impl name: (builder of fn(q, k, v) -> out, requirement check or None)}. graph: time every impl
+    from a CUDA graph. dz_kw: the "dz" impl's keyword arguments (for its dispatch record)."""
     data = lazy(lambda: _inputs(ctx, lay, B, H, D))
     expected = lazy(lambda: [_fn_release(lay)(*data())])
+    params = dict(params, B=B, H=H, D=D, Lq=lay.q_len, Lk=lay.k_len, dtype="bfloat16",
+                  visible=round(lay.visible_pairs() / (lay.q_len * lay.k_len), 4),
+                  timed="CUDA graph replay" if graph and ctx.device == "cuda" else "eager")
 
-    def factory(build, require, masked_semantics):
+    def factory(impl, build, require, masked_semantics):
         def make():
             if require is not None:
                 require()
             fn = build()
             args = data()
             if masked_semantics:
-                return lambda: [fn(*args)]
-
-            def run_dense():
-                fn(*args)
-                return None
-
-            return run_dense
+                run = lambda: [fn(*args)]  # noqa: E731
+            else:
+                def run():
+                    fn(*args)
+                    return None
+            if impl == "dz":
+                _record_dispatch(ctx, params, lay, run, **(dz_kw or {}))
+            return graphed(run, ctx, params, impl) if graph else run
         return make
 
     table = {}
     for impl, (build, require) in impls.items():
         dense = impl.startswith("sdpa-") and dense_peers
-        table[impl] = factory(build, require, not dense)
-    return Case(case=name, params=dict(params, B=B, H=H, D=D, Lq=lay.q_len, Lk=lay.k_len, dtype="bfloat16",
-                                       visible=round(lay.visible_pairs() / (lay.q_len * lay.k_len), 4)),
-                flops=lay.attention_flops(B, H, D), impls=table, check=lambda out: _max_err(expected(), out))
+        table[impl] = factory(impl, build, require, not dense)
+    return Case(case=name, params=params, flops=lay.attention_flops(B, H, D), impls=table,
+                check=lambda out: _max_err(expected(), out))
 
 
 def _fwd_bwd_case(ctx, name, lay, B, H, D, impls: dict, params: dict):
@@ -181,12 +235,21 @@ def _fwd_bwd_case(ctx, name, lay, B, H, D, impls: dict, params: dict):
         return run
 
     expected = lazy(lambda: fwd_bwd(_fn_release(lay))())
+    params = dict(params, B=B, H=H, D=D, Lq=lay.q_len, Lk=lay.k_len, dtype="bfloat16",
+                  visible=round(lay.visible_pairs() / (lay.q_len * lay.k_len), 4), timed="eager")
 
-    def factory(build, require, masked_semantics):
+    def factory(impl, build, require, masked_semantics):
         def make():
             if require is not None:
                 require()
             run = fwd_bwd(build())
+            if impl == "dz":
+                attn = _attn()
+                cfg = attn.default_config(torch.device(ctx.device), DTYPE, D, attn.config_mode(lay))
+                params["config"] = attn.config_choice(torch.device(ctx.device), DTYPE, D, attn.config_mode(lay))[1] \
+                    if ctx.device == "cuda" else "interpreter"
+                params["dq_pass"] = "separate dq kernel" if params.get("deterministic") or not cfg.atomic_dq else \
+                    "atomics in the dk/dv kernel"
             if masked_semantics:
                 return run
 
@@ -196,10 +259,8 @@ def _fwd_bwd_case(ctx, name, lay, B, H, D, impls: dict, params: dict):
             return run_dense
         return make
 
-    table = {impl: factory(b, r, not impl.startswith("sdpa-")) for impl, (b, r) in impls.items()}
-    return Case(case=name, params=dict(params, B=B, H=H, D=D, Lq=lay.q_len, Lk=lay.k_len, dtype="bfloat16",
-                                       visible=round(lay.visible_pairs() / (lay.q_len * lay.k_len), 4)),
-                flops=FWD_BWD_FLOP_FACTOR * lay.attention_flops(B, H, D), impls=table,
+    table = {impl: factory(impl, b, r, not impl.startswith("sdpa-")) for impl, (b, r) in impls.items()}
+    return Case(case=name, params=params, flops=FWD_BWD_FLOP_FACTOR * lay.attention_flops(B, H, D), impls=table,
                 check=lambda out: _max_err(expected(), out))
 
 
@@ -226,7 +287,7 @@ def cases(ctx):
     train = sh["train"]()
     yield _fwd_case(ctx, "train/fwd", train, 1, H, D,
                     {"dz": (lambda: _fn_dz(train), dz_req), **_peers(ctx, train)}, True,
-                    {"layout": "train", "pass": "fwd"})
+                    {"layout": "train", "pass": "fwd"}, dz_kw={})
     yield _fwd_bwd_case(ctx, "train/fwd+bwd", train, 1, H, D,
                         {"dz": (lambda: _fn_dz(train), dz_req), **_peers(ctx, train)},
                         {"layout": "train", "pass": "fwd+bwd", "deterministic": False})
@@ -240,11 +301,12 @@ def cases(ctx):
     for B in (1, 2):
         yield _fwd_case(ctx, f"infer/B{B}", den, B, H, D,
                         {"dz": (lambda: _fn_dz(den), dz_req), **_peers(ctx, den)}, False,
-                        {"layout": "denoise", "pass": "fwd", "dispatch": "auto"})
+                        {"layout": "denoise", "pass": "fwd", "dispatch_arg": "default"}, graph=True, dz_kw={})
         yield _fwd_case(ctx, f"infer/B{B}/kernel", den, B, H, D,
                         {"dz": (lambda: _fn_dz(den, dense_sdpa=False), dz_req),
                          **_peers(ctx, den, with_flex=False, with_release=False)}, False,
-                        {"layout": "denoise", "pass": "fwd", "dispatch": "triton kernel forced"})
+                        {"layout": "denoise", "pass": "fwd", "dispatch_arg": "dense_sdpa=False (kernel forced)"},
+                        graph=True, dz_kw={"dense_sdpa": False})
 
     # the control step: one call vs the observe + denoise calls it replaces
     ctl, obs = sh["control"](), sh["observe"]()
@@ -264,8 +326,12 @@ def _control_case(ctx, ctl, obs, den, B, H, D, dz_req, sdpa_blocks=False):
     expected = lazy(lambda: [_fn_release(ctl)(*data())])
     n_obs, n_cached = obs.q_len, ctl.n_cached
     assert obs.k_len == n_cached + n_obs and den.k_len == ctl.k_len and den.q_len == ctl.q_len - n_obs
+    params = {"layout": "control", "pass": "fwd", "B": B, "H": H, "D": D, "Lq": ctl.q_len, "Lk": ctl.k_len,
+              "dtype": "bfloat16", "observed_tokens": n_obs,
+              "timed": "CUDA graph replay" if ctx.device == "cuda" else "eager"}
+    dz_kw = {"dense_sdpa": True, "sdpa_blocks": 2} if sdpa_blocks else {}
 
-    def two_calls(build_obs, build_den):
+    def two_calls(impl, build_obs, build_den):
         def make():
             f_obs, f_den = build_obs(), build_den()
             q, k, v = data()
@@ -274,48 +340,48 @@ def _control_case(ctx, ctl, obs, den, B, H, D, dz_req, sdpa_blocks=False):
 
             def run():
                 return [torch.cat([f_obs(q_obs, k_obs, v_obs), f_den(q_den, k, v)], dim=1)]
-            return run
+            return graphed(run, ctx, params, impl)
         return make
 
-    def one(build, require=None):
+    def one(impl, build, require=None):
         def make():
             if require is not None:
                 require()
             fn, args = build(), data()
-            return lambda: [fn(*args)]
+            run = lambda: [fn(*args)]  # noqa: E731
+            if impl == "dz":
+                _record_dispatch(ctx, params, ctl, run, **dz_kw)
+            return graphed(run, ctx, params, impl)
         return make
 
     def cuda_two_calls(backend):
         def make():
             _cuda_only(ctx, f"SDPA {backend}")
-            return two_calls(lambda: _fn_sdpa(backend), lambda: _fn_sdpa(backend))()
+            return two_calls(f"two-calls-sdpa-{backend}", lambda: _fn_sdpa(backend), lambda: _fn_sdpa(backend))()
         return make
 
     def dz_two_calls():
         dz_req()
-        return two_calls(lambda: _fn_dz(obs), lambda: _fn_dz(den))()
+        return two_calls("two-calls-dz", lambda: _fn_dz(obs), lambda: _fn_dz(den))()
 
     if sdpa_blocks:
-        impls = {"dz": one(lambda: _fn_dz(ctl, dense_sdpa=True, sdpa_blocks=2),
-                           lambda: _cuda_only(ctx, "the SDPA dispatch")),
+        impls = {"dz": one("dz", lambda: _fn_dz(ctl, **dz_kw), lambda: _cuda_only(ctx, "the SDPA dispatch")),
                  "two-calls-sdpa-cudnn": cuda_two_calls("cudnn"), "two-calls-sdpa-flash": cuda_two_calls("flash")}
-        return Case(case=f"control/B{B}/sdpa-blocks", params={"layout": "control", "pass": "fwd", "B": B, "H": H,
-                                                              "D": D, "Lq": ctl.q_len, "Lk": ctl.k_len,
-                                                              "dtype": "bfloat16", "observed_tokens": n_obs,
-                                                              "dispatch": "sdpa_blocks=2"},
+        params["dispatch_arg"] = "dense_sdpa=True, sdpa_blocks=2"
+        return Case(case=f"control/B{B}/sdpa-blocks", params=params,
                     flops=ctl.attention_flops(B, H, D), impls=impls, check=lambda out: _max_err(expected(), out))
     impls = {
-        "dz": one(lambda: _fn_dz(ctl), dz_req),
+        "dz": one("dz", lambda: _fn_dz(ctl), dz_req),
         "two-calls-dz": dz_two_calls,
         "two-calls-sdpa-cudnn": cuda_two_calls("cudnn"),
         "two-calls-sdpa-flash": cuda_two_calls("flash"),
-        "flex": one(lambda: flex_attention_for(ctl, ctx.device), lambda: _cuda_only(ctx, "FlexAttention (compiled)")),
-        "release-loop": one(lambda: _fn_release(ctl)),
+        "flex": one("flex", lambda: flex_attention_for(ctl, ctx.device),
+                    lambda: _cuda_only(ctx, "FlexAttention (compiled)")),
+        "release-loop": one("release-loop", lambda: _fn_release(ctl)),
     }
-    return Case(case=f"control/B{B}", params={"layout": "control", "pass": "fwd", "B": B, "H": H, "D": D,
-                                              "Lq": ctl.q_len, "Lk": ctl.k_len, "dtype": "bfloat16",
-                                              "observed_tokens": n_obs},
-                flops=ctl.attention_flops(B, H, D), impls=impls, check=lambda out: _max_err(expected(), out))
+    params["dispatch_arg"] = "default"
+    return Case(case=f"control/B{B}", params=params, flops=ctl.attention_flops(B, H, D), impls=impls,
+                check=lambda out: _max_err(expected(), out))
 
 
 def _schedule_case(ctx, sh):

@@ -1,28 +1,39 @@
 """quant: FP8 and NVFP4 linears (dz_kernels.quant) on the Wan2.1 linear shapes against bf16 cuBLAS and FP8 peers.
 
-Shapes (K, N) = (5120, 5120) (q/k/v/o), (5120, 13824) (FFN up), (13824, 5120) (FFN down) at M = 1785 (one
-denoising pass, one CFG branch), 3570 (both branches batched) and 7140. Small (CPU) run: (K, N) = (128, 128),
-(128, 256), (256, 128) at M = 16 for FP8, the first of them for NVFP4 (our kernels run in the Triton interpreter
-there). bf16 activations [M, K], bf16 bias [N], bf16 output.
+Shapes (K, N) = (5120, 5120) (q/k/v/o), (5120, 13824) (FFN up), (13824, 5120) (FFN down) at M = 1, 4, 16
+(decode-like: a few tokens, where 4-bit weights pay), 1785 (one denoising pass, one CFG branch) and 3570 (both
+branches batched). Every case name carries its shape: "<kind>/M<M>-K<K>-N<N>". Small (CPU) run: (K, N) = (128, 128),
+(128, 256), (256, 128) at M = 1 and 16 for FP8, the first of them for NVFP4 (our kernels run in the Triton
+interpreter there). bf16 activations [M, K], bf16 bias [N], bf16 output.
 
 Cases:
-  fp8-linear   the whole FP8 linear, activation quantization included (input is the bf16 activation):
-    "dz"                  dz_kernels.quant.fp8_linear: Triton per-token quantization + Triton FP8 GEMM (per-channel
-                          weight scales, bias fused)
+  fp8-linear/...   the whole FP8 linear, activation quantization included (input is the bf16 activation):
+    "dz"                  what Float8Linear runs: dz_kernels.quant.dispatch.fp8_linear_dispatch with the bf16 weight
+                          kept (quantize_'s default), i.e. the path the config table picks for this shape: our FP8
+                          GEMM, our quantizer + torch._scaled_mm, or bf16 where FP8 cannot win; params["path"] says
+                          which ran
+    "dz-triton"           our path always: Triton per-token quantization + Triton FP8 GEMM (per-channel weight
+                          scales, bias fused)
     "dz-block"            the same with 1x128 activation / 128x128 weight block scales
     "bf16-cublas"         F.linear in bf16
     "scaled_mm-rowwise"   per-token quantization in plain torch ops, then torch._scaled_mm (rowwise scales)
     "scaled_mm-blockwise" 1x128 quantization in plain torch ops, then torch._scaled_mm with 1x128 / 128x128 block
                           scales, where this torch / cuBLAS supports it (else Unavailable with torch's message)
     "te-linear"           transformer_engine te.Linear under fp8_autocast with Float8CurrentScaling, and
-    "te-linear-block"     with Float8BlockScaling, where TransformerEngine is importable (else Unavailable)
-  nvfp4-w4a16  weight-only NVFP4 linear (the Hopper path): "dz" (nvfp4_linear, act_quant=False) and "bf16-cublas";
-               params carry the weight bytes of both (NVFP4: 0.5 + 1/16 byte a weight, plus 4; bf16: 2).
-  nvfp4-w4a4   NVFP4 activations and weights: "dz" (dynamic activation quantization + nvfp4_gemm_w4a4: tl.dot_scaled
-               on sm_100, register dequantization elsewhere; params["path"] says which) and "bf16-cublas".
+    "te-linear-block"     with Float8BlockScaling, where TransformerEngine is installed (else Unavailable, saying
+                          it is not installed; it is not on the H200 machine of 2026-11-29)
+  nvfp4-w4a16/...  weight-only NVFP4 linear (the Hopper path): "dz" (nvfp4_linear, act_quant=False; params["path"]:
+                   the split-K kernel at decode-like M or the tiled GEMM, as the config table picks) and
+                   "bf16-cublas"; params carry the weight bytes of both (NVFP4: 0.5 + 1/16 byte a weight, plus 4;
+                   bf16: 2).
+  nvfp4-w4a4/...   NVFP4 activations and weights with tl.dot_scaled on sm_100 (Blackwell), against "bf16-cublas".
+  nvfp4-w4a4-emulation/...  the same elsewhere (Hopper, the interpreter): register dequantization, a correctness
+                   path with no speed claim (no FP4 tensor cores there): "dz" alone, no peer, so no ratio.
 flops = 2 M N K. bytes = the bf16 activation read, the quantized (or bf16) weight and its scales read, the bf16
 output written. check = max abs error against the float32 product of the unquantized operands (so it shows each
 format's quantization error; bf16-cublas shows bf16's own).
+Time on the H200 (evidence 2026-11-29): about 145 s for 9 FP8 + 9 W4A16 + 2 W4A4 cases with the exact-M autotuner
+(a few seconds per new M); with tuned tables (no autotuning) and these 15 + 15 + 2 cases, expect 2-3 minutes.
 """
 from __future__ import annotations
 
@@ -32,9 +43,9 @@ import torch.nn.functional as F
 from dz_bench.harness import Case, Unavailable, lazy, register
 
 FULL_SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
-FULL_M = [1785, 3570, 7140]
+FULL_M = [1, 4, 16, 1785, 3570]
 SMALL_SHAPES = [(128, 128), (128, 256), (256, 128)]
-SMALL_M = [16]
+SMALL_M = [1, 16]
 DTYPE = torch.bfloat16
 FP8_MAX = 448.0
 
@@ -95,6 +106,8 @@ def _fp8_case(ctx, M, K, N):
     data = lazy(lambda: _inputs(M, K, N, ctx.device))
     expected = lazy(lambda: data()[0].float() @ data()[1].float().t() + data()[2].float())
 
+    params = {"M": M, "K": K, "N": N, "dtype": "bfloat16"}
+
     def dz(block=False):
         def factory():
             _need_kernels(ctx)
@@ -106,6 +119,17 @@ def _fp8_case(ctx, M, K, N):
                 qw, sw = q.quantize_fp8_rowwise(w)
             return lambda: q.fp8_linear(x, qw, sw, b, block_scaled=block)
         return factory
+
+    def dz_auto():
+        _need_kernels(ctx)
+        from dz_kernels.quant.dispatch import fp8_linear_dispatch, fp8_linear_path
+
+        q = _q()
+        x, w, b = data()
+        qw, sw = q.quantize_fp8_rowwise(w)
+        sw = sw.reshape(-1)
+        params["path"] = fp8_linear_path(M, K, N, x.device, has_bf16_weight=True)
+        return lambda: fp8_linear_dispatch(x, qw, sw, b, bf16_weight=w)
 
     def bf16():
         x, w, b = data()
@@ -148,6 +172,8 @@ def _fp8_case(ctx, M, K, N):
             try:
                 import transformer_engine.common.recipe as te_recipe
                 import transformer_engine.pytorch as te
+            except ModuleNotFoundError as e:
+                raise Unavailable(f"Transformer Engine is not installed here ({e})") from e
             except Exception as e:
                 raise Unavailable(f"transformer_engine is not importable: {type(e).__name__}: {e}") from e
             if not hasattr(te_recipe, recipe_name):
@@ -165,22 +191,33 @@ def _fp8_case(ctx, M, K, N):
             return _try_first_call(run)
         return factory
 
-    return Case(case="fp8-linear", params={"M": M, "K": K, "N": N, "dtype": "bfloat16"},
+    return Case(case=f"fp8-linear/{_shape(M, K, N)}", params=params,
                 flops=2.0 * M * N * K, bytes=2.0 * M * K + 1.0 * N * K + 4.0 * N + 2.0 * M * N,
-                impls={"dz": dz(False), "dz-block": dz(True), "bf16-cublas": bf16,
+                impls={"dz": dz_auto, "dz-triton": dz(False), "dz-block": dz(True), "bf16-cublas": bf16,
                        "scaled_mm-rowwise": scaled_mm_rowwise, "scaled_mm-blockwise": scaled_mm_blockwise,
                        "te-linear": te("Float8CurrentScaling"), "te-linear-block": te("Float8BlockScaling")},
                 check=lambda out: _max_err(expected(), out))
+
+
+def _shape(M, K, N) -> str:
+    return f"M{M}-K{K}-N{N}"
 
 
 def _nvfp4_case(ctx, M, K, N, act_quant):
     data = lazy(lambda: _inputs(M, K, N, ctx.device))
     expected = lazy(lambda: data()[0].float() @ data()[1].float().t() + data()[2].float())
     nvfp4_weight_bytes = N * K // 2 + N * K // 16 + 4
-    path = "bf16 weight-only dequantization"
+    emulation = False
     if act_quant:
-        path = "tl.dot_scaled" if (ctx.device == "cuda" and _q().dot_scaled_available("cuda")) else \
-            "register dequantization (emulation)"
+        native = ctx.device == "cuda" and _q().dot_scaled_available("cuda")
+        emulation = not native
+        path = "tl.dot_scaled" if native else \
+            "register dequantization: an emulation (no FP4 tensor cores here), a correctness path, no speed claim"
+    else:
+        from dz_kernels.quant.nvfp4 import w4a16_path
+
+        kernel = w4a16_path(M, N, K, ctx.device)
+        path = f"bf16 weight-only dequantization, {'split-K' if kernel == 'splitk' else 'tiled'} kernel"
 
     def dz():
         _need_kernels(ctx)
@@ -193,11 +230,13 @@ def _nvfp4_case(ctx, M, K, N, act_quant):
         x, w, b = data()
         return lambda: F.linear(x, w, b)
 
-    name = "nvfp4-w4a4" if act_quant else "nvfp4-w4a16"
-    return Case(case=name, params={"M": M, "K": K, "N": N, "dtype": "bfloat16", "path": path,
-                                   "weight_bytes_nvfp4": nvfp4_weight_bytes, "weight_bytes_bf16": 2 * N * K},
+    name = ("nvfp4-w4a4-emulation" if emulation else "nvfp4-w4a4") if act_quant else "nvfp4-w4a16"
+    impls = {"dz": dz} if emulation else {"dz": dz, "bf16-cublas": bf16}
+    return Case(case=f"{name}/{_shape(M, K, N)}",
+                params={"M": M, "K": K, "N": N, "dtype": "bfloat16", "path": path,
+                        "weight_bytes_nvfp4": nvfp4_weight_bytes, "weight_bytes_bf16": 2 * N * K},
                 flops=2.0 * M * N * K, bytes=2.0 * M * K + nvfp4_weight_bytes + 2.0 * M * N,
-                impls={"dz": dz, "bf16-cublas": bf16}, check=lambda out: _max_err(expected(), out))
+                impls=impls, check=lambda out: _max_err(expected(), out))
 
 
 @register("quant")
@@ -212,4 +251,4 @@ def cases(ctx):
         for M in ms:
             yield _nvfp4_case(ctx, M, K, N, act_quant=False)
     for K, N in nv_shapes:
-        yield _nvfp4_case(ctx, ms[0], K, N, act_quant=True)
+        yield _nvfp4_case(ctx, 1785 if not ctx.small else ms[-1], K, N, act_quant=True)
