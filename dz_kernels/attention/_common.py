@@ -1,4 +1,10 @@
-"""Triton helpers shared by the layout-attention kernels: the dot wrapper and the in-tile token mask."""
+"""Triton helpers shared by the layout-attention kernels: the dot wrapper, the in-tile token mask and the
+non-finite row test of the partially visible tiles.
+
+Non-finite values in partially visible (PARTIAL) tiles: a masked probability is an exact 0, and 0 * NaN = NaN
+inside a dot, so an operand row that is multiplied by masked probabilities is set to 0 for the dot when it holds a
+NaN or an inf (`_nonfinite_rows`), and the outputs that really see such a row are made NaN explicitly. Fully
+visible tiles need none of it (every product there is a visible one)."""
 from __future__ import annotations
 
 import os
@@ -25,6 +31,12 @@ def _dot(a, b, INTERPRET: tl.constexpr):
     else:
         c = tl.dot(a, b)
     return c
+
+
+@triton.jit
+def _nonfinite_rows(x):
+    """bool [R]: rows of the [R, C] tile x holding a NaN or an inf (x * 0 is NaN exactly there; one reduction)."""
+    return tl.sum(x.to(tl.float32) * 0.0, 1) != 0.0
 
 
 @triton.jit
