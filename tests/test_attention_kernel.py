@@ -313,6 +313,19 @@ def test_torch_compile_fullgraph():
             assert torch.equal(a, b)
 
 
+def test_torch_compile_fullgraph_dense_dispatch():
+    """The dense dispatch under fullgraph tracing (the GPU default, forced here): the pattern's dense flag and
+    dense blocks are constants of the graph (torch 2.11 could not trace the old layout_is_dense(layout))."""
+    den = inference_layout(5, 2, 3, 1, "denoise", 2, (0, 1, 2), -1, "release")
+    for lay in (den, LAYOUTS["control-7"]()):
+        def f(q, k, v):
+            return layout_attention(q, k, v, lay, None, False, config=SMALL, dense_sdpa=True, sdpa_blocks=2)
+
+        q, k, v = make_qkv(lay, 1, 2, 16, torch.float32)
+        torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), f(q, k, v),
+                                   rtol=1e-6, atol=1e-6)
+
+
 def test_tiny_model_with_the_kernel_matches_reference_path():
     """The model's backend switch: teacher forcing (forward and parameter gradients) and one fused control step
     against the KV cache, fp32, kernel vs the reference attention."""

@@ -27,10 +27,11 @@ device. `sdpa_blocks=2` extends the rule to layouts made of two dense blocks (th
 per block; off by default until measured against the kernel. On a CPU the kernels run under the Triton
 interpreter (TRITON_INTERPRET=1 must be set before triton is imported); otherwise CPU tensors are rejected.
 
-Non-finite inputs: a NaN or inf in K or V at a key that a query does not see never reaches that query (output or
-gradients): masked probabilities never multiply a non-finite value (only the partially visible tiles need care;
-fully visible tiles run unchanged). A query that sees a non-finite V value gets NaN in all of its outputs; one
-that sees a non-finite K value gets NaN as in the reference.
+Non-finite inputs: a NaN or inf in K or V (or in the output gradient) at a key that a query does not see never
+reaches that query's output or gradients, nor another key's gradients: masked probabilities never multiply a
+non-finite value (only the partially visible tiles need care; fully visible tiles run unchanged). What does see a
+non-finite value is non-finite, as in the reference (through a partially visible tile: NaN in all D values of
+that output row, where the reference may have inf or NaN in some of them).
 
 Backward: dq, dk, dv from the saved log-sum-exp. deterministic=False adds dq with fp32 atomics inside the dk/dv
 kernel; deterministic=True runs a separate dq kernel over the query-side schedule instead (no atomics: two runs
