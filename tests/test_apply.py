@@ -4,21 +4,14 @@ the tiny config in fp32."""
 import pytest
 import torch
 from conftest import DEVICE
+from tiny import tiny_model
 
-from dreamzero.config import get_config
-from dreamzero.dreamzero import DreamZero
 from dreamzero.engine import Policy, PolicyConfig
 from dz_kernels import ApplyConfig, apply_
 
 
 def tiny(seed=0, device=DEVICE):
-    cfg = get_config("tiny", num_embodiments=1, num_layers=1)
-    torch.manual_seed(seed)
-    m = DreamZero(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m.to(device)
+    return tiny_model(seed=seed, num_embodiments=1, num_layers=1).to(device)
 
 
 def tf_inputs(cfg, B=1, K=2, seed=1, device=DEVICE):

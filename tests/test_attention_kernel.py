@@ -329,15 +329,12 @@ def test_torch_compile_fullgraph_dense_dispatch():
 def test_tiny_model_with_the_kernel_matches_reference_path():
     """The model's backend switch: teacher forcing (forward and parameter gradients) and one fused control step
     against the KV cache, fp32, kernel vs the reference attention."""
-    from dreamzero.cache import KVCache
-    from dreamzero.dreamzero import DreamZero
+    from tiny import tiny_model
 
-    cfg = get_config("tiny", num_layers=1)
-    torch.manual_seed(0)
-    m = DreamZero(cfg).float()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
+    from dreamzero.cache import KVCache
+
+    m = tiny_model(num_layers=1, std=0.2).to(DEVICE)
+    cfg = m.cfg
     K, B = 2, 1
     g = torch.Generator().manual_seed(1)
     F_, Hh, W = cfg.num_frames(K), cfg.latent_height, cfg.latent_width
@@ -348,6 +345,7 @@ def test_tiny_model_with_the_kernel_matches_reference_path():
              actions=r(B, A, cfg.action_dim), t_action=torch.rand(B, A, generator=g) * 1000,
              state=r(B, S, cfg.state_dim), embodiment=torch.zeros(B, dtype=torch.long),
              text=r(B, cfg.text_len, cfg.text_dim), clip=r(B, cfg.clip_tokens, cfg.clip_dim))
+    x = {name: t.to(DEVICE) for name, t in x.items()}
     lay = m.layout("train", num_chunks=K)
     kernel_ops = m.ops.replace(attention=lambda q, k, v, layout, scale: layout_attention(q, k, v, layout, scale,
                                                                                          config=SMALL))
@@ -371,7 +369,7 @@ def test_tiny_model_with_the_kernel_matches_reference_path():
     outs = []
     for attn in (attention_blockwise, kernel_ops.attention):
         m.ops = m.ops.replace(attention=attn)
-        cache = KVCache(cfg, B, torch.float32)
+        cache = KVCache(cfg, B, torch.float32, device=DEVICE)
         ckv = m.context_kv(x["text"], x["clip"])
         step = []
         with torch.no_grad():

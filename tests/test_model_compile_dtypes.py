@@ -12,9 +12,8 @@ import torch
 import torch._dynamo
 from conftest import DEVICE
 from test_convergence import make_batches
+from tiny import tiny_model as build_tiny
 
-from dreamzero.config import get_config
-from dreamzero.dreamzero import DreamZero
 from dreamzero.engine import Policy, PolicyConfig
 from dreamzero.schedulers import FlowMatchTrainingSchedule
 from dreamzero.train.step import flow_matching_loss
@@ -30,13 +29,7 @@ OPTIONS = {
 
 
 def tiny_model(option: str, dtype=torch.float32):
-    cfg = get_config("tiny", num_layers=1, num_embodiments=1, latent_height=2, latent_width=4)
-    torch.manual_seed(0)
-    m = DreamZero(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    m = m.to(DEVICE, dtype)
+    m = build_tiny(num_layers=1, num_embodiments=1, latent_height=2, latent_width=4).to(DEVICE, dtype)
     if OPTIONS[option] is not None:
         apply_(m, OPTIONS[option])
     return m
