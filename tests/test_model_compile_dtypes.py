@@ -100,8 +100,8 @@ def test_whole_model_compiles_without_graph_breaks(option):
 @pytest.mark.parametrize("option", ["reference", "all"])
 def test_policy_compiled_blocks_trace_whole(option):
     """The engine's compile switch (torch.compile of each DiT block) on the fused control steps of two chunks (the
-    first against an empty cache): no graph break (a break inside a block makes per-block CUDA graphs read the block's input after it was
-    overwritten: dreamzero.engine.Policy._compile_blocks), the same actions as the eager policy."""
+    first against an empty cache): no graph break (a break inside a block makes per-block CUDA graphs read the
+    block's input after it was overwritten: dreamzero.engine.Policy._compile_blocks), the eager policy's actions."""
     m = tiny_model(option)
     x = policy_inputs(m.cfg)
     want = run_policy(m, PolicyConfig(num_steps=1, fused_control=True), x)

@@ -11,8 +11,8 @@ free of host syncs once warm, so CUDA graphs can capture them:
 pattern's tile schedule on the device by (pattern, tiles, device) (`schedule_tensors`: built and uploaded on the
 first call, reused afterwards). The first op has an autograd formula (register_autograd) that calls the second;
 the gradient of lse is supported (it enters through delta). `tiles` = [fwd BLOCK_M, fwd BLOCK_N, dkv BLOCK_M,
-dkv BLOCK_N, dq BLOCK_M, dq BLOCK_N, fwd warps, fwd stages, bwd warps, bwd stages]. `layout_attention` in
-__init__.py does all of that from a pattern (or a layout that has one).
+dkv BLOCK_N, dq BLOCK_M, dq BLOCK_N, fwd warps, fwd stages, bwd warps, bwd stages]. `layout_attention` (api.py)
+does all of that from a pattern (or a layout that has one).
 Outputs are freshly allocated and contiguous; inputs may have any strides with a contiguous last dim.
 """
 from __future__ import annotations

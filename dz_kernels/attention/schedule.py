@@ -1,8 +1,8 @@
 """Tile schedules for layout attention: which key tiles each query tile visits, and which need a mask.
 
 An `AttentionPattern` (pattern.py) describes the score matrix as a block matrix of segments (for DreamZero: video
-frames, action blocks, state blocks, cached frames) with a small boolean segment mask. The kernels work on tiles of BLOCK_M queries by BLOCK_N
-keys. For every (query tile, key tile) pair the schedule decides:
+frames, action blocks, state blocks, cached frames) with a small boolean segment mask. The kernels work on tiles of
+BLOCK_M queries by BLOCK_N keys. For every (query tile, key tile) pair the schedule decides:
 
     FULL     every valid (query, key) pair of the tile is visible and the tile lies inside the key range:
              the kernel runs it without any mask;
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .pattern import AttentionPattern, as_pattern
+from .pattern import as_pattern
 
 SKIP, PARTIAL, FULL = 0, 1, 2
 PARTIAL_COST = 1.25   # relative cost of a partial tile in the load-balance order (mask work on top of the dots)
