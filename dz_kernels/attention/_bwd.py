@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _dot, _nonfinite_rows, _tile_mask
+from ._common import _dot, _nonfinite, _tile_mask
 
 
 @triton.jit
@@ -74,10 +74,10 @@ def _dkdv_inner(dk, dv, bad_dv, k, k_clean, v, k_seg, n_ok, q_base, do_base, dq_
             vis = _tile_mask(k_seg, q_seg, m_ok, base, KQ_BITS, n_words, BLOCK_N, BLOCK_M, NWIN) & n_ok[:, None]
             pT = tl.where(vis, pT, 0.0)
             dsT = tl.where(vis, dsT, 0.0)
-            bad_do = _nonfinite_rows(do)
+            bad_do = _nonfinite(do, 1)
             do = tl.where(bad_do[:, None], tl.zeros_like(do), do)
             bad_dv = tl.maximum(bad_dv, tl.max(tl.where(vis & bad_do[None, :], 1, 0), 1))
-            qT = tl.where(_nonfinite_rows(tl.trans(qT))[None, :], tl.zeros_like(qT), qT)
+            qT = tl.where(_nonfinite(qT, 0)[None, :], tl.zeros_like(qT), qT)
             k_dq = k_clean
         dv += _dot(pT.to(do.dtype), do, INTERPRET)
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), INTERPRET)
@@ -118,7 +118,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_SEG, K_SEG, KQ_B
     dq_base = DQ_ACC + b * stride_dqb + h * stride_dqh
     row_off = bh.to(tl.int64) * Lq
 
-    k_clean = tl.where(_nonfinite_rows(k)[:, None], tl.zeros_like(k), k)   # k for dq in partial tiles
+    k_clean = tl.where(_nonfinite(k, 1)[:, None], tl.zeros_like(k), k)   # k for dq in partial tiles
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -165,7 +165,7 @@ def _dq_inner(dq, q, do, lse2, delta, q_seg, k_base, v_base, stride_kl, stride_v
             k_seg = tl.where(n_ok, k_seg, base)
             vis = _tile_mask(q_seg, k_seg, n_ok, base, QK_BITS, n_words, BLOCK_M, BLOCK_N, NWIN)
             ds = tl.where(vis, ds, 0.0)
-            kT = tl.where(_nonfinite_rows(tl.trans(kT))[None, :], tl.zeros_like(kT), kT)
+            kT = tl.where(_nonfinite(kT, 0)[None, :], tl.zeros_like(kT), kT)
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), INTERPRET)
     return dq
 

@@ -3,7 +3,7 @@ non-finite row test of the partially visible tiles.
 
 Non-finite values in partially visible (PARTIAL) tiles: a masked probability is an exact 0, and 0 * NaN = NaN
 inside a dot, so an operand row that is multiplied by masked probabilities is set to 0 for the dot when it holds a
-NaN or an inf (`_nonfinite_rows`), and the outputs that really see such a row are made NaN explicitly. Fully
+NaN or an inf (`_nonfinite`), and the outputs that really see such a row are made NaN explicitly. Fully
 visible tiles need none of it (every product there is a visible one)."""
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ def _dot(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _nonfinite_rows(x):
-    """bool [R]: rows of the [R, C] tile x holding a NaN or an inf (x * 0 is NaN exactly there; one reduction)."""
-    return tl.sum(x.to(tl.float32) * 0.0, 1) != 0.0
+def _nonfinite(x, AXIS: tl.constexpr):
+    """bool: which rows (AXIS=1) or columns (AXIS=0) of the 2D tile x hold a NaN or an inf."""
+    xf = x.to(tl.float32)
+    bad = (xf != xf) | (tl.abs(xf) == float("inf"))
+    return tl.max(bad.to(tl.int32), AXIS) > 0
 
 
 @triton.jit

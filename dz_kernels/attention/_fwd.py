@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _dot, _nonfinite_rows, _tile_mask
+from ._common import _dot, _nonfinite, _tile_mask
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _fwd_inner(acc, l_i, m_i, bad_q, q, q_seg, k_base, v_base, stride_kl, stride
             s = tl.where(vis, s, float("-inf"))
             # a non-finite V row must not meet a masked (0) probability in the dot: zero it there, and mark the
             # queries that do see it (their output becomes NaN in the epilogue)
-            bad_v = _nonfinite_rows(v)
+            bad_v = _nonfinite(v, 1)
             v = tl.where(bad_v[:, None], tl.zeros_like(v), v)
             bad_q = tl.maximum(bad_q, tl.max(tl.where(vis & bad_v[None, :], 1, 0), 1))
         m_new = tl.maximum(m_i, tl.max(s, 1))
