@@ -59,12 +59,13 @@ def _dreamzero_ops(config: ApplyConfig) -> dict:
 
 
 def _qk_norm_rope_fused(q, k, wq, wk, eps, cos, sin, num_heads):
-    """q/k RMSNorm with the fused kernel, then RoPE (the no-cache path, e.g. training)."""
+    """q/k RMSNorm with the fused kernel, then RoPE (the no-cache path, e.g. training). The norm weights are used
+    in the activations' dtype (under autocast: fp32 master weights, bf16 projections)."""
     from dreamzero.backend import apply_rope
 
     from . import fused
-    q = fused.rms_norm(q, wq, eps).unflatten(-1, (num_heads, -1))
-    k = fused.rms_norm(k, wk, eps).unflatten(-1, (num_heads, -1))
+    q = fused.rms_norm(q, wq.to(q.dtype), eps).unflatten(-1, (num_heads, -1))
+    k = fused.rms_norm(k, wk.to(k.dtype), eps).unflatten(-1, (num_heads, -1))
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 

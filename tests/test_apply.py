@@ -1,34 +1,31 @@
 """apply_: the fast ops swapped into the DreamZero model give the same outputs, and undo restores the original.
-On a CPU the Triton kernels run under the interpreter (tests/conftest.py), at the tiny config in fp32."""
+The model runs on the device of tests/conftest.py (CUDA when present, else the CPU with the Triton interpreter), at
+the tiny config in fp32."""
 import pytest
 import torch
+from conftest import DEVICE
+from tiny import tiny_model
 
-from dreamzero.config import get_config
-from dreamzero.dreamzero import DreamZero
 from dreamzero.engine import Policy, PolicyConfig
 from dz_kernels import ApplyConfig, apply_
 
 
-def tiny(seed=0):
-    cfg = get_config("tiny", num_embodiments=1, num_layers=1)
-    torch.manual_seed(seed)
-    m = DreamZero(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m
+def tiny(seed=0, device=DEVICE):
+    return tiny_model(seed=seed, num_embodiments=1, num_layers=1).to(device)
 
 
-def tf_inputs(cfg, B=1, K=2, seed=1):
+def tf_inputs(cfg, B=1, K=2, seed=1, device=DEVICE):
+    """Teacher-forcing inputs, drawn on the CPU (the same values on every device), on `device`."""
     g = torch.Generator().manual_seed(seed)
     F, H, W = cfg.num_frames(K), cfg.latent_height, cfg.latent_width
     A = K * cfg.actions_per_chunk
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return dict(clean=r(B, 16, F, H, W), clean_cond=r(B, 20, F, H, W), noisy=r(B, 16, F, H, W),
-                noisy_cond=r(B, 20, F, H, W), t_video=torch.rand(B, F, generator=g) * 1000,
-                actions=r(B, A, cfg.action_dim), t_action=torch.rand(B, A, generator=g) * 1000,
-                state=r(B, K, cfg.state_dim), text=r(B, cfg.text_len, cfg.text_dim),
-                clip=r(B, cfg.clip_tokens, cfg.clip_dim))
+    x = dict(clean=r(B, 16, F, H, W), clean_cond=r(B, 20, F, H, W), noisy=r(B, 16, F, H, W),
+             noisy_cond=r(B, 20, F, H, W), t_video=torch.rand(B, F, generator=g) * 1000,
+             actions=r(B, A, cfg.action_dim), t_action=torch.rand(B, A, generator=g) * 1000,
+             state=r(B, K, cfg.state_dim), text=r(B, cfg.text_len, cfg.text_dim),
+             clip=r(B, cfg.clip_tokens, cfg.clip_dim))
+    return {k: v.to(device) for k, v in x.items()}
 
 
 @pytest.mark.parametrize("config", [ApplyConfig(attention=True, norms=False, kv_cache=False),
@@ -83,11 +80,11 @@ def test_apply_in_the_policy_loop(kv_cache):
     m = tiny()
     cfg = m.cfg
     g = torch.Generator().manual_seed(2)
-    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
-    clip = torch.randn(1, cfg.clip_tokens, cfg.clip_dim, generator=g)
-    first = torch.randn(1, 16, 1, cfg.latent_height, cfg.latent_width, generator=g)
-    obs = torch.randn(1, 16, cfg.frames_per_chunk, cfg.latent_height, cfg.latent_width, generator=g)
-    state = torch.randn(1, 1, cfg.state_dim, generator=g)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(DEVICE)
+    clip = torch.randn(1, cfg.clip_tokens, cfg.clip_dim, generator=g).to(DEVICE)
+    first = torch.randn(1, 16, 1, cfg.latent_height, cfg.latent_width, generator=g).to(DEVICE)
+    obs = torch.randn(1, 16, cfg.frames_per_chunk, cfg.latent_height, cfg.latent_width, generator=g).to(DEVICE)
+    state = torch.randn(1, 1, cfg.state_dim, generator=g).to(DEVICE)
 
     def run():
         pol = Policy(m, PolicyConfig(num_steps=2, fused_control=True))

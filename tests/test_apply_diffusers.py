@@ -3,10 +3,12 @@ outputs and gradients, and undo restores diffusers' own classes and processor ob
 
 Tiny random models (2 heads of 16, ffn 64, 2 layers, text_dim 24, freq_dim 32, patch (1, 2, 2)): text-to-video and
 image-to-video (image_dim + added_kv_proj_dim), with per-sample timesteps (temb [B, 6, C]) and per-token timesteps
-(temb [B, L, 6, C]). On a CPU the Triton kernels run under the interpreter (tests/conftest.py).
+(temb [B, L, 6, C]). Models and inputs live on the device of tests/conftest.py (CUDA when present, else the CPU with
+the Triton interpreter).
 """
 import pytest
 import torch
+from conftest import DEVICE
 
 pytest.importorskip("diffusers", reason="the diffusers Wan integration needs diffusers (the 'encoders' extra)")
 
@@ -33,7 +35,7 @@ def tiny_wan(i2v: bool = False, seed: int = 0, cross_attn_norm: bool = True) -> 
     with torch.no_grad():  # move every weight off its init (norm weights off 1, biases off 0)
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return m
+    return m.to(DEVICE)
 
 
 def wan_inputs(i2v: bool = False, per_token: bool = False, B: int = 1, seed: int = 1) -> dict:
@@ -45,7 +47,7 @@ def wan_inputs(i2v: bool = False, per_token: bool = False, B: int = 1, seed: int
              encoder_hidden_states=torch.randn(B, text_len, TEXT_DIM, generator=g))
     if i2v:
         x["encoder_hidden_states_image"] = torch.randn(B, IMAGE_TOKENS, IMAGE_DIM, generator=g)
-    return x
+    return {k: v.to(DEVICE) for k, v in x.items()}
 
 
 def run(m, x):
@@ -249,9 +251,9 @@ def test_fused_block_rejects_bad_temb():
     m = tiny_wan()
     apply_(m, NORMS)
     blk = m.blocks[0]
-    x = torch.randn(1, TOKENS, 32)
+    x = torch.randn(1, TOKENS, 32, device=DEVICE)
     with pytest.raises(ValueError, match="temb"):
-        blk(x, torch.randn(1, 7, 32), torch.randn(6, 32), None)
+        blk(x, torch.randn(1, 7, 32, device=DEVICE), torch.randn(6, 32, device=DEVICE), None)
 
 
 def test_quant_filter_keeps_the_conditioning_and_head_modules():

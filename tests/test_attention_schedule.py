@@ -1,11 +1,16 @@
 """Tile schedules of layout attention (pure numpy, no kernel run): every visible (query, key) pair is covered by
 exactly one scheduled tile, full tiles hold only visible pairs, skipped tiles none, and the in-tile mask the kernels
-build from the bit tables equals the dense mask. The DROID training layout (15,940 tokens) is checked in full."""
+build from the bit tables equals the dense mask. The DROID training layout (15,940 tokens) is checked in full. And the
+AttentionPattern, the op's whole view of a layout: what a SequenceLayout produces, its derived groups and blocks,
+its checks, and that the kernel library imports no model code."""
 import numpy as np
 import pytest
+import torch
 
 from dreamzero.config import get_config
 from dreamzero.layout import inference_layout, layout_for_config, train_layout
+from dz_kernels.attention import AttentionPattern, as_pattern
+from dz_kernels.attention.pattern import pattern_by_key
 from dz_kernels.attention.schedule import (FULL, PARTIAL, PARTIAL_COST, SKIP, _pack_bits, build_schedule, nwin,
                                            schedule_for, tile_mask, token_tables)
 
@@ -153,3 +158,63 @@ def test_rows_are_in_load_balance_order():
     s = schedule_for(lay, 128, 64)
     work = (s.rows[:, 2] - s.rows[:, 1]) + PARTIAL_COST * (s.rows[:, 3] - s.rows[:, 2])
     assert (np.diff(work) <= 1e-9).all(), "heaviest query tiles launch first"
+
+
+# ---------------------------------------------------------------------- the pattern (the op's whole view of a layout)
+def test_layout_pattern_is_the_segment_mask():
+    for name, make in SMALL_LAYOUTS.items():
+        lay = make()
+        pat = lay.attention_pattern()
+        assert isinstance(pat, AttentionPattern) and lay.attention_pattern() is pat, name
+        assert pat.q_lengths == tuple(s.length for s in lay.q) and pat.k_lengths == tuple(s.length for s in lay.k)
+        assert (pat.q_len, pat.k_len) == (lay.q_len, lay.k_len)
+        assert (pat.segment_mask() == lay.segment_mask()).all(), name
+        assert (pat.segment_bounds("k") == lay.segment_bounds("k")).all()
+        assert torch.equal(pat.dense_mask(), lay.dense_mask()), name
+        assert pat.dense == bool(lay.segment_mask().all())
+
+
+def test_pattern_groups_blocks_and_keys():
+    lengths = (2, 3, 4)
+    pat = AttentionPattern(lengths, lengths, (0b001, 0b001, 0b101))
+    assert pat.groups == ((0, 5, ((0, 2),)), (5, 9, ((0, 2), (5, 9))))
+    assert pat.dense_blocks is None and not pat.dense
+    dense = AttentionPattern(lengths, (4, 4), (0b11, 0b11, 0b11))
+    assert dense.dense and dense.dense_blocks == ((0, 9, 0, 8),)
+    # equal content, one key (and so one memoized schedule); other content, another key
+    same = AttentionPattern.from_mask(lengths, lengths, [[1, 0, 0], [1, 0, 0], [1, 0, 1]])
+    assert same == pat and hash(same) == hash(pat) and same.key == pat.key
+    assert schedule_for(same, 16, 16) is schedule_for(pat, 16, 16)
+    assert dense.key != pat.key and pattern_by_key(dense.key) == dense
+    assert as_pattern(pat) is pat and as_pattern(train_layout(5, 2, 3, 1, 3, 3)).q_len == 82
+
+
+def test_pattern_rejects_bad_descriptions():
+    with pytest.raises(ValueError, match="lengths must be >= 1"):
+        AttentionPattern((2, 0), (2,), (1, 1))
+    with pytest.raises(ValueError, match="rows has 1 entries"):
+        AttentionPattern((2, 2), (2,), (1,))
+    with pytest.raises(ValueError, match="bit mask over the 2 key segments"):
+        AttentionPattern((2,), (2, 2), (0b100,))
+    with pytest.raises(TypeError, match="tuple of ints"):
+        AttentionPattern([2], (2,), (1,))
+    with pytest.raises(ValueError, match="expected \\(1, 2\\)"):
+        AttentionPattern.from_mask((2,), (2, 2), [[True]])
+    with pytest.raises(TypeError, match="attention_pattern"):
+        as_pattern("train")
+    with pytest.raises(ValueError, match="no attention pattern has key"):
+        pattern_by_key(10 ** 9)
+
+
+def test_kernel_library_does_not_import_the_model():
+    """dz_kernels.attention stands on its own (issue 16): importing it, building a pattern and a schedule pulls in
+    neither dreamzero nor (for the pattern) triton."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import dz_kernels.attention as a; p = a.AttentionPattern((3, 2), (3, 2), (1, 3)); "
+            "assert 'triton' not in sys.modules, 'pattern import pulled in triton'; "
+            "a.schedule_for(p, 16, 16); a.token_tables(p); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'dreamzero'); assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -33,6 +33,7 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+from conftest import DEVICE
 
 from dreamzero.config import get_config
 from dreamzero.dreamzero import DreamZero
@@ -185,8 +186,8 @@ def check_convergence(result: ConvergenceResult, rel_tol: float = REL_TOL, min_d
 
 
 def test_loss_curves_match_with_fast_ops():
-    """24 steps on 2 fixed batches at a reduced latent size: the whole run lies within the horizon (the control's
-    difference stays tiny), so the per-step bar covers every step."""
-    result = run_convergence(steps=CPU_STEPS, device="cpu", latent=CPU_LATENT, num_batches=2, lr=3e-3)
+    """24 steps on 2 fixed batches at a reduced latent size, on the suite's device (tests/conftest.py): the whole run
+    lies within the horizon (the control's difference stays tiny), so the per-step bar covers every step."""
+    result = run_convergence(steps=CPU_STEPS, device=DEVICE, latent=CPU_LATENT, num_batches=2, lr=3e-3)
     assert result.horizon == CPU_STEPS, f"the control run diverged at step {result.horizon}: {result.control}"
     check_convergence(result)

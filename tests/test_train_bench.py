@@ -4,11 +4,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICE, requires_cuda
 
 from dreamzero.attention import attention_dense_reference
 from dreamzero.config import get_config
 from dreamzero.layout import layout_for_config
-from conftest import requires_cuda
 
 
 def _flex_module():
@@ -18,18 +18,18 @@ def _flex_module():
 
 @pytest.mark.parametrize("K", [1, 3])
 def test_flex_adapter_applies_the_layout_mask(K):
-    """Forward only on the CPU (torch has no FlexAttention backward there): the adapter's BlockMask equals the
-    layout's rule, checked against a float64 dense reference."""
+    """Forward only (torch has no FlexAttention backward on a CPU), on the suite's device: the adapter's BlockMask
+    equals the layout's rule, checked against a float64 dense reference on the CPU."""
     cfg = get_config("tiny")
     lay = layout_for_config(cfg, "train", num_chunks=K)
-    fn = _flex_module().flex_attention_for(lay, torch.device("cpu"))
+    fn = _flex_module().flex_attention_for(lay, DEVICE)
     g = torch.Generator().manual_seed(K)
     q, k, v = (torch.randn(2, lay.q_len, 4, 16, generator=g) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                  # eager flex warns that it is unfused
-        out = fn(q, k, v, lay)
+        out = fn(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), lay)
     ref = attention_dense_reference(q, k, v, lay.dense_mask())
-    assert (out.double() - ref).abs().max().item() < 1e-5
+    assert (out.cpu().double() - ref).abs().max().item() < 1e-5
     other = layout_for_config(cfg, "train", num_chunks=K + 1)
     with pytest.raises(ValueError, match="another layout"):
         fn(q, k, v, other)

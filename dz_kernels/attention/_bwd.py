@@ -8,13 +8,16 @@
 3. `_bwd_dq_kernel`: one program per (query tile, batch x head) walks the key tiles of the query-side schedule and
    accumulates dQ in registers: no atomics, bitwise deterministic (used when deterministic=True).
 Probabilities are recomputed from the saved lse: p = exp2(s * scale * log2(e) - lse * log2(e)).
+Partially visible tiles keep masked pairs out of every product (see _common.py): dS is set to 0 outside the
+mask, and the rows of q, k and dO that meet masked zeros in a dot are zeroed there when they are not finite; a key
+whose dV really meets a non-finite dO row gets NaN.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._common import _dot, _tile_and_head, _tile_mask
+from ._common import _dot, _nonfinite, _tile_and_head, _tile_mask
 
 
 
@@ -47,7 +50,7 @@ def _load_lse2(LSE, row_off, offs_m, m_ok):
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql, stride_dol, stride_dql,
+def _dkdv_inner(dk, dv, bad_dv, k, k_clean, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql, stride_dol, stride_dql,
                 LSE, DELTA, row_off, COLS, e_start, e_end, Q_SEG, KQ_BITS, n_words, Lq, qk_scale, sm_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
                 MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr):
@@ -62,20 +65,27 @@ def _dkdv_inner(dk, dv, k, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql, 
         delta = tl.load(DELTA + row_off + offs_m, mask=m_ok, other=0.0)
         sT = _dot(k, qT, INTERPRET)                                   # [BLOCK_N, BLOCK_M]
         pT = tl.exp2(sT * qk_scale - lse2[None, :])
+        dpT = _dot(v, tl.trans(do), INTERPRET)                         # [BLOCK_N, BLOCK_M]
+        dsT = pT * (dpT - delta[None, :])
+        k_dq = k
         if MASKED:
             base = tl.load(Q_SEG + qt * BLOCK_M)
             q_seg = tl.load(Q_SEG + offs_m, mask=m_ok, other=0)
             q_seg = tl.where(m_ok, q_seg, base)
-            vis = _tile_mask(k_seg, q_seg, m_ok, base, KQ_BITS, n_words, BLOCK_N, BLOCK_M, NWIN)
-            pT = tl.where(vis & n_ok[:, None], pT, 0.0)
+            vis = _tile_mask(k_seg, q_seg, m_ok, base, KQ_BITS, n_words, BLOCK_N, BLOCK_M, NWIN) & n_ok[:, None]
+            pT = tl.where(vis, pT, 0.0)
+            dsT = tl.where(vis, dsT, 0.0)
+            bad_do = _nonfinite(do, 1)
+            do = tl.where(bad_do[:, None], tl.zeros_like(do), do)
+            bad_dv = tl.maximum(bad_dv, tl.max(tl.where(vis & bad_do[None, :], 1, 0), 1))
+            qT = tl.where(_nonfinite(qT, 0)[None, :], tl.zeros_like(qT), qT)
+            k_dq = k_clean
         dv += _dot(pT.to(do.dtype), do, INTERPRET)
-        dpT = _dot(v, tl.trans(do), INTERPRET)                         # [BLOCK_N, BLOCK_M]
-        dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), INTERPRET)
         if ATOMIC_DQ:
-            dq = _dot(tl.trans(dsT.to(k.dtype)), k, INTERPRET) * sm_scale  # [BLOCK_M, HEAD_DIM]
+            dq = _dot(tl.trans(dsT.to(k.dtype)), k_dq, INTERPRET) * sm_scale  # [BLOCK_M, HEAD_DIM]
             tl.atomic_add(dq_base + offs_m[:, None] * stride_dql + offs_d[None, :], dq, mask=m_ok[:, None])
-    return dk, dv
+    return dk, dv, bad_dv
 
 
 @triton.jit
@@ -108,14 +118,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_SEG, K_SEG, KQ_B
     dq_base = DQ_ACC + b * stride_dqb + h * stride_dqh
     row_off = bh.to(tl.int64) * Lq
 
+    k_clean = tl.where(_nonfinite(k, 1)[:, None], tl.zeros_like(k), k)   # k for dq in partial tiles
+
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dk, dv = _dkdv_inner(dk, dv, k, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql, stride_dol, stride_dql,
-                         LSE, DELTA, row_off, COLS, e_start, e_mid, Q_SEG, KQ_BITS, n_words, Lq, qk_scale, sm_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, False, ATOMIC_DQ, INTERPRET)
-    dk, dv = _dkdv_inner(dk, dv, k, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql, stride_dol, stride_dql,
-                         LSE, DELTA, row_off, COLS, e_mid, e_end, Q_SEG, KQ_BITS, n_words, Lq, qk_scale, sm_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, ATOMIC_DQ, INTERPRET)
+    bad_dv = tl.zeros([BLOCK_N], dtype=tl.int32)        # 1: the key's dV meets a non-finite dO row (partial tile)
+    dk, dv, bad_dv = _dkdv_inner(dk, dv, bad_dv, k, k_clean, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql,
+                                 stride_dol, stride_dql, LSE, DELTA, row_off, COLS, e_start, e_mid, Q_SEG, KQ_BITS,
+                                 n_words, Lq, qk_scale, sm_scale,
+                                 BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, False, ATOMIC_DQ, INTERPRET)
+    dk, dv, bad_dv = _dkdv_inner(dk, dv, bad_dv, k, k_clean, v, k_seg, n_ok, q_base, do_base, dq_base, stride_ql,
+                                 stride_dol, stride_dql, LSE, DELTA, row_off, COLS, e_mid, e_end, Q_SEG, KQ_BITS,
+                                 n_words, Lq, qk_scale, sm_scale,
+                                 BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, ATOMIC_DQ, INTERPRET)
+    dv = tl.where(bad_dv[:, None] != 0, float("nan"), dv)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
@@ -141,14 +157,15 @@ def _dq_inner(dq, q, do, lse2, delta, q_seg, k_base, v_base, stride_kl, stride_v
             vT = tl.load(v_base + offs_n[None, :] * stride_vl + offs_d[:, None])
         s = _dot(q, kT, INTERPRET)
         p = tl.exp2(s * qk_scale - lse2[:, None])
+        dp = _dot(do, vT, INTERPRET)
+        ds = p * (dp - delta[:, None])
         if MASKED:
             base = tl.load(K_SEG + kt * BLOCK_N)
             k_seg = tl.load(K_SEG + offs_n, mask=n_ok, other=0)
             k_seg = tl.where(n_ok, k_seg, base)
             vis = _tile_mask(q_seg, k_seg, n_ok, base, QK_BITS, n_words, BLOCK_M, BLOCK_N, NWIN)
-            p = tl.where(vis, p, 0.0)
-        dp = _dot(do, vT, INTERPRET)
-        ds = p * (dp - delta[:, None])
+            ds = tl.where(vis, ds, 0.0)
+            kT = tl.where(_nonfinite(kT, 0)[None, :], tl.zeros_like(kT), kT)
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), INTERPRET)
     return dq
 

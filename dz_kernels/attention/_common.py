@@ -1,5 +1,10 @@
-"""Triton helpers shared by the layout-attention kernels: the dot wrapper, the program ids and the in-tile token
-mask."""
+"""Triton helpers shared by the layout-attention kernels: the dot wrapper, the program ids, the in-tile token mask
+and the non-finite row test of the partially visible tiles.
+
+Non-finite values in partially visible (PARTIAL) tiles: a masked probability is an exact 0, and 0 * NaN = NaN
+inside a dot, so an operand row that is multiplied by masked probabilities is set to 0 for the dot when it holds a
+NaN or an inf (`_nonfinite`), and the outputs that really see such a row are made NaN explicitly. Fully
+visible tiles need none of it (every product there is a visible one)."""
 from __future__ import annotations
 
 import os
@@ -35,6 +40,14 @@ def _tile_and_head(HEADS_FIRST: tl.constexpr):
     if HEADS_FIRST:
         return tl.program_id(1), tl.program_id(0)
     return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
+def _nonfinite(x, AXIS: tl.constexpr):
+    """bool: which rows (AXIS=1) or columns (AXIS=0) of the 2D tile x hold a NaN or an inf."""
+    xf = x.to(tl.float32)
+    bad = (xf != xf) | (tl.abs(xf) == float("inf"))
+    return tl.max(bad.to(tl.int32), AXIS) > 0
 
 
 @triton.jit

@@ -8,11 +8,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _dot, _tile_and_head, _tile_mask
+from ._common import _dot, _nonfinite, _tile_and_head, _tile_mask
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_start, e_end,
+def _fwd_inner(acc, l_i, m_i, bad_q, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_start, e_end,
                K_SEG, QK_BITS, n_words, Lk, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
                MASKED: tl.constexpr, INTERPRET: tl.constexpr, WS: tl.constexpr):
@@ -34,6 +34,11 @@ def _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, CO
             k_seg = tl.where(n_ok, k_seg, base)
             vis = _tile_mask(q_seg, k_seg, n_ok, base, QK_BITS, n_words, BLOCK_M, BLOCK_N, NWIN)
             s = tl.where(vis, s, float("-inf"))
+            # a non-finite V row must not meet a masked (0) probability in the dot: zero it there, and mark the
+            # queries that do see it (their output becomes NaN in the epilogue)
+            bad_v = _nonfinite(v, 1)
+            v = tl.where(bad_v[:, None], tl.zeros_like(v), v)
+            bad_q = tl.maximum(bad_q, tl.max(tl.where(vis & bad_v[None, :], 1, 0), 1))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows that saw nothing yet: exp2(-inf) = 0, no NaN
         alpha = tl.exp2(m_i - m_use)
@@ -41,7 +46,7 @@ def _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, CO
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, bad_q
 
 
 @triton.jit
@@ -71,16 +76,18 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SEG, K_SEG, QK_BITS, ROWS, COLS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_start, e_mid,
-                               K_SEG, QK_BITS, n_words, Lk, qk_scale,
-                               BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, False, INTERPRET, WS)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS, e_mid, e_end,
-                               K_SEG, QK_BITS, n_words, Lk, qk_scale,
-                               BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, INTERPRET, WS)
+    bad_q = tl.zeros([BLOCK_M], dtype=tl.int32)          # 1: the query sees a non-finite V row in a partial tile
+    acc, l_i, m_i, bad_q = _fwd_inner(acc, l_i, m_i, bad_q, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS,
+                                      e_start, e_mid, K_SEG, QK_BITS, n_words, Lk, qk_scale,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, False, INTERPRET, WS)
+    acc, l_i, m_i, bad_q = _fwd_inner(acc, l_i, m_i, bad_q, q, q_seg, k_base, v_base, stride_kl, stride_vl, COLS,
+                                      e_mid, e_end, K_SEG, QK_BITS, n_words, Lk, qk_scale,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, INTERPRET, WS)
 
     empty = l_i == 0.0                                   # a row that sees no key: output 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    out = tl.where(bad_q[:, None] != 0, float("nan"), out)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None])

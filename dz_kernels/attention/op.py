@@ -1,19 +1,21 @@
 """Launchers and torch.library registration of layout attention.
 
-Two custom ops, both with fake (meta) implementations so torch.compile(fullgraph=True) can trace them and CUDA
-graphs can capture them (no host syncs, no host-to-device copies inside: the schedule tensors are op inputs):
+Two custom ops, both with fake (meta) implementations so torch.compile(fullgraph=True) can trace them, and both
+free of host syncs once warm, so CUDA graphs can capture them:
 
-    dz::layout_attention(q, k, v, q_seg, k_seg, qk_bits, kq_bits, fwd_rows, fwd_cols, dkv_rows, dkv_cols,
-                         dq_rows, dq_cols, scale, tiles, deterministic) -> (out [B, Lq, H, D], lse fp32 [B, H, Lq])
-    dz::layout_attention_backward(dout, q, k, v, out, lse, dlse?, q_seg, k_seg, qk_bits, kq_bits, dkv_rows,
-                                  dkv_cols, dq_rows, dq_cols, scale, tiles, deterministic) -> (dq, dk, dv)
+    dz::layout_attention(q, k, v, pattern, scale, tiles, deterministic) -> (out [B, Lq, H, D], lse fp32 [B, H, Lq])
+    dz::layout_attention_backward(dout, q, k, v, out, lse, dlse?, pattern, scale, tiles, deterministic)
+        -> (dq, dk, dv)
 
-The first has an autograd formula (register_autograd) that calls the second; the gradient of lse is supported
-(it enters through delta). `tiles` = [fwd BLOCK_M, fwd BLOCK_N, dkv BLOCK_M, dkv BLOCK_N, dq BLOCK_M, dq BLOCK_N,
-fwd warps, fwd stages, bwd warps, bwd stages]; the schedule tensors must have been built for those block sizes
-(schedule.py); `layout_attention` in __init__.py does all of that from a layout. Optional trailing entries (TileConfig
-.as_list writes them): [..., dq warps, dq stages, flags] (flags: FLAG_HEADS_FIRST | FLAG_FWD_WS); without them the dq
-kernel takes the backward's warps and stages and no flag is set.
+`pattern` is an int, the key of an AttentionPattern (pattern.py): a constant of a traced graph. The ops find the
+pattern's tile schedule on the device by (pattern, tiles, device) (`schedule_tensors`: built and uploaded on the
+first call, reused afterwards). The first op has an autograd formula (register_autograd) that calls the second;
+the gradient of lse is supported (it enters through delta). `tiles` = [fwd BLOCK_M, fwd BLOCK_N, dkv BLOCK_M,
+dkv BLOCK_N, dq BLOCK_M, dq BLOCK_N, fwd warps, fwd stages, bwd warps, bwd stages]. `layout_attention` (api.py)
+does all of that from a pattern (or a layout that has one).
+Optional trailing entries of `tiles` (TileConfig.as_list writes them): [..., dq warps, dq stages, flags] (flags:
+FLAG_HEADS_FIRST | FLAG_FWD_WS); without them the dq kernel takes the backward's warps and stages and no flag is
+set.
 Outputs are freshly allocated and contiguous; inputs may have any strides with a contiguous last dim.
 """
 from __future__ import annotations
@@ -22,13 +24,15 @@ import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 
 from ._bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
 from ._common import LOG2E, interpreting
 from ._fwd import _fwd_kernel
-from .schedule import nwin
+from .pattern import pattern_by_key
+from .schedule import _MEMO, _memo, nwin, schedule_for, token_tables
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -243,57 +247,87 @@ def _backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv
     return dq, dk, dv
 
 
+# ---------------------------------------------------------------------- schedules on the device
+def schedule_tensors(pattern: int, tiles, device) -> tuple:
+    """The kernels' schedule inputs for the pattern with key `pattern` (AttentionPattern.key) at TileConfig.as_list()
+    `tiles` on `device`: (q_seg, k_seg, qk_bits, kq_bits, fwd_rows, fwd_cols, dkv_rows, dkv_cols, dq_rows, dq_cols),
+    all int32, built on the host and uploaded once per (pattern, tiles, device), then reused (fixed addresses, so a
+    captured CUDA graph keeps reading them). The first call per (pattern, tiles, device) must not happen during
+    CUDA-graph capture (run the op once before capturing: the usual warm-up)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = ("tensors", int(pattern), tuple(int(t) for t in tiles[:6]), str(device))
+    cached = _MEMO.get(key)
+    if cached is not None:
+        return cached
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("layout_attention: the tile schedule of this pattern is not on the device yet and cannot "
+                           "be uploaded during CUDA-graph capture; run the op once before capturing (warm-up)")
+    pat = pattern_by_key(int(pattern))
+    tt = token_tables(pat)
+    fwd = schedule_for(pat, tiles[0], tiles[1])
+    dkv = schedule_for(pat, tiles[2], tiles[3])
+    dq = schedule_for(pat, tiles[4], tiles[5])
+    arrays = (tt.q_seg, tt.k_seg, tt.qk_bits, tt.kq_bits, fwd.rows, fwd.cols, dkv.t_rows, dkv.t_cols, dq.rows,
+              dq.cols)
+    tensors = tuple(torch.from_numpy(np.array(a, dtype=np.int32)).to(device) for a in arrays)
+    return _memo(key, lambda: tensors)
+
+
+def _check_pattern(q, k, pattern: int):
+    pat = pattern_by_key(int(pattern))
+    if q.shape[1] != pat.q_len or k.shape[1] != pat.k_len:
+        raise ValueError(f"q has {q.shape[1]} and k {k.shape[1]} tokens; pattern {pattern} has {pat.q_len} query and "
+                         f"{pat.k_len} key tokens")
+
+
 # ---------------------------------------------------------------------- custom ops
 @torch.library.custom_op("dz::layout_attention", mutates_args=())
-def layout_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_seg: torch.Tensor,
-                        k_seg: torch.Tensor, qk_bits: torch.Tensor, kq_bits: torch.Tensor, fwd_rows: torch.Tensor,
-                        fwd_cols: torch.Tensor, dkv_rows: torch.Tensor, dkv_cols: torch.Tensor,
-                        dq_rows: torch.Tensor, dq_cols: torch.Tensor, scale: float, tiles: list[int],
-                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Lq, H, D] (q's dtype), lse fp32 [B, H, Lq]. See the module doc."""
-    return _forward(q, k, v, q_seg, k_seg, qk_bits, fwd_rows, fwd_cols, scale, tiles)
+def layout_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: int, scale: float,
+                        tiles: list[int], deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Lq, H, D] (q's dtype), lse fp32 [B, H, Lq]. `pattern`: an AttentionPattern.key. See the module doc."""
+    _check_pattern(q, k, pattern)
+    sched = schedule_tensors(pattern, tiles, q.device)
+    return _forward(q, k, v, *sched[:3], *sched[4:6], scale, tiles)
 
 
 @layout_attention_op.register_fake
-def _layout_attention_fake(q, k, v, q_seg, k_seg, qk_bits, kq_bits, fwd_rows, fwd_cols, dkv_rows, dkv_cols,
-                           dq_rows, dq_cols, scale, tiles, deterministic):
+def _layout_attention_fake(q, k, v, pattern, scale, tiles, deterministic):
     B, Lq, H, D = q.shape
     return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("dz::layout_attention_backward", mutates_args=())
 def layout_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
-                                 q_seg: torch.Tensor, k_seg: torch.Tensor, qk_bits: torch.Tensor,
-                                 kq_bits: torch.Tensor, dkv_rows: torch.Tensor, dkv_cols: torch.Tensor,
-                                 dq_rows: torch.Tensor, dq_cols: torch.Tensor, scale: float, tiles: list[int],
+                                 out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor], pattern: int,
+                                 scale: float, tiles: list[int],
                                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq [B, Lq, H, D], dk, dv [B, Lk, H, D] (contiguous, the inputs' dtype)."""
-    return _backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows,
-                     dq_cols, scale, tiles, deterministic)
+    _check_pattern(q, k, pattern)
+    sched = schedule_tensors(pattern, tiles, q.device)
+    return _backward(dout, q, k, v, out, lse, dlse, *sched[:4], *sched[6:], scale, tiles, deterministic)
 
 
 @layout_attention_backward_op.register_fake
-def _layout_attention_backward_fake(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv_rows,
-                                    dkv_cols, dq_rows, dq_cols, scale, tiles, deterministic):
+def _layout_attention_backward_fake(dout, q, k, v, out, lse, dlse, pattern, scale, tiles, deterministic):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, q_seg, k_seg, qk_bits, kq_bits, _fr, _fc, dkv_rows, dkv_cols, dq_rows, dq_cols, scale, tiles,
-     deterministic) = inputs
+    q, k, v, pattern, scale, tiles, deterministic = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols)
-    ctx.scale, ctx.tiles, ctx.deterministic = scale, list(tiles), deterministic
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.pattern, ctx.scale, ctx.tiles, ctx.deterministic = pattern, scale, list(tiles), deterministic
 
 
 def _autograd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, *sched = ctx.saved_tensors
+    q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.dz.layout_attention_backward(dout, q, k, v, out, lse, dlse, *sched, ctx.scale,
+    dq, dk, dv = torch.ops.dz.layout_attention_backward(dout, q, k, v, out, lse, dlse, ctx.pattern, ctx.scale,
                                                         ctx.tiles, ctx.deterministic)
-    return (dq, dk, dv) + (None,) * 13
+    return dq, dk, dv, None, None, None, None
 
 
 layout_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -1,8 +1,8 @@
 """Tile schedules for layout attention: which key tiles each query tile visits, and which need a mask.
 
-A `SequenceLayout` describes the score matrix as a block matrix of segments (video frames, action blocks, state
-blocks, cached frames) with a small boolean segment mask. The kernels work on tiles of BLOCK_M queries by BLOCK_N
-keys. For every (query tile, key tile) pair the schedule decides:
+An `AttentionPattern` (pattern.py) describes the score matrix as a block matrix of segments (for DreamZero: video
+frames, action blocks, state blocks, cached frames) with a small boolean segment mask. The kernels work on tiles of
+BLOCK_M queries by BLOCK_N keys. For every (query tile, key tile) pair the schedule decides:
 
     FULL     every valid (query, key) pair of the tile is visible and the tile lies inside the key range:
              the kernel runs it without any mask;
@@ -22,7 +22,7 @@ Token mask inside a PARTIAL tile (what the kernels compute, emulated by `tile_ma
     a handful of [BLOCK_M] gathers from a table of a few hundred bytes, no [BLOCK_M, BLOCK_N] gather.
     `kq_bits` is the transposed table for the kernels that hold a key tile and walk query tiles (dk, dv).
 
-Flattened for the kernels (CSR-like, int32, built with numpy, cached per (layout, BLOCK_M, BLOCK_N)):
+Flattened for the kernels (CSR-like, int32, built with numpy, cached per (pattern, BLOCK_M, BLOCK_N)):
     rows     int32 [n_tiles, 4]: (tile index, start, mid, end), in launch order (heaviest rows first, for load
              balance); entries [start, mid) are FULL tiles, [mid, end) PARTIAL tiles, each in increasing order.
              Every tile has a row, also one with no entries (its outputs are still written: zeros).
@@ -30,16 +30,18 @@ Flattened for the kernels (CSR-like, int32, built with numpy, cached per (layout
 The query-side schedule (`rows`, `cols`: for each query tile, its key tiles) drives the forward and the dq pass;
 the key-side schedule (`t_rows`, `t_cols`: for each key tile, the query tiles that see it) drives the dk/dv pass.
 
-Run `python -m dz_kernels.attention` to print build times for the DROID shapes.
+Every function here takes an AttentionPattern or an object with `attention_pattern()` (a dreamzero SequenceLayout).
+The host time of the schedules at the DROID shapes is a benchmark case: `python -m dz_bench attention`
+(schedule/train).
 """
 from __future__ import annotations
 
-import time
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from dreamzero.layout import SequenceLayout
+from .pattern import as_pattern
 
 SKIP, PARTIAL, FULL = 0, 1, 2
 PARTIAL_COST = 1.25   # relative cost of a partial tile in the load-balance order (mask work on top of the dots)
@@ -97,21 +99,38 @@ def _pack_bits(mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out).view("<u4").view(np.int32).reshape(r, n_words)
 
 
-def token_tables(layout: SequenceLayout) -> TokenTables:
-    """The per-token segment ids and bit tables of `layout` (cached on the layout)."""
-    cached = layout._cache.get("dz_attention_tables")
-    if cached is not None:
-        return cached
-    mask = np.asarray(layout.segment_mask(), dtype=bool)
-    qb, kb = layout.segment_bounds("q"), layout.segment_bounds("k")
+# host-side memo per pattern key: token tables, schedules (numpy) and their device copies (schedule_tensors)
+_MEMO: dict = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def _memo(key, build):
+    value = _MEMO.get(key)
+    if value is None:
+        value = build()
+        with _MEMO_LOCK:
+            value = _MEMO.setdefault(key, value)
+    return value
+
+
+def build_token_tables(layout) -> TokenTables:
+    """The per-token segment ids and bit tables of a pattern (no caching)."""
+    pattern = as_pattern(layout)
+    mask = pattern.segment_mask()
+    qb, kb = pattern.segment_bounds("q"), pattern.segment_bounds("k")
     q_seg = np.repeat(np.arange(len(qb), dtype=np.int32), qb[:, 1] - qb[:, 0])
     k_seg = np.repeat(np.arange(len(kb), dtype=np.int32), kb[:, 1] - kb[:, 0])
     tables = TokenTables(q_seg=q_seg, k_seg=k_seg, qk_bits=_pack_bits(mask), kq_bits=_pack_bits(mask.T),
                          dense=bool(mask.all()))
     for a in (q_seg, k_seg, tables.qk_bits, tables.kq_bits):
         a.setflags(write=False)
-    layout._cache["dz_attention_tables"] = tables
     return tables
+
+
+def token_tables(layout) -> TokenTables:
+    """The per-token segment ids and bit tables of a pattern (memoized per pattern)."""
+    pattern = as_pattern(layout)
+    return _memo(("tables", pattern.key), lambda: build_token_tables(pattern))
 
 
 def _tile_segment_ranges(bounds: np.ndarray, length: int, block: int):
@@ -165,30 +184,27 @@ def _csr(kind: np.ndarray):
     return np.ascontiguousarray(rows[order], dtype=np.int32), cols
 
 
-def build_schedule(layout: SequenceLayout, block_m: int, block_n: int) -> TileSchedule:
-    """Build the tile schedule of `layout` for tiles of `block_m` queries by `block_n` keys (no caching)."""
+def build_schedule(layout, block_m: int, block_n: int) -> TileSchedule:
+    """Build the tile schedule of a pattern for tiles of `block_m` queries by `block_n` keys (no caching)."""
     if block_m < 1 or block_n < 1:
         raise ValueError(f"block sizes must be positive, got {block_m} x {block_n}")
-    mask = np.asarray(layout.segment_mask(), dtype=bool)
-    qb, kb = layout.segment_bounds("q"), layout.segment_bounds("k")
-    kind = _classify(mask, qb, kb, layout.q_len, layout.k_len, block_m, block_n)
+    pattern = as_pattern(layout)
+    mask = pattern.segment_mask()
+    qb, kb = pattern.segment_bounds("q"), pattern.segment_bounds("k")
+    kind = _classify(mask, qb, kb, pattern.q_len, pattern.k_len, block_m, block_n)
     rows, cols = _csr(kind)
     t_rows, t_cols = _csr(np.ascontiguousarray(kind.T))
-    sched = TileSchedule(block_m=block_m, block_n=block_n, q_len=layout.q_len, k_len=layout.k_len, kind=kind,
+    sched = TileSchedule(block_m=block_m, block_n=block_n, q_len=pattern.q_len, k_len=pattern.k_len, kind=kind,
                          rows=rows, cols=cols, t_rows=t_rows, t_cols=t_cols)
     for a in (kind, rows, cols, t_rows, t_cols):
         a.setflags(write=False)
     return sched
 
 
-def schedule_for(layout: SequenceLayout, block_m: int, block_n: int) -> TileSchedule:
-    """`build_schedule`, memoized on the layout object (layouts are built once per shape and cached)."""
-    key = ("dz_attention_schedule", block_m, block_n)
-    sched = layout._cache.get(key)
-    if sched is None:
-        sched = build_schedule(layout, block_m, block_n)
-        layout._cache[key] = sched
-    return sched
+def schedule_for(layout, block_m: int, block_n: int) -> TileSchedule:
+    """`build_schedule`, memoized per (pattern, block_m, block_n)."""
+    pattern = as_pattern(layout)
+    return _memo(("schedule", pattern.key, block_m, block_n), lambda: build_schedule(pattern, block_m, block_n))
 
 
 # ---------------------------------------------------------------------- numpy emulation of the kernels' mask
@@ -224,37 +240,3 @@ def tile_mask(tables: TokenTables, q_tile: int, k_tile: int, block_m: int, block
     if row_ok is not None:
         out &= row_ok[:, None]
     return out.T if transposed else out
-
-
-def _main() -> None:
-    """Print uncached build times (best of 20, after one warm-up build) and tile counts for the DROID shapes."""
-    from dreamzero.config import get_config
-    from dreamzero.layout import layout_for_config
-
-    cfg = get_config("droid-14b")
-    cases = {
-        "train (4 chunks)": layout_for_config(cfg, "train"),
-        "denoise chunk 5, 9 cached": layout_for_config(cfg, "denoise", chunk=5, cached_frames=tuple(range(9))),
-        "control chunk 5, 7 cached": layout_for_config(cfg, "control", chunk=5, cached_frames=tuple(range(7))),
-    }
-    for name, lay in cases.items():
-        lay.segment_mask()                       # the layout's own (cached) derived array, not part of our build
-        build_schedule(lay, 128, 64)             # warm-up (numpy's first-call costs)
-        for bm, bn in ((128, 64), (32, 128), (128, 32)):
-            best = best_tables = float("inf")
-            for _ in range(20):
-                t0 = time.perf_counter()
-                s = build_schedule(lay, bm, bn)
-                t1 = time.perf_counter()
-                lay._cache.pop("dz_attention_tables", None)
-                token_tables(lay)
-                t2 = time.perf_counter()
-                best, best_tables = min(best, t1 - t0), min(best_tables, t2 - t1)
-            schedule_for(lay, bm, bn)
-            t0 = time.perf_counter()
-            schedule_for(lay, bm, bn)
-            cached = time.perf_counter() - t0
-            c = s.counts()
-            print(f"{name:26s} {bm:3d}x{bn:<3d} tiles full/partial/skip {c['full']:5d}/{c['partial']:4d}/"
-                  f"{c['skip']:5d}  build {1e3 * best:.2f} ms + token tables {1e3 * best_tables:.2f} ms "
-                  f"(uncached), {1e6 * cached:.1f} us cached")

@@ -1,7 +1,8 @@
 """Reference self-attention over a SequenceLayout: the correctness oracle and the baseline of the benchmarks.
 
 Tensors are [B, L, H, D] (tokens before heads, as the projections produce them). `k` and `v` hold the keys of the
-layout's key sequence: the cached tokens first, then the new ones (layout.k).
+layout's key sequence: the cached tokens first, then the new ones (layout.k). `layout` is a SequenceLayout or its
+`attention_pattern()` (the kernel library's plain description of the same mask).
 
 Two exact implementations:
 - `attention_blockwise`: what the DreamZero release does -- query segments that see the same keys are grouped, the
@@ -13,12 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layout import SequenceLayout
+from dz_kernels.attention.pattern import as_pattern
 
 
-def _check(q, k, v, layout: SequenceLayout):
+def _check(q, k, v, layout):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, L, H, D]; got ranks {q.dim()}, {k.dim()}, {v.dim()}")
+    layout = as_pattern(layout)
     if q.shape[1] != layout.q_len:
         raise ValueError(f"q has {q.shape[1]} tokens but the layout has {layout.q_len} query tokens")
     if k.shape[1] != layout.k_len or v.shape[1] != layout.k_len:
@@ -29,35 +31,15 @@ def _check(q, k, v, layout: SequenceLayout):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _groups(layout: SequenceLayout):
-    """Runs of consecutive query segments with identical visible key sets: [(q_start, q_end, [(k_start, k_end)])]."""
-    key = "blockwise_groups"
-    if key not in layout._cache:
-        mask = layout.segment_mask()
-        groups = []
-        for i, qs in enumerate(layout.q):
-            row = tuple(mask[i])
-            if groups and groups[-1][3] == row and groups[-1][1] == qs.start:
-                g = groups[-1]
-                groups[-1] = (g[0], qs.end, g[2], row)
-                continue
-            spans = []
-            for j, ks in enumerate(layout.k):
-                if row[j]:
-                    if spans and spans[-1][1] == ks.start:
-                        spans[-1] = (spans[-1][0], ks.end)
-                    else:
-                        spans.append((ks.start, ks.end))
-            groups.append((qs.start, qs.end, spans, row))
-        layout._cache[key] = [(a, b, s) for a, b, s, _ in groups]
-    return layout._cache[key]
-
-
-def attention_blockwise(q, k, v, layout: SequenceLayout, scale: float | None = None) -> torch.Tensor:
-    """Release-style attention: one SDPA call per group of query segments over the torch.cat of its visible keys."""
+def attention_blockwise(q, k, v, layout, scale: float | None = None) -> torch.Tensor:
+    """Release-style attention: one SDPA call per group of query segments (consecutive segments that see the same
+    keys) over the torch.cat of its visible keys. A group that sees no key gets zeros."""
     _check(q, k, v, layout)
     out = torch.empty_like(q)
-    for qa, qb, spans in _groups(layout):
+    for qa, qb, spans in as_pattern(layout).groups:
+        if not spans:
+            out[:, qa:qb] = 0
+            continue
         if len(spans) == 1:
             ks, vs = k[:, spans[0][0]:spans[0][1]], v[:, spans[0][0]:spans[0][1]]
         else:
@@ -69,10 +51,10 @@ def attention_blockwise(q, k, v, layout: SequenceLayout, scale: float | None = N
     return out
 
 
-def attention_masked(q, k, v, layout: SequenceLayout, scale: float | None = None) -> torch.Tensor:
+def attention_masked(q, k, v, layout, scale: float | None = None) -> torch.Tensor:
     """One SDPA call under the dense boolean mask of the layout."""
     _check(q, k, v, layout)
-    mask = layout.dense_mask(q.device)
+    mask = as_pattern(layout).dense_mask(q.device)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        scale=scale)
     return o.transpose(1, 2)

@@ -57,7 +57,6 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.frames: tuple = ()
-        self._pending: dict = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -71,7 +70,6 @@ class KVCache:
     def reset(self) -> None:
         """Forget every cached frame (a new instruction or episode). Buffers keep their addresses."""
         self.frames = ()
-        self._pending = {}
 
     def rewind(self, frames: tuple) -> None:
         """Go back to an earlier state whose frames the buffers still hold (a prefix of the slots written since):
@@ -79,7 +77,6 @@ class KVCache:
         if tuple(frames) != tuple(self.frames[:len(frames)]):
             raise ValueError(f"cannot rewind to {frames}: the cache holds {self.frames}")
         self.frames = tuple(frames)
-        self._pending = {}
 
     def needs_reset(self, chunk: int) -> bool:
         """Release policy: reset when chunk `chunk` would start at or beyond local_attn_size frames."""
@@ -105,9 +102,9 @@ class KVCache:
         k_all = torch.cat([self.k[layer][:, :n], k_new], dim=1) if n else k_new
         v_all = torch.cat([self.v[layer][:, :n], v_new], dim=1) if n else v_new
         if layout.writes_cache:
-            if layout not in self._pending:
-                self._pending = {layout: self._plan(layout)}
-            slots = self._pending[layout]
+            # the plan depends only on `frames` and the layout, which change only at commit: the same for every
+            # layer of the pass (recomputed per layer: plain Python, which torch.compile traces as constants)
+            slots = self._plan(layout)
             a, _ = layout.cache_write_range()
             ft = self.cfg.frame_tokens
             for i, slot in enumerate(slots):
@@ -120,9 +117,7 @@ class KVCache:
         """After a full pass over every layer: record the frames the pass wrote."""
         if not layout.writes_cache:
             return
-        slots = self._pending.pop(layout, None)
-        if slots is None:
-            slots = self._plan(layout)
+        slots = self._plan(layout)
         frames = list(self.frames) + [None] * max(0, max(slots) + 1 - len(self.frames))
         for slot, f in zip(slots, layout.cache_write_frames()):
             frames[slot] = f

@@ -187,6 +187,14 @@ class Policy:
 
     # ------------------------------------------------------------------ set-up
     def _compile_blocks(self, how: str) -> None:
+        """torch.compile of each DiT block. Every block traces whole, with no graph break (checked on the CPU by
+        tests/test_model_compile_dtypes.py), and must: each call of a compiled block is a new torch.compile
+        invocation, which with CUDA graphs (reduce-overhead) starts a new CUDA-graph generation whose runs may reuse
+        the memory of the previous generation's outputs. A block broken into several graphs would read its input x
+        (the previous block's output) again after its first graph ran, from memory already reused ("accessing
+        tensor output of CUDAGraphs that has been overwritten by a subsequent run"); a whole block reads x once, at
+        its start. fullgraph stays False so that a block past dynamo's recompile limit (a new layout or layer index
+        specializes the graph) runs eagerly instead of failing."""
         kw = {"mode": "reduce-overhead"} if how == "reduce-overhead" else {"backend": how}
         for i, blk in enumerate(self.model.blocks):
             self.model.blocks[i] = torch.compile(blk, fullgraph=False, dynamic=False, **kw)

@@ -216,6 +216,19 @@ class SequenceLayout:
         m = seg.repeat_interleave(qlen, dim=0).repeat_interleave(klen, dim=1)
         return m.to(device)
 
+    def attention_pattern(self):
+        """The layout's mask as the kernel library's generic description: a dz_kernels.attention.AttentionPattern
+        (segment lengths and who sees whom), built once (when the layout is built) and kept on the layout, so traced
+        code reads it as a plain attribute."""
+        pattern = getattr(self, "_attention_pattern", None)
+        if pattern is None:
+            from dz_kernels.attention.pattern import AttentionPattern
+
+            pattern = AttentionPattern.from_mask([s.length for s in self.q], [s.length for s in self.k],
+                                                 self.segment_mask())
+            object.__setattr__(self, "_attention_pattern", pattern)
+        return pattern
+
     def visible_pairs(self) -> int:
         """Number of visible (query, key) token pairs: the useful work of an attention call over this layout."""
         ql = np.array([s.length for s in self.q], dtype=np.int64)
@@ -295,6 +308,7 @@ def _finish(b: _Builder, mode, rule, window, cached_frames=(), writes=()) -> Seq
                          states_per_chunk=b.spc, q=tuple(b.segs), k=tuple(k), parts=tuple(b.parts),
                          writes_cache=tuple(writes))
     lay._cache["frames_per_chunk"] = b.fpc
+    lay.attention_pattern()
     return lay
 
 

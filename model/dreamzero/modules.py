@@ -60,9 +60,12 @@ class SelfAttention(nn.Module):
             q, k, v = cache.project(layer, self.q(x), self.k(x), self.v(x), self.norm_q.weight, self.norm_k.weight,
                                     self.eps, cos, sin, layout)
             return self.o(ops.attention(q, k, v, layout, None).flatten(2))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q, k = ops.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, self.eps, cos, sin,
                                 self.num_heads)
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        # the norm and RoPE run in fp32 (fp32 weights under autocast): q and k go back to the compute dtype, the
+        # projections' (as the release's attention function casts them), so q, k and v share it
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.extend(layer, k, v, layout)
         o = ops.attention(q, k, v, layout, None)
@@ -95,8 +98,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, ctx_kv: tuple, ops: Ops):
         k, v, k_img, v_img = ctx_kv
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        o = ops.cross_attention(q, k, v) + ops.cross_attention(q, k_img, v_img)
+        # the norms leave q and k in fp32 when their weights are (autocast): back to the compute dtype, v's
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).to(v.dtype)
+        o = ops.cross_attention(q, k.to(v.dtype), v) + ops.cross_attention(q, k_img.to(v_img.dtype), v_img)
         return self.o(o.flatten(2))
 
 

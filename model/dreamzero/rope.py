@@ -60,15 +60,18 @@ def rope_tables(layout: SequenceLayout, cfg, dtype: torch.dtype = torch.float32)
     d = cfg.head_dim
     dt, dh, dw = cfg.rope_split
     kind = pos["kind"].to(torch.int64)
-    is_video = (kind == Kind.FIRST) | (kind == Kind.FIRST_NOISY) | (kind == Kind.CLEAN) | (kind == Kind.NOISY)
-    is_action = kind == Kind.ACTION
-    is_state = kind == Kind.STATE
-    if is_video.any() and int(pos["t"].max()) >= cfg.video_rope_len:
-        raise ValueError(f"latent frame {int(pos['t'].max())} is beyond the RoPE table ({cfg.video_rope_len})")
-    if is_action.any() and int(pos["p"][is_action].max()) >= cfg.action_rope_len:
-        raise ValueError(f"action position {int(pos['p'][is_action].max())} is beyond the action RoPE table "
+    is_video = ((kind == int(Kind.FIRST)) | (kind == int(Kind.FIRST_NOISY)) | (kind == int(Kind.CLEAN))
+                | (kind == int(Kind.NOISY)))
+    # range checks on the segments (plain Python: no host sync, traceable by torch.compile)
+    last_frame = max([-1] + [s.frame for s in layout.q if s.is_video])
+    if last_frame >= cfg.video_rope_len:
+        raise ValueError(f"latent frame {last_frame} is beyond the RoPE table ({cfg.video_rope_len})")
+    last_action = max([-1] + [s.chunk * layout.actions_per_chunk - 1 for s in layout.q if s.kind == Kind.ACTION])
+    if last_action >= cfg.action_rope_len:
+        raise ValueError(f"action position {last_action} is beyond the action RoPE table "
                          f"({cfg.action_rope_len}); reset the cache sooner")
-    if is_state.any() and int(pos["p"][is_state].max()) >= cfg.state_rope_len:
+    last_state = max([-1] + [s.chunk * layout.states_per_chunk - 1 for s in layout.q if s.kind == Kind.STATE])
+    if last_state >= cfg.state_rope_len:
         raise ValueError(f"state position beyond the state RoPE table ({cfg.state_rope_len})")
     video_ang = torch.cat([
         pos["t"].clamp(min=0)[:, None].double() * _inv_freq(dt, cfg.rope_theta)[None],

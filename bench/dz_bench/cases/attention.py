@@ -386,33 +386,22 @@ def _control_case(ctx, ctl, obs, den, B, H, D, dz_req, sdpa_blocks=False):
 
 def _schedule_case(ctx, sh):
     """Host time of the schedules and token tables the op needs for the training layout, from scratch."""
-    from dreamzero.layout import SequenceLayout
-
-    def fresh_layout():
-        lay = sh["train"]()
-        # a copy without the memoized schedules (the layout's own segment mask stays cached: it is the layout's)
-        clone = SequenceLayout(mode=lay.mode, rule=lay.rule, window=lay.window, frame_tokens=lay.frame_tokens,
-                               actions_per_chunk=lay.actions_per_chunk, states_per_chunk=lay.states_per_chunk,
-                               q=lay.q, k=lay.k, parts=lay.parts, writes_cache=lay.writes_cache)
-        clone._cache.update({k: v for k, v in lay._cache.items() if "dz_attention" not in str(k)})
-        clone.segment_mask()
-        return clone
 
     def impl_dz():
         attn = _attn()
         cfg = attn.default_config(torch.device(ctx.device), DTYPE, sh["head_dim"])
+        pattern = sh["train"]().attention_pattern()
 
         def run():
-            lay = fresh_layout()
-            attn.token_tables(lay)
+            attn.build_token_tables(pattern)          # the uncached builders (the op memoizes them per pattern)
             for bm, bn in (cfg.fwd, cfg.dkv, cfg.dq):
-                attn.build_schedule(lay, bm, bn)
+                attn.build_schedule(pattern, bm, bn)
             return None
         return run
 
     def impl_flex():
         _cuda_only(ctx, "create_block_mask at the full shape")
-        return lambda: flex_block_mask(fresh_layout(), ctx.device)
+        return lambda: flex_block_mask(sh["train"](), ctx.device)
 
     lay = sh["train"]()
     return Case(case="schedule/train", params={"layout": "train", "Lq": lay.q_len, "Lk": lay.k_len,

@@ -1,0 +1,166 @@
+"""The public function of layout attention: checks, the dense dispatch and the custom op (Triton forward and backward).
+
+    out = layout_attention(q, k, v, pattern, scale=None, deterministic=False)
+
+`pattern`: an AttentionPattern (pattern.py), or an object with attention_pattern() such as a dreamzero
+SequenceLayout (the model passes its layout).
+
+q [B, Lq, H, D], k and v [B, Lk, H, D] (tokens before heads, as the projections produce them; any strides with a
+contiguous last dim; a tensor whose last dim is strided is copied once with .contiguous()). The key sequence is
+the layout's: cached tokens first, then the query tokens again (layout.k). Returns [B, Lq, H, D] in q's dtype
+(contiguous from the kernel; the dense SDPA path below returns SDPA's layout). The positional signature is the
+one of the reference `dreamzero.attention.attention_blockwise`, so the model's backend table (`Ops.attention`)
+takes it as is; `attention_blockwise` / `attention_masked` stay the oracles.
+
+Supported: bf16 and fp16 (fp32 accumulation; the GPU path), fp32 (full-precision products; slower, for tests and
+debugging), head dims 16, 32, 64 and 128, any layout (training, inference with a cache, the one-call control
+step: the kernel needs nothing special for a mode, the pattern carries it). Every pattern's tile schedule is
+built once on the host (schedule.py, vectorized numpy) and uploaded once per device; the first call per (pattern,
+device) must therefore happen before CUDA-graph capture (the usual warm-up). Under torch.compile the pattern is
+plain constant data: the custom op takes its integer key (op.py), nothing is traced through the schedule.
+
+Dispatch (one rule): when every query sees every key (e.g. a release-rule denoising step against the cache),
+`deterministic` is False and the tensors are on CUDA, the call goes to torch's scaled_dot_product_attention with
+the cuDNN backend first, then flash, then mem-efficient (REFERENCE.md section 7: cuDNN leads dense attention on
+the H100). `dense_sdpa=False` forces the Triton kernel, `dense_sdpa=True` takes SDPA for dense layouts on any
+device. `sdpa_blocks=2` extends the rule to layouts made of two dense blocks (the control step), one SDPA call
+per block; its default is the config table's (mode infer): 1 until a tuning run measures the two calls faster. On
+a CPU the kernels run under the Triton
+interpreter (TRITON_INTERPRET=1 must be set before triton is imported); otherwise CPU tensors are rejected.
+
+Non-finite inputs: a NaN or inf in K or V (or in the output gradient) at a key that a query does not see never
+reaches that query's output or gradients, nor another key's gradients: masked probabilities never multiply a
+non-finite value (only the partially visible tiles need care; fully visible tiles run unchanged). What does see a
+non-finite value is non-finite, as in the reference (through a partially visible tile: NaN in all D values of
+that output row, where the reference may have inf or NaN in some of them).
+
+Backward: dq, dk, dv from the saved log-sum-exp. deterministic=False adds dq with fp32 atomics inside the dk/dv
+kernel, unless the tile config says `atomic_dq=False` (the tuning measured the separate pass faster);
+deterministic=True always runs a separate dq kernel over the query-side schedule (no atomics: two runs give
+bitwise identical gradients).
+
+Tiles: `default_config` reads dz_kernels/configs/attention.json (see dz_kernels.configs) for the device's
+architecture, dtype, head dim and mode (`config_mode`: "train" for training patterns, else "infer"); `config=`
+overrides.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import interpreting
+from .op import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, TileConfig, default_config, layout_attention_op
+from .pattern import AttentionPattern, as_pattern
+
+__all__ = ["layout_attention", "layout_is_dense", "dense_blocks", "config_mode"]
+
+
+def config_mode(layout) -> str:
+    """The config table's mode: "train" for training layouts (forward and backward), else "infer". A layout that
+    names its mode (a dreamzero SequenceLayout's `mode`) is taken at its word; a bare pattern is "infer" when it is
+    made of dense blocks (every inference step: the denoising step, the observed frames, the control step) and
+    "train" otherwise (the teacher-forcing mask sees non-contiguous keys)."""
+    mode = getattr(layout, "mode", None)
+    if mode is not None:
+        return "train" if mode == "train" else "infer"
+    return "infer" if as_pattern(layout).dense_blocks is not None else "train"
+
+
+def layout_is_dense(layout) -> bool:
+    """Whether every query token of the pattern (or layout) sees every key token."""
+    return as_pattern(layout).dense
+
+
+def dense_blocks(layout) -> tuple | None:
+    """The pattern as dense blocks, when it is one: ((q_start, q_end, k_start, k_end), ...) token ranges such that
+    the queries of each block see exactly the keys of its range, all of them; consecutive query segments with the
+    same range share a block. None when some query segment sees a non-contiguous set of keys (e.g. training).
+    A release-rule denoising step is one block; the control step two (observed frames: cache + themselves;
+    the chunk being denoised: every key)."""
+    return as_pattern(layout).dense_blocks
+
+
+def _check_inputs(q, k, v, pattern: AttentionPattern) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, L, H, D] (rank 4), got rank {t.dim()} with shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {q.dtype}: layout_attention takes bfloat16, float16 or float32")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Lq, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree in batch, heads or head dim")
+    if Lq != pattern.q_len:
+        raise ValueError(f"q has {Lq} tokens but the layout has {pattern.q_len} query tokens")
+    if k.shape[1] != pattern.k_len:
+        raise ValueError(f"k/v have {k.shape[1]} tokens but the layout has {pattern.k_len} key tokens")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"unsupported head dim {D}: layout_attention supports {SUPPORTED_HEAD_DIMS}")
+    if B == 0 or H == 0:
+        raise ValueError(f"empty batch or heads: q has shape {tuple(q.shape)}")
+
+
+def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scale: float | None = None,
+                     deterministic: bool = False, *, config: TileConfig | None = None,
+                     dense_sdpa: bool | None = None, sdpa_blocks: int | None = None) -> torch.Tensor:
+    """Attention of q over k, v under the visibility rule of `layout` (see the module doc).
+
+    q [B, Lq, H, D]; k, v [B, Lk, H, D] with Lq, Lk the pattern's query and key lengths; layout: an
+    AttentionPattern or an object with attention_pattern() (a dreamzero SequenceLayout); scale defaults to
+    D ** -0.5. Returns out [B, Lq, H, D] (q's dtype). Differentiable in q, k and v.
+    config: tile sizes (default: `default_config` for the device, dtype, head dim and `config_mode(layout)`, from
+    the config table dz_kernels/configs/attention.json; its `atomic_dq` picks the dq pass of a non-deterministic
+    backward).
+    dense_sdpa: route dense patterns to SDPA (default: on CUDA unless deterministic). sdpa_blocks: with dense_sdpa,
+    also route patterns made of up to this many dense blocks (`dense_blocks`, e.g. 2 for the control step) to one
+    SDPA call per block on views of q, k, v; 1 routes only fully dense patterns; None (the default): the config's
+    sdpa_blocks (the table's: 1 until a tuning run measured the per-block SDPA calls faster than the kernel).
+
+    Example:
+        lay = layout_for_config(get_config("droid-14b"), "train")
+        out = layout_attention(q, k, v, lay)          # q, k, v [B, 15940, 40, 128] bf16 on CUDA
+    """
+    pattern = as_pattern(layout)
+    _check_inputs(q, k, v, pattern)
+    D = q.shape[-1]
+    scale = float(D ** -0.5 if scale is None else scale)
+    if dense_sdpa is None:
+        dense_sdpa = q.is_cuda and not deterministic
+    if dense_sdpa:
+        if pattern.dense:
+            return _dense_sdpa(q, k, v, scale)
+        if sdpa_blocks is None:
+            sdpa_blocks = (config if config is not None else
+                           default_config(q.device, q.dtype, D, config_mode(layout))).sdpa_blocks
+        blocks = pattern.dense_blocks if sdpa_blocks > 1 else None
+        if blocks is not None and len(blocks) <= sdpa_blocks:
+            return torch.cat([_dense_sdpa(q[:, qa:qb], k[:, ka:kb], v[:, ka:kb], scale)
+                              for qa, qb, ka, kb in blocks], dim=1)
+    if q.device.type == "cpu" and not interpreting():
+        raise ValueError("layout_attention's Triton kernels need a CUDA device; CPU tensors run only under the "
+                         "Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"layout_attention runs on CUDA (or the CPU interpreter), got device {q.device}")
+    cfg = config if config is not None else default_config(q.device, q.dtype, D, config_mode(layout))
+    cfg.validate()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # the atomic-free dq pass also serves a non-deterministic call when the config says it is the faster one
+    out, _lse = layout_attention_op(q, k, v, pattern.key, scale, cfg.as_list(), bool(deterministic) or not cfg.atomic_dq)
+    return out
+
+
+def _dense_sdpa(q, k, v, scale: float) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH]
+    with sdpa_kernel(backends, set_priority=True):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return o.transpose(1, 2)
