@@ -1,19 +1,26 @@
 """Helpers shared by the tests and the benchmark checks: NaN poisoning, error measures, precision bars."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
+from ._common import _POISON_OUTPUTS, poisoned
 
-def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
-    """An output buffer filled with NaN, so memory a kernel forgets to write fails the comparison."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if t.is_floating_point():
-        t.fill_(float("nan"))
-    else:
-        t.fill_(-1 if t.dtype.is_signed else torch.iinfo(t.dtype).max)
-    return t
+__all__ = ["poisoned", "poison_outputs", "sqnr_db", "max_abs_err", "assert_within_lowp_bar"]
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """While active, every output buffer a dz_kernels launcher allocates (dz_kernels._common.empty) comes back filled
+    with NaN instead of uninitialized, so an element a kernel fails to write shows up in the comparison."""
+    old = _POISON_OUTPUTS[0]
+    _POISON_OUTPUTS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _POISON_OUTPUTS[0] = old
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:

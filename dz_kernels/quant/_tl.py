@@ -1,10 +1,7 @@
 """Triton device functions shared by the FP8 and NVFP4 kernels, and their one GEMM launch rule (launch_gemm).
 
-E4M3 rounding: `_round_to_e4m3` rounds a float32 to the nearest E4M3 value (ties to even) before the cast to
-float8e4nv. On the GPU the cast itself rounds to nearest-even, so this changes nothing there; the Triton CPU
-interpreter's float->fp8 cast (triton 3.9) rounds half up and ignores the bits below the first dropped one, so
-without this step the interpreter would not reproduce the GPU (or torch) bits. The cast of an exactly
-representable value is exact in both.
+Rounding to a storage format (E4M3 scales, bf16/fp16 outputs) goes through dz_kernels._common (cast_rne,
+e4m3_bits): the same bits on the GPU and in the Triton CPU interpreter.
 
 E2M1 codes: `_e2m1_encode` / `_e2m1_decode`, the formats.py rules.
 
@@ -17,6 +14,8 @@ shared by all tokens is passed with row stride 0.
 """
 import triton
 import triton.language as tl
+
+from .._common import cast_rne
 
 # Fixed tiles for the CPU interpreter (autotuning would run every config there); the GPU uses the autotuned kernel.
 INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}
@@ -43,32 +42,6 @@ def activation_code(activation) -> int:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not supported; expected None or 'gelu_tanh'")
     return ACTIVATIONS[activation]
-
-
-@triton.jit
-def _round_to_e4m3(v):
-    """float32 v with |v| <= 448 -> the nearest E4M3 value as float32 (ties to even; sign kept, -0 included).
-
-    Adding c = 1.5 * 2^(e + 20), e = max(exponent(v), -6), makes a float32 whose ulp is 2^(e - 3), the E4M3
-    quantum of v's binade (2^-9 for the subnormals), so the float32 addition does the rounding; subtracting c back
-    is exact."""
-    bits = v.to(tl.int32, bitcast=True)
-    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
-    c = (((e + 147) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-    r = (tl.abs(v) + c) - c
-    return tl.where(bits < 0, -r, r)
-
-
-@triton.jit
-def _cast_out(x, dtype: tl.constexpr):
-    """float32 -> the output dtype. bfloat16 is rounded to nearest-even by hand first (what the GPU's cast does;
-    the interpreter's cast rounds half up), so interpreter and GPU store the same bits. float16 / float32 cast
-    directly (the interpreter may differ from the GPU by one float16 ulp)."""
-    if dtype == tl.bfloat16:
-        b = x.to(tl.int32, bitcast=True)
-        b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
-        x = b.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -116,7 +89,7 @@ def _epilogue_store(acc, offs_m, offs_n, M, N,
     if HAS_RES:
         r = tl.load(RES + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
         acc = acc + r
-    tl.store(OUT + rows * stride_om + offs_n[None, :], _cast_out(acc, OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows * stride_om + offs_n[None, :], cast_rne(acc, OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from . import _common as cm
 from .formats import (
-    E2M1_MAX, E4M3_MAX, FP8_BLOCK, NVFP4_BLOCK, dequantize_fp8_reference, dequantize_nvfp4_reference,
+    FP8_BLOCK, NVFP4_BLOCK, nvfp4_global_scale_from_amax, dequantize_fp8_reference, dequantize_nvfp4_reference,
     fp8_gemm_reference, nvfp4_gemm_w4a4_reference, nvfp4_gemm_w4a16_reference, quantize_fp8_reference,
     quantize_nvfp4_reference,
 )
@@ -374,5 +374,5 @@ def calibrate_(model: nn.Module, run: Callable[[nn.Module], object]) -> dict[str
             m._calibrating = False
     for n, m in mods.items():
         a = amax[n]
-        m.input_scale = torch.where(a > 0, a / (E2M1_MAX * E4M3_MAX), torch.ones_like(a))
+        m.input_scale = nvfp4_global_scale_from_amax(a)
     return {n: float(a) for n, a in amax.items()}

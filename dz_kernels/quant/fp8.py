@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from . import _common as cm
-from ._tl import launch_gemm, _cast_out, _epilogue_store, _grouped_pid, _round_to_e4m3, activation_code
+from .._common import cast_rne, e4m3_bits, fp8_scale_tl, nan_amax
+from ._tl import launch_gemm, _epilogue_store, _grouped_pid, activation_code
 from .formats import (
     FP8_AMAX_FLOOR, FP8_BLOCK, dequantize_fp8_reference, fp8_gemm_reference, fp8_scale_shape,
     quantize_fp8_reference,
@@ -40,7 +41,8 @@ __all__ = ["quantize_fp8_rowwise", "quantize_fp8_blockwise", "dequantize_fp8", "
 @triton.jit
 def _fp8_quant_rows_kernel(X, Q, S, M, K, stride_xm, stride_qm, amax_floor,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One scale per row: pass 1 takes the row amax, pass 2 writes q = e4m3(clamp(x / s)), s = max(amax, floor)/448."""
+    """One scale per row: pass 1 takes the row amax (NaN if the row holds one), pass 2 writes the E4M3 bytes of
+    x / s, s = max(amax, floor) / 448 (dz_kernels._common). Q is the uint8 view of the float8_e4m3fn output."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     cols = tl.arange(0, BLOCK_K)
@@ -51,22 +53,22 @@ def _fp8_quant_rows_kernel(X, Q, S, M, K, stride_xm, stride_qm, amax_floor,
         c = k0 + cols
         m = rmask[:, None] & (c < K)[None, :]
         x = tl.load(xrow + c[None, :], mask=m, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    s = tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
+        a = nan_amax(x, 1)
+        amax = tl.where((a != a) | (amax != amax), float("nan"), tl.maximum(amax, a))   # a NaN, once in, stays
+    s = fp8_scale_tl(amax, amax_floor)
     tl.store(S + rows, s, mask=rmask)
     for k0 in range(0, K, BLOCK_K):
         c = k0 + cols
         m = rmask[:, None] & (c < K)[None, :]
         x = tl.load(xrow + c[None, :], mask=m, other=0.0).to(tl.float32)
-        q = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None]), -448.0), 448.0))
-        tl.store(qrow + c[None, :], q.to(Q.dtype.element_ty), mask=m)
+        tl.store(qrow + c[None, :], e4m3_bits(tl.math.div_rn(x, s[:, None])), mask=m)
 
 
 @triton.jit
 def _fp8_quant_blocks_kernel(X, Q, S, R, C, stride_xr, stride_qr, stride_sr, amax_floor,
                              TILE_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr):
     """A [TILE_R, BLOCK_C] tile: PER_ROW gives each row its own scale (1 x BLOCK_C blocks), else one scale for the
-    whole tile (TILE_R x BLOCK_C blocks). Scale [row (or row-block), column-block]."""
+    whole tile (TILE_R x BLOCK_C blocks). Scale [row (or row-block), column-block]; Q the uint8 view of the output."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * TILE_R + tl.arange(0, TILE_R)
@@ -75,17 +77,15 @@ def _fp8_quant_blocks_kernel(X, Q, S, R, C, stride_xr, stride_qr, stride_sr, ama
     m = rmask[:, None] & (cols < C)[None, :]
     x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=m, other=0.0).to(tl.float32)
     if PER_ROW:
-        amax = tl.max(tl.abs(x), axis=1)
-        s = tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
+        s = fp8_scale_tl(nan_amax(x, 1), amax_floor)
         tl.store(S + rows.to(tl.int64) * stride_sr + pid_c, s, mask=rmask)
         q = tl.math.div_rn(x, s[:, None])
     else:
-        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        s = tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
+        a = nan_amax(x, 1)
+        s = fp8_scale_tl(nan_amax(a, 0), amax_floor)
         tl.store(S + pid_r * stride_sr + pid_c, s)
         q = tl.math.div_rn(x, s)
-    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
-    tl.store(Q + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], q.to(Q.dtype.element_ty), mask=m)
+    tl.store(Q + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], e4m3_bits(q), mask=m)
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _fp8_dequant_kernel(Q, S, O, R, C, stride_qr, stride_sr, stride_sc, stride_o
     m = (rows < R)[:, None] & (cols < C)[None, :]
     q = tl.load(Q + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], mask=m, other=0.0).to(tl.float32)
     s = tl.load(S + (rows // block_r)[:, None] * stride_sr + (cols // block_c)[None, :] * stride_sc, mask=m, other=0.0)
-    tl.store(O + rows.to(tl.int64)[:, None] * stride_or + cols[None, :], _cast_out(q * s, O.dtype.element_ty), mask=m)
+    tl.store(O + rows.to(tl.int64)[:, None] * stride_or + cols[None, :], cast_rne(q * s, O.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -162,12 +162,12 @@ def _launch_quant_rows(x2: torch.Tensor):
     s = cm.empty((M, 1), torch.float32, x2.device)
     if M == 0:
         return q, s
-    if cm.interpreting():
+    if cm.kernels_interpreted():
         block_m, block_k, warps = 4, 64, 1
     else:
         block_m, block_k, warps = 4, min(1024, triton.next_power_of_2(K)), 4
     _fp8_quant_rows_kernel[(triton.cdiv(M, block_m),)](
-        x2, q, s, M, K, x2.stride(0), q.stride(0), FP8_AMAX_FLOOR,
+        x2, q.view(torch.uint8), s, M, K, x2.stride(0), q.stride(0), FP8_AMAX_FLOOR,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
     return q, s
 
@@ -179,10 +179,10 @@ def _launch_quant_blocks(x2: torch.Tensor, per_row: bool):
     s = cm.empty(fp8_scale_shape(granularity, R, C), torch.float32, x2.device)
     if R == 0:
         return q, s
-    tile_r = (4 if cm.interpreting() else 16) if per_row else FP8_BLOCK
-    warps = 1 if cm.interpreting() else (4 if per_row else 8)
+    tile_r = (4 if cm.kernels_interpreted() else 16) if per_row else FP8_BLOCK
+    warps = 1 if cm.kernels_interpreted() else (4 if per_row else 8)
     _fp8_quant_blocks_kernel[(triton.cdiv(R, tile_r), C // FP8_BLOCK)](
-        x2, q, s, R, C, x2.stride(0), q.stride(0), s.stride(0), FP8_AMAX_FLOOR,
+        x2, q.view(torch.uint8), s, R, C, x2.stride(0), q.stride(0), s.stride(0), FP8_AMAX_FLOOR,
         TILE_R=tile_r, BLOCK_C=FP8_BLOCK, PER_ROW=per_row, num_warps=warps)
     return q, s
 
@@ -199,10 +199,10 @@ def _launch_dequant(q: torch.Tensor, scale: torch.Tensor, granularity: str, out_
         return out
     s2 = scale.reshape(1, 1) if scale.dim() == 0 else scale
     br, bc = _granularity_blocks(granularity, R, C)
-    BR, BC = (16, 128) if cm.interpreting() else (32, 128)
+    BR, BC = (16, 128) if cm.kernels_interpreted() else (32, 128)
     _fp8_dequant_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC))](
         q, s2, out, R, C, q.stride(0), s2.stride(0), s2.stride(1), out.stride(0), br, bc,
-        BLOCK_R=BR, BLOCK_C=BC, num_warps=1 if cm.interpreting() else 4)
+        BLOCK_R=BR, BLOCK_C=BC, num_warps=1 if cm.kernels_interpreted() else 4)
     return out
 
 
@@ -236,14 +236,14 @@ def _launch_gemm(a, a_scale, b, b_scale, block_scaled, bias, activation, gate, r
             res2.stride(0) if res2 is not None else 0, res2.stride(1) if res2 is not None else 0, out.stride(0))
     flags = dict(BLOCK_SCALED=block_scaled, HAS_BIAS=bias is not None, ACT=activation_code(activation),
                  HAS_GATE=gate2 is not None, HAS_RES=res2 is not None)
-    launch_gemm(_fp8_gemm_kernel, _fp8_gemm_tuned, M, N, args, flags, cm.interpreting())
+    launch_gemm(_fp8_gemm_kernel, _fp8_gemm_tuned, M, N, args, flags, cm.kernels_interpreted())
     return out
 
 
 # -------------------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("dz::fp8_quantize_rowwise", mutates_args=())
 def _op_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if cm.use_triton(x):
+    if cm.triton_runs_on(x):
         return _launch_quant_rows(x)
     return quantize_fp8_reference(x, "row")
 
@@ -256,7 +256,7 @@ def _(x):
 
 @torch.library.custom_op("dz::fp8_quantize_blockwise", mutates_args=())
 def _op_quant_blocks(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if cm.use_triton(x):
+    if cm.triton_runs_on(x):
         return _launch_quant_blocks(x, per_row)
     return quantize_fp8_reference(x, "block1x128" if per_row else "block128x128")
 
@@ -270,7 +270,7 @@ def _(x, per_row):
 
 @torch.library.custom_op("dz::fp8_dequantize", mutates_args=())
 def _op_dequant(q: torch.Tensor, scale: torch.Tensor, granularity: str, out_dtype: torch.dtype) -> torch.Tensor:
-    if cm.use_triton(q):
+    if cm.triton_runs_on(q):
         return _launch_dequant(q, scale, granularity, out_dtype)
     return dequantize_fp8_reference(q, scale, granularity, out_dtype)
 
@@ -285,7 +285,7 @@ def _op_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
              bias: Optional[torch.Tensor], activation: str, gate: Optional[torch.Tensor],
              residual: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     act = None if activation == "none" else activation
-    if cm.use_triton(a):
+    if cm.triton_runs_on(a):
         return _launch_gemm(a, a_scale, b, b_scale, block_scaled, bias, act, gate, residual, out_dtype)
     return fp8_gemm_reference(a, a_scale, b, b_scale, block_scaled=block_scaled, bias=bias, activation=act,
                               gate=gate, residual=residual, out_dtype=out_dtype)

@@ -33,15 +33,16 @@ import triton
 import triton.language as tl
 
 from . import _common as cm
-from ._tl import (_cast_out, _e2m1_decode, _e2m1_encode, _epilogue_store, _grouped_pid, _round_to_e4m3, activation_code,
+from .._common import cast_rne, e4m3_bits, nan_amax
+from ._tl import (_e2m1_decode, _e2m1_encode, _epilogue_store, _grouped_pid, activation_code,
                   launch_gemm)
 from .formats import (
-    E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, dequantize_nvfp4_reference, nvfp4_gemm_w4a4_reference,
+    NVFP4_BLOCK, dequantize_nvfp4_reference, nvfp4_global_scale, nvfp4_gemm_w4a4_reference,
     nvfp4_gemm_w4a16_reference, quantize_nvfp4_reference,
 )
 
 __all__ = ["quantize_nvfp4", "dequantize_nvfp4", "nvfp4_gemm_w4a16", "nvfp4_gemm_w4a4", "nvfp4_linear",
-           "nvfp4_global_scale_device", "dot_scaled_available"]
+           "dot_scaled_available"]
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -61,10 +62,13 @@ def _nvfp4_quant_kernel(X, G, Q, S, R, C, stride_xr, stride_qr, stride_sr,
     xe = tl.load(xptr, mask=m3, other=0.0).to(tl.float32)
     xo = tl.load(xptr + 1, mask=m3, other=0.0).to(tl.float32)
     g = tl.load(G)
-    amax = tl.maximum(tl.max(tl.abs(xe), axis=2), tl.max(tl.abs(xo), axis=2))
+    ae = nan_amax(xe, 2)
+    ao = nan_amax(xo, 2)
+    amax = tl.where((ae != ae) | (ao != ao), float("nan"), tl.maximum(ae, ao))   # a NaN block: NaN scale
     s = tl.math.div_rn(amax, 6.0 * g)
     s = tl.where(s == 0.0, 1.0, s)
-    s8 = _round_to_e4m3(tl.minimum(tl.maximum(s, 0.001953125), 448.0)).to(S.dtype.element_ty)
+    s = tl.where(s < 0.001953125, 0.001953125, tl.where(s > 448.0, 448.0, s))    # clamp, NaN kept
+    s8 = e4m3_bits(s).to(S.dtype.element_ty, bitcast=True)
     tl.store(S + r64[:, None] * stride_sr + blk[None, :], s8, mask=m2)
     sf = (s8.to(tl.float32) * g)[:, :, None]
     ce = _e2m1_encode(tl.math.div_rn(xe, sf))
@@ -86,8 +90,8 @@ def _nvfp4_dequant_kernel(Q, S, G, O, R, C, stride_qr, stride_sr, stride_or,
     s = tl.load(S + r64[:, None] * stride_sr + blk[None, :], mask=m2, other=0.0).to(tl.float32)
     bs = (s * tl.load(G))[:, :, None]
     optr = O + r64[:, None, None] * stride_or + blk[None, :, None] * 16 + 2 * j[None, None, :]
-    tl.store(optr, _cast_out(_e2m1_decode(p) * bs, O.dtype.element_ty), mask=m3)
-    tl.store(optr + 1, _cast_out(_e2m1_decode(p >> 4) * bs, O.dtype.element_ty), mask=m3)
+    tl.store(optr, cast_rne(_e2m1_decode(p) * bs, O.dtype.element_ty), mask=m3)
+    tl.store(optr + 1, cast_rne(_e2m1_decode(p >> 4) * bs, O.dtype.element_ty), mask=m3)
 
 
 @triton.jit
@@ -210,10 +214,10 @@ def _launch_quant(x2: torch.Tensor, g: torch.Tensor):
     q = cm.empty((R, C // 2), torch.uint8, x2.device)
     s = cm.empty((R, C // NVFP4_BLOCK), cm.FP8_DTYPE, x2.device)
     if R and C:
-        BR, NB = (4, 2) if cm.interpreting() else (16, 8)
+        BR, NB = (4, 2) if cm.kernels_interpreted() else (16, 8)
         _nvfp4_quant_kernel[(triton.cdiv(R, BR), triton.cdiv(C // NVFP4_BLOCK, NB))](
             x2, g, q, s, R, C, x2.stride(0), q.stride(0), s.stride(0),
-            BLOCK_R=BR, NB=NB, num_warps=1 if cm.interpreting() else 4)
+            BLOCK_R=BR, NB=NB, num_warps=1 if cm.kernels_interpreted() else 4)
     return q, s
 
 
@@ -221,10 +225,10 @@ def _launch_dequant(q, s, g, out_dtype):
     R, C = q.shape[0], 2 * q.shape[1]
     out = cm.empty((R, C), out_dtype, q.device)
     if R and C:
-        BR, NB = (4, 2) if cm.interpreting() else (16, 8)
+        BR, NB = (4, 2) if cm.kernels_interpreted() else (16, 8)
         _nvfp4_dequant_kernel[(triton.cdiv(R, BR), triton.cdiv(C // NVFP4_BLOCK, NB))](
             q, s, g, out, R, C, q.stride(0), s.stride(0), out.stride(0),
-            BLOCK_R=BR, NB=NB, num_warps=1 if cm.interpreting() else 4)
+            BLOCK_R=BR, NB=NB, num_warps=1 if cm.kernels_interpreted() else 4)
     return out
 
 
@@ -250,8 +254,8 @@ def _launch_w4a16(x, w, ws, wg, bias, activation, gate, residual, out_dtype):
     args = (x, w, ws, wg, bias if bias is not None else out, G, Rz, out, M, N, K,
             x.stride(0), w.stride(0), ws.stride(0), sgm, sgn, srm, srn, out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACT=activation_code(activation), HAS_GATE=has_gate, HAS_RES=has_res,
-                 INTERPRET=cm.interpreting())
-    launch_gemm(_nvfp4_w4a16_kernel, _w4a16_tuned, M, N, args, flags, cm.interpreting())
+                 INTERPRET=cm.kernels_interpreted())
+    launch_gemm(_nvfp4_w4a16_kernel, _w4a16_tuned, M, N, args, flags, cm.kernels_interpreted())
     return out
 
 
@@ -266,15 +270,15 @@ def _launch_w4a4(a, a_s, ag, w, ws, wg, bias, activation, gate, residual, out_dt
     args = (a, a_s, ag, w, ws, wg, bias if bias is not None else out, G, Rz, out, M, N, K,
             a.stride(0), a_s.stride(0), w.stride(0), ws.stride(0), sgm, sgn, srm, srn, out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACT=activation_code(activation), HAS_GATE=has_gate, HAS_RES=has_res,
-                 USE_DOT_SCALED=use_dot_scaled, INTERPRET=cm.interpreting())
-    launch_gemm(_nvfp4_w4a4_kernel, _w4a4_tuned, M, N, args, flags, cm.interpreting())
+                 USE_DOT_SCALED=use_dot_scaled, INTERPRET=cm.kernels_interpreted())
+    launch_gemm(_nvfp4_w4a4_kernel, _w4a4_tuned, M, N, args, flags, cm.kernels_interpreted())
     return out
 
 
 # -------------------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("dz::nvfp4_quantize", mutates_args=())
 def _op_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if cm.use_triton(x):
+    if cm.triton_runs_on(x):
         return _launch_quant(x, global_scale)
     q, s, _ = quantize_nvfp4_reference(x, global_scale)
     return q, s
@@ -289,7 +293,7 @@ def _(x, global_scale):
 @torch.library.custom_op("dz::nvfp4_dequantize", mutates_args=())
 def _op_dequant(q: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    if cm.use_triton(q):
+    if cm.triton_runs_on(q):
         return _launch_dequant(q, scale, global_scale, out_dtype)
     return dequantize_nvfp4_reference(q, scale, global_scale, out_dtype)
 
@@ -304,7 +308,7 @@ def _op_w4a16(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global:
               bias: Optional[torch.Tensor], activation: str, gate: Optional[torch.Tensor],
               residual: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     act = None if activation == "none" else activation
-    if cm.use_triton(x):
+    if cm.triton_runs_on(x):
         return _launch_w4a16(x, w, w_scale, w_global, bias, act, gate, residual, out_dtype)
     return nvfp4_gemm_w4a16_reference(x, w, w_scale, w_global, bias=bias, activation=act, gate=gate,
                                       residual=residual, out_dtype=out_dtype)
@@ -320,7 +324,7 @@ def _op_w4a4(a: torch.Tensor, a_scale: torch.Tensor, a_global: torch.Tensor, w: 
              w_global: torch.Tensor, bias: Optional[torch.Tensor], activation: str, gate: Optional[torch.Tensor],
              residual: Optional[torch.Tensor], out_dtype: torch.dtype, use_dot_scaled: bool) -> torch.Tensor:
     act = None if activation == "none" else activation
-    if cm.use_triton(a):
+    if cm.triton_runs_on(a):
         return _launch_w4a4(a, a_scale, a_global, w, w_scale, w_global, bias, act, gate, residual, out_dtype,
                             use_dot_scaled)
     return nvfp4_gemm_w4a4_reference(a, a_scale, a_global, w, w_scale, w_global, bias=bias, activation=act,
@@ -341,13 +345,6 @@ def _check_global(name: str, g, ref: torch.Tensor) -> torch.Tensor:
     return g.reshape(())
 
 
-def nvfp4_global_scale_device(x: torch.Tensor) -> torch.Tensor:
-    """amax(|x|) / 2688 as a float32 0-dim tensor on x's device, 1.0 when x is all zero (no host sync)."""
-    amax = torch.linalg.vector_norm(x, ord=float("inf")).float()
-    g = amax / (E2M1_MAX * E4M3_MAX)
-    return torch.where(amax > 0, g, torch.ones_like(g))
-
-
 def quantize_nvfp4(x: torch.Tensor, global_scale: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NVFP4 quantization (Triton on CUDA / interpreter, else the bit-identical reference).
@@ -361,7 +358,7 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: Optional[torch.Tensor] = None
     K = x.shape[-1]
     if K % NVFP4_BLOCK:
         raise ValueError(f"NVFP4 needs K (the last dim) to be a multiple of {NVFP4_BLOCK}, got {K}")
-    g = nvfp4_global_scale_device(x) if global_scale is None else _check_global("global_scale", global_scale, x)
+    g = nvfp4_global_scale(x) if global_scale is None else _check_global("global_scale", global_scale, x)
     x2 = cm.as_rows(x)
     q, s = torch.ops.dz.nvfp4_quantize(x2, g)
     return q.view(*x.shape[:-1], K // 2), s.view(*x.shape[:-1], K // NVFP4_BLOCK), g
@@ -459,7 +456,7 @@ def nvfp4_gemm_w4a4(a: torch.Tensor, a_scale: torch.Tensor, a_global: torch.Tens
     wg = _check_global("w_global", w_global, w)
     cm.check_same_device({"a_scale": a_scale, "w": w, "w_scale": w_scale}, a, "a")
     _check_epilogue(bias, gate, residual, M, N, a, out_dtype, activation)
-    available = dot_scaled_available(a.device) and not cm.interpreting()
+    available = dot_scaled_available(a.device) and not cm.kernels_interpreted()
     if use_dot_scaled is None:
         use_dot_scaled = available
     elif use_dot_scaled and not available:
