@@ -30,7 +30,7 @@ from dreamzero.layout import layout_for_config
 from dreamzero.rope import rope_tables
 from dz_kernels.kv_cache import (
     FusedKVCache,
-    dequantize_fp8,
+    dequantize_fp8_per_head as dequantize_fp8,
     kv_cache_write,
     kv_cache_write_reference,
     qk_norm_rope_kv_reference,
@@ -113,7 +113,9 @@ def _row_poison_ok(buf, lo, hi):
 @pytest.fixture
 def poison_outputs(monkeypatch):
     """Kernel outputs allocated by the ops come back NaN-filled, so an unwritten element fails the comparison."""
-    monkeypatch.setattr(kv_ops, "_empty", lambda shape, dtype, device: poisoned(shape, dtype, device))
+    from dz_kernels.testing import poison_outputs as p
+    with p():
+        yield
 
 
 # -------------------------------------------------------------------------------------------- the fused kernel

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._common import cast_rne, fp8_scale, fp8_scale_tl, nan_amax, quantize_e4m3
 from . import _common as cm
 
 __all__ = [
@@ -44,8 +45,7 @@ def _ln_fwd_kernel(
     XOUT, OUT, OUT_SCALE, MEAN, RSTD,
     L, C, eps, amax_floor,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, FP8_OUT: tl.constexpr, STORE_STATS: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, FP8_OUT: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
@@ -61,7 +61,7 @@ def _ln_fwd_kernel(
             x = x + g * y
         else:
             x = x + y
-        x_st = cm.cast_like(x, XOUT, INTERPRET)
+        x_st = cast_rne(x, XOUT.dtype.element_ty)
         tl.store(XOUT + row * C + cols, x_st, mask=mask)
         x = x_st.to(tl.float32)  # normalize the residual as stored
 
@@ -79,14 +79,12 @@ def _ln_fwd_kernel(
     if HAS_SHIFT:
         h = h + tl.load(SHIFT + b * sshb + l * sshl + cols, mask=mask, other=0.0).to(tl.float32)
 
-    if FP8_OUT:
-        amax = tl.max(tl.where(mask, tl.abs(h), 0.0), axis=0)
-        s = tl.maximum(amax, amax_floor) / 448.0
-        q = tl.minimum(tl.maximum(h / s, -448.0), 448.0)
-        tl.store(OUT + row * C + cols, cm.cast_like(q, OUT, INTERPRET), mask=mask)
+    if FP8_OUT:   # the FP8 convention of dz_kernels._common (NaN in the row: NaN scale and values)
+        s = fp8_scale_tl(nan_amax(tl.where(mask, h, 0.0), 0), amax_floor)
+        tl.store(OUT + row * C + cols, cast_rne(tl.math.div_rn(h, s), OUT.dtype.element_ty), mask=mask)
         tl.store(OUT_SCALE + row, s)
     else:
-        tl.store(OUT + row * C + cols, cm.cast_like(h, OUT, INTERPRET), mask=mask)
+        tl.store(OUT + row * C + cols, cast_rne(h, OUT.dtype.element_ty), mask=mask)
     if STORE_STATS:
         tl.store(MEAN + row, mean)
         tl.store(RSTD + row, rstd)
@@ -106,8 +104,7 @@ def _ln_bwd_kernel(
     N, L, C, rows_per_prog,
     HAS_DXN: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, NEED_DY: tl.constexpr, NEED_DG: tl.constexpr, NEED_DSCALE: tl.constexpr,
-    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_C: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
@@ -138,7 +135,7 @@ def _ln_bwd_kernel(
                     h = h * w
                 if HAS_B:
                     h = h + tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DSCALE + row * C + cols, cm.cast_like(dout * h, DSCALE, INTERPRET), mask=mask)
+                tl.store(DSCALE + row * C + cols, cast_rne(dout * h, DSCALE.dtype.element_ty), mask=mask)
             dh = dout * (1.0 + sc)
         if NEED_DW:
             dw_acc += dh * xhat
@@ -152,13 +149,13 @@ def _ln_bwd_kernel(
         dx = (dxhat - c2 - xhat * c1) * rstd
         if HAS_DXN:
             dx += tl.load(DXN + b * sdnb + l * sdnl + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * C + cols, cm.cast_like(dx, DX, INTERPRET), mask=mask)
+        tl.store(DX + row * C + cols, cast_rne(dx, DX.dtype.element_ty), mask=mask)
         if NEED_DY:  # only with a gate: without one dy == dx
             g = tl.load(G + b * sgb + l * sgl + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DY + row * C + cols, cm.cast_like(dx * g, DY, INTERPRET), mask=mask)
+            tl.store(DY + row * C + cols, cast_rne(dx * g, DY.dtype.element_ty), mask=mask)
         if NEED_DG:
             yv = tl.load(Y + b * syb + l * syl + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DG + row * C + cols, cm.cast_like(dx * yv, DG, INTERPRET), mask=mask)
+            tl.store(DG + row * C + cols, cast_rne(dx * yv, DG.dtype.element_ty), mask=mask)
 
     if NEED_DW:
         tl.store(DW_PART + pid * C + cols, dw_acc, mask=mask)
@@ -194,7 +191,7 @@ def _launch_fwd(x, y, gate, shift, scale, weight, bias, eps, x_out, out, out_sca
         L, C, float(eps), cm.FP8_AMAX_FLOOR,
         HAS_RES=y is not None, HAS_GATE=gate is not None, HAS_SHIFT=shift is not None,
         HAS_SCALE=scale is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        FP8_OUT=fp8, STORE_STATS=mean is not None, INTERPRET=cm.interpreting(), BLOCK_C=block, num_warps=warps,
+        FP8_OUT=fp8, STORE_STATS=mean is not None, BLOCK_C=block, num_warps=warps,
     )
 
 
@@ -261,7 +258,7 @@ def _launch_bwd(dout, dxn, xn, y, gate, scale, weight, bias, mean, rstd, needs):
         n_rows, L, C, rows_per_prog,
         HAS_DXN=dxn is not None, HAS_GATE=gate is not None, HAS_SCALE=scale is not None,
         HAS_W=weight is not None, HAS_B=bias is not None, NEED_DY=need_dy, NEED_DG=need_dg,
-        NEED_DSCALE=need_dsc, NEED_DW=need_dw, NEED_DB=need_db, INTERPRET=cm.interpreting(), BLOCK_C=block,
+        NEED_DSCALE=need_dsc, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=block,
         num_warps=warps,
     )
     if need_dw:
@@ -521,8 +518,8 @@ def layernorm_modulate_reference(x, shift=None, scale=None, eps=1e-6, weight=Non
 
 def _fp8_rowwise_reference(h):
     h = h.float()
-    s = h.abs().amax(-1, keepdim=True).clamp_min(cm.FP8_AMAX_FLOOR) / cm.FP8_MAX
-    return (h / s).clamp(-cm.FP8_MAX, cm.FP8_MAX).to(cm.FP8_DTYPE), s
+    s = fp8_scale(h.abs().amax(-1, keepdim=True))
+    return quantize_e4m3(h, s), s
 
 
 def gated_residual_layernorm_modulate_reference(x, y, gate, shift=None, scale=None, eps=1e-6, weight=None,

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import cast_rne
 from . import _common as cm
 
 __all__ = ["gated_residual", "gated_residual_reference"]
@@ -22,8 +23,7 @@ _BLOCK = 1024  # columns per program; a row of C features takes cdiv(C, _BLOCK) 
 @triton.jit
 def _gated_residual_fwd_kernel(
     X, sxb, sxl, Y, syb, syl, G, sgb, sgl, OUT,
-    L, C,
-    INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+    L, C, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
@@ -33,14 +33,14 @@ def _gated_residual_fwd_kernel(
     x = tl.load(X + b * sxb + l * sxl + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(Y + b * syb + l * syl + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + b * sgb + l * sgl + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * C + cols, cm.cast_like(x + g * y, OUT, INTERPRET), mask=mask)
+    tl.store(OUT + row * C + cols, cast_rne(x + g * y, OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_residual_bwd_kernel(
     D, sdb, sdl, Y, syb, syl, G, sgb, sgl, DY, DG,
     L, C,
-    NEED_DY: tl.constexpr, NEED_DG: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_DY: tl.constexpr, NEED_DG: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
@@ -50,10 +50,10 @@ def _gated_residual_bwd_kernel(
     d = tl.load(D + b * sdb + l * sdl + cols, mask=mask, other=0.0).to(tl.float32)
     if NEED_DY:
         g = tl.load(G + b * sgb + l * sgl + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DY + row * C + cols, cm.cast_like(d * g, DY, INTERPRET), mask=mask)
+        tl.store(DY + row * C + cols, cast_rne(d * g, DY.dtype.element_ty), mask=mask)
     if NEED_DG:
         y = tl.load(Y + b * syb + l * syl + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DG + row * C + cols, cm.cast_like(d * y, DG, INTERPRET), mask=mask)
+        tl.store(DG + row * C + cols, cast_rne(d * y, DG.dtype.element_ty), mask=mask)
 
 
 def _grid(x_shape):
@@ -73,7 +73,7 @@ def _launch_fwd(x, y, gate, out):
     y3, syb, syl = cm.rows_view(y, x.shape)
     g3, sgb, sgl = cm.rows_view(gate, x.shape)
     _gated_residual_fwd_kernel[(rows, col_blocks)](
-        x3, sxb, sxl, y3, syb, syl, g3, sgb, sgl, out, L, C, INTERPRET=cm.interpreting(), BLOCK=_BLOCK,
+        x3, sxb, sxl, y3, syb, syl, g3, sgb, sgl, out, L, C, BLOCK=_BLOCK,
         num_warps=4)
 
 
@@ -96,7 +96,7 @@ def _launch_bwd(d, y, gate, need_dy, need_dg):
     g3, sgb, sgl = cm.rows_view(gate, y.shape)
     _gated_residual_bwd_kernel[(rows, col_blocks)](
         d3, sdb, sdl, y3, syb, syl, g3, sgb, sgl, dy if need_dy else d3, dg if need_dg else d3, L, C,
-        NEED_DY=need_dy, NEED_DG=need_dg, INTERPRET=cm.interpreting(), BLOCK=_BLOCK, num_warps=4)
+        NEED_DY=need_dy, NEED_DG=need_dg, BLOCK=_BLOCK, num_warps=4)
     return dy, dg
 
 

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import cast_rne
 from . import _common as cm
 
 __all__ = ["rms_norm", "rms_norm_reference"]
@@ -23,7 +24,7 @@ __all__ = ["rms_norm", "rms_norm_reference"]
 def _rms_norm_fwd_kernel(
     X, sxb, sxl, W, OUT, RSTD,
     L, C, eps,
-    STORE_RSTD: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_C: tl.constexpr,
+    STORE_RSTD: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
@@ -32,9 +33,9 @@ def _rms_norm_fwd_kernel(
     mask = cols < C
     x = tl.load(X + b * sxb + l * sxl + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
-    n = cm.cast_like(x * rstd, X, INTERPRET).to(tl.float32)  # .type_as(x)
+    n = cast_rne(x * rstd, X.dtype.element_ty).to(tl.float32)  # .type_as(x)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * C + cols, cm.cast_like(n * w, OUT, INTERPRET), mask=mask)
+    tl.store(OUT + row * C + cols, cast_rne(n * w, OUT.dtype.element_ty), mask=mask)
     if STORE_RSTD:
         tl.store(RSTD + row, rstd)
 
@@ -43,7 +44,7 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     DY, sdb, sdl, X, sxb, sxl, W, RSTD, DX, DW_PART,
     N, L, C, rows_per_prog,
-    NEED_DW: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_C: tl.constexpr,
+    NEED_DW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
@@ -60,10 +61,10 @@ def _rms_norm_bwd_kernel(
         rstd = tl.load(RSTD + row)
         xhat = x * rstd
         if NEED_DW:
-            dw_acc += dy * cm.cast_like(xhat, X, INTERPRET).to(tl.float32)
+            dw_acc += dy * cast_rne(xhat, X.dtype.element_ty).to(tl.float32)
         dn = dy * w
         c = tl.sum(dn * xhat, axis=0) / C
-        tl.store(DX + row * C + cols, cm.cast_like((dn - xhat * c) * rstd, DX, INTERPRET), mask=mask)
+        tl.store(DX + row * C + cols, cast_rne((dn - xhat * c) * rstd, DX.dtype.element_ty), mask=mask)
     if NEED_DW:
         tl.store(DW_PART + pid * C + cols, dw_acc, mask=mask)
 
@@ -84,7 +85,7 @@ def _launch_fwd(x, weight, eps, out, rstd):
     block, warps = cm.row_config(C)
     _rms_norm_fwd_kernel[(n_rows,)](
         x3, sxb, sxl, weight, out, rstd if rstd is not None else out,
-        L, C, float(eps), STORE_RSTD=rstd is not None, INTERPRET=cm.interpreting(), BLOCK_C=block,
+        L, C, float(eps), STORE_RSTD=rstd is not None, BLOCK_C=block,
         num_warps=warps)
 
 
@@ -110,7 +111,7 @@ def _launch_bwd(dy, x, weight, rstd, need_dw):
     block, warps = cm.row_config(C, backward=True)
     _rms_norm_bwd_kernel[(programs,)](
         dy3, sdb, sdl, x3, sxb, sxl, weight, rstd, dx, dw_part,
-        n_rows, L, C, rows_per_prog, NEED_DW=need_dw, INTERPRET=cm.interpreting(), BLOCK_C=block,
+        n_rows, L, C, rows_per_prog, NEED_DW=need_dw, BLOCK_C=block,
         num_warps=warps)
     if need_dw:
         dw.copy_(dw_part.sum(0))

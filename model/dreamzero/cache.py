@@ -17,28 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import SequenceLayout, layout_for_config
-
-
-def plan_slots(frames: tuple, new_frames: tuple, capacity_frames: int, overflow: str) -> list:
-    """The slots that `new_frames` are written to, given the frames cached now (in slot order): the next free
-    slots; when full, policy 'reset' refuses and policy 'roll' evicts the oldest non-sink frames (their slots are
-    reused in place, so the buffer stays full and the valid slots stay a prefix). Shared by every cache class."""
-    if not new_frames:
-        return []
-    frames = list(frames)
-    free = capacity_frames - len(frames)
-    if len(new_frames) <= free:
-        return list(range(len(frames), len(frames) + len(new_frames)))
-    if overflow == "reset":
-        raise RuntimeError(f"KV cache overflow: {len(frames)} frames cached, {len(new_frames)} new, capacity "
-                           f"{capacity_frames}; reset the cache (policy 'reset') before this chunk")
-    need = len(new_frames) - free
-    order = sorted((f, i) for i, f in enumerate(frames) if f != 0)
-    if need > len(order):
-        raise RuntimeError("KV cache too small to roll: it holds only the sink")
-    evicted = sorted(i for _, i in order[:need])
-    return evicted + list(range(len(frames), capacity_frames))
+from .layout import SequenceLayout
 
 
 class KVCache:
@@ -88,11 +67,11 @@ class KVCache:
 
     def layout(self, mode: str, chunk: int, rule: str | None = None) -> SequenceLayout:
         """The layout of an inference call against this cache's current content."""
-        return layout_for_config(self.cfg, mode, chunk=chunk, cached_frames=self.frames, rule=rule)
+        return self.cfg.layout(mode, chunk=chunk, cached_frames=self.frames, rule=rule)
 
     # ------------------------------------------------------------------ the pass
     def _plan(self, layout: SequenceLayout) -> list:
-        return plan_slots(self.frames, layout.cache_write_frames(), self.capacity_frames, self.overflow)
+        return layout.cache_slots(self.capacity_frames, self.overflow)
 
     def extend(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: SequenceLayout) -> tuple:
         """Keys/values of the whole key sequence of `layout` (cached first, then the new ones), and store the
