@@ -7,7 +7,8 @@ Rounding: one code path on the GPU and in the Triton CPU interpreter
     turns NaN into 384. A kernel that rounds only under the interpreter tests on the CPU a path the GPU never runs.
     So every kernel here rounds by hand, on both: `round_bf16` / `round_fp16` give the nearest value of the format
     (ties to even) as float32, whose cast is then exact on both; `e4m3_bits` builds the E4M3 byte itself (the
-    hardware conversion is not used at all). tests/test_common.py holds these against torch's own conversions.
+    hardware conversion is not used at all) and `e4m3_value` decodes one (the interpreter reads the NaN byte as a
+    number). tests/test_common.py holds these against torch's own conversions.
 
 FP8 E4M3 (torch.float8_e4m3fn): max 448, no infinities, NaN = 0x7F. A quantized group (a row, a block, a head) is
 (q, scale) with x ~= q * scale:
@@ -30,7 +31,8 @@ import triton.language as tl
 
 __all__ = [
     "FP8_DTYPE", "E4M3_MAX", "FP8_AMAX_FLOOR", "kernels_interpreted", "triton_runs_on", "empty", "poisoned",
-    "fp8_scale", "quantize_e4m3", "nan_amax", "fp8_scale_tl", "e4m3_bits", "round_bf16", "round_fp16",
+    "fp8_scale", "quantize_e4m3", "nan_amax", "fp8_scale_tl", "e4m3_bits", "e4m3_round", "e4m3_value",
+    "round_bf16", "round_fp16",
     "round_to", "cast_rne",
 ]
 
@@ -106,28 +108,57 @@ def fp8_scale_tl(amax, amax_floor):
 
 
 @triton.jit
-def e4m3_bits(v):
-    """float32 v -> the float8_e4m3fn byte of clamp(v, -448, 448) rounded to nearest even (sign of zero kept; NaN ->
-    0x7F). Pure integer and float32 arithmetic, the same on the GPU and in the interpreter.
+def _e4m3_round(a):
+    """|v| (float32, NaN allowed) saturated at 448 and rounded to the nearest E4M3 magnitude, ties to even.
 
-    Rounding: adding c = 1.5 * 2^(e + 20), e = max(exponent(|v|), -6), gives a float32 whose ulp is 2^(e - 3), the
-    E4M3 quantum of |v|'s binade (2^-9 for the subnormals), so the float32 addition rounds; subtracting c back is
-    exact. Then the byte: subnormals |r| < 2^-6 are r * 512, normals (exponent + 7) << 3 | top 3 mantissa bits."""
-    bits = v.to(tl.int32, bitcast=True)
-    sign = (bits >> 24) & 0x80
-    a = tl.abs(v)
+    Adding c = 1.5 * 2^(e + 20), e = max(exponent(a), -6), gives a float32 whose ulp is 2^(e - 3), the E4M3 quantum
+    of a's binade (2^-9 for the subnormals), so the float32 addition rounds; subtracting c back is exact."""
     a = tl.where(a > 448.0, 448.0, a)                      # saturate (a NaN compares false and stays NaN)
     e = (a.to(tl.int32, bitcast=True) >> 23) - 127
     e = tl.minimum(tl.maximum(e, -6), 8)
     c = (((e + 147) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-    r = (a + c) - c
+    return (a + c) - c
+
+
+@triton.jit
+def e4m3_bits(v):
+    """float32 v -> the float8_e4m3fn byte of clamp(v, -448, 448) rounded to nearest even (sign of zero kept; NaN ->
+    0x7F). Pure integer and float32 arithmetic, the same on the GPU and in the interpreter: the rounding is
+    _e4m3_round, then the byte is r * 512 for the subnormals (r < 2^-6), else (exponent + 7) << 3 | the top three
+    mantissa bits."""
+    bits = v.to(tl.int32, bitcast=True)
+    a = tl.abs(v)
+    r = _e4m3_round(a)
     r = tl.where(a != a, 0.0, r)                           # (the NaN code is set below)
     rb = r.to(tl.int32, bitcast=True)
     normal = (((rb >> 23) - 120) << 3) | ((rb >> 20) & 7)
     sub = (r * 512.0).to(tl.int32)
     code = tl.where(r < 0.015625, sub, normal)
-    code = tl.where(a != a, 0x7F, code | sign)
+    code = tl.where(a != a, 0x7F, code | ((bits >> 24) & 0x80))
     return code.to(tl.uint8)
+
+
+@triton.jit
+def e4m3_round(v):
+    """float32 v -> clamp(v, -448, 448) rounded to the nearest E4M3 value, as float32 (the value of e4m3_bits(v);
+    sign of zero kept, NaN stays NaN)."""
+    bits = v.to(tl.int32, bitcast=True)
+    r = _e4m3_round(tl.abs(v))
+    out = (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, out)
+
+
+@triton.jit
+def e4m3_value(q):
+    """float8_e4m3fn values (as loaded) -> float32, decoded from the byte by hand (the interpreter's conversion
+    turns the NaN byte into a number): 0x7F / 0xFF are NaN, exponent 0 the subnormals m * 2^-9."""
+    b = q.to(tl.uint8, bitcast=True).to(tl.int32)
+    e = (b >> 3) & 15
+    m = b & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    v = (v.to(tl.int32, bitcast=True) | ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), v)
 
 
 @triton.jit

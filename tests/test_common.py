@@ -16,7 +16,7 @@ FP8 = torch.float8_e4m3fn
 
 
 @triton.jit
-def _round_kernel(X, BF, HF, Q, F8, n, BLOCK: tl.constexpr):
+def _round_kernel(X, BF, HF, Q, F8, R, V, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     x = tl.load(X + offs, mask=m, other=0.0)
@@ -24,6 +24,8 @@ def _round_kernel(X, BF, HF, Q, F8, n, BLOCK: tl.constexpr):
     tl.store(HF + offs, cm.cast_rne(x, HF.dtype.element_ty), mask=m)
     tl.store(Q + offs, cm.e4m3_bits(x), mask=m)
     tl.store(F8 + offs, cm.cast_rne(x, F8.dtype.element_ty), mask=m)
+    tl.store(R + offs, cm.e4m3_round(x), mask=m)
+    tl.store(V + offs, cm.e4m3_value(tl.load(F8 + offs, mask=m, other=0.0)), mask=m)
 
 
 @triton.jit
@@ -43,8 +45,9 @@ def _run_round(x: torch.Tensor):
     hf = cm.poisoned((n,), torch.float16, x.device)
     q = cm.poisoned((n,), torch.uint8, x.device)
     f8 = cm.poisoned((n,), FP8, x.device)
-    _round_kernel[(triton.cdiv(n, 1024),)](x, bf, hf, q, f8, n, BLOCK=1024)
-    return x, bf, hf, q, f8
+    r, v = cm.poisoned((n,), torch.float32, x.device), cm.poisoned((n,), torch.float32, x.device)
+    _round_kernel[(triton.cdiv(n, 1024),)](x, bf, hf, q, f8, r, v, n, BLOCK=1024)
+    return x, bf, hf, q, f8, r, v
 
 
 def _e4m3_probe_values() -> torch.Tensor:
@@ -63,7 +66,7 @@ def _e4m3_probe_values() -> torch.Tensor:
 
 
 def test_e4m3_bits_match_torch_conversion():
-    x, _, _, q, f8 = _run_round(_e4m3_probe_values())
+    x, _, _, q, f8, r, v = _run_round(_e4m3_probe_values())
     want = torch.clamp(x, -448.0, 448.0).to(FP8).view(torch.uint8)
     nan = torch.isnan(x)
     assert torch.equal(q[~nan], want[~nan]), (x[~nan][q[~nan] != want[~nan]][:8], q[~nan][q[~nan] != want[~nan]][:8])
@@ -71,6 +74,10 @@ def test_e4m3_bits_match_torch_conversion():
     assert torch.equal(f8.view(torch.uint8), q), "cast_rne to float8e4nv stores the same bytes"
     neg_zero = (x == 0) & torch.signbit(x)
     assert (q[neg_zero] == 0x80).all(), "-0 keeps its sign"
+    want_v = q.view(FP8).float()
+    assert torch.equal(r.view(torch.int32)[~nan], want_v.view(torch.int32)[~nan]), "e4m3_round: the byte's value"
+    assert torch.equal(v.view(torch.int32)[~nan], want_v.view(torch.int32)[~nan]), "e4m3_value decodes the byte"
+    assert torch.isnan(r[nan]).all() and torch.isnan(v[nan]).all()
 
 
 def test_bf16_and_fp16_rounding_match_torch_conversion():
@@ -84,11 +91,11 @@ def test_bf16_and_fp16_rounding_match_torch_conversion():
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.0, 65520.0, 1e38, 3.4e38,
                             2.0 ** -24, 2.0 ** -25, 2.0 ** -25 * 1.5, 6.0e-8, 1e-40, -1e-40])
     x = torch.cat([x, halfway_bf16, halfway_f16, special, torch.logspace(-30, 30, 3000)])
-    x, bf, hf, _, _ = _run_round(x)
+    x, bf, hf, _, _, _, _ = _run_round(x)
     assert torch.equal(bf.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
     assert torch.equal(hf.view(torch.int16), x.to(torch.float16).view(torch.int16))
     nan = torch.tensor([float("nan")] * 4)
-    _, bf, hf, _, _ = _run_round(nan)
+    _, bf, hf, _, _, _, _ = _run_round(nan)
     assert torch.isnan(bf).all() and torch.isnan(hf).all()
 
 
@@ -117,12 +124,16 @@ def test_fp8_scale_is_an_ieee_division():
 
 
 def test_poison_outputs_hook():
-    assert not torch.isnan(cm.empty((4,), torch.float32, "cpu").nan_to_num(0.0)).any()
-    with poison_outputs():
-        assert torch.isnan(cm.empty((4,), torch.float32, "cpu")).all()
-        assert (cm.empty((3,), FP8, "cpu").view(torch.uint8) == 0x7F).all()
-        assert (cm.empty((2,), torch.int32, "cpu") == -1).all()
-    assert not cm._POISON_OUTPUTS[0]
+    """The hook the suite turns on for every test (conftest): on, off, nested, restored."""
+    assert cm._POISON_OUTPUTS[0], "tests/conftest.py poisons every kernel output"
+    with poison_outputs(False):
+        assert not cm._POISON_OUTPUTS[0]
+        with poison_outputs():
+            assert torch.isnan(cm.empty((4,), torch.float32, "cpu")).all()
+            assert (cm.empty((3,), FP8, "cpu").view(torch.uint8) == 0x7F).all()
+            assert (cm.empty((2,), torch.int32, "cpu") == -1).all()
+        assert not cm._POISON_OUTPUTS[0]
+    assert cm._POISON_OUTPUTS[0]
 
 
 def test_kernels_run_where_the_suite_says():

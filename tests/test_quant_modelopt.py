@@ -24,7 +24,7 @@ from dz_kernels.quant import formats as F  # noqa: E402
 from dz_kernels.quant import nvfp4  # noqa: E402
 from dz_kernels.testing import sqnr_db  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE as DEV  # noqa: E402
 
 
 def _u8(t):

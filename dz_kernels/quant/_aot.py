@@ -45,14 +45,14 @@ NAMES = ("fp8_gemm_row_sm90", "fp8_gemm_block_sm90", "nvfp4_w4a16_sm90", "nvfp4_
 
 def main(names=NAMES) -> dict:
     """{name: MMA instructions} for the requested subset of NAMES."""
-    import os
-
     unknown = set(names) - set(NAMES)
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {NAMES}")
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("run without TRITON_INTERPRET=1")
+    from .._common import kernels_interpreted
+
+    if kernels_interpreted():
+        raise RuntimeError("the kernels were built for the Triton interpreter: run without TRITON_INTERPRET=1")
     from . import fp8, nvfp4
 
     epi = {"HAS_BIAS": True, "ACT": 1, "HAS_GATE": True, "HAS_RES": True}

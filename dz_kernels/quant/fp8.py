@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import _common as cm
-from .._common import cast_rne, e4m3_bits, fp8_scale_tl, nan_amax
+from .._common import cast_rne, e4m3_bits, e4m3_value, fp8_scale_tl, nan_amax
 from ._tl import launch_gemm, _epilogue_store, _grouped_pid, activation_code
 from .formats import (
     FP8_AMAX_FLOOR, FP8_BLOCK, dequantize_fp8_reference, fp8_gemm_reference, fp8_scale_shape,
@@ -95,7 +95,7 @@ def _fp8_dequant_kernel(Q, S, O, R, C, stride_qr, stride_sr, stride_sc, stride_o
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = (rows < R)[:, None] & (cols < C)[None, :]
-    q = tl.load(Q + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    q = e4m3_value(tl.load(Q + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], mask=m, other=0.0))
     s = tl.load(S + (rows // block_r)[:, None] * stride_sr + (cols // block_c)[None, :] * stride_sc, mask=m, other=0.0)
     tl.store(O + rows.to(tl.int64)[:, None] * stride_or + cols[None, :], cast_rne(q * s, O.dtype.element_ty), mask=m)
 

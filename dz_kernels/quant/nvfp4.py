@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _common as cm
-from .._common import cast_rne, e4m3_bits, nan_amax
+from .._common import cast_rne, e4m3_bits, e4m3_round, e4m3_value, nan_amax
 from ._tl import (_e2m1_decode, _e2m1_encode, _epilogue_store, _grouped_pid, activation_code,
                   launch_gemm)
 from .formats import (
@@ -70,7 +70,7 @@ def _nvfp4_quant_kernel(X, G, Q, S, R, C, stride_xr, stride_qr, stride_sr,
     s = tl.where(s < 0.001953125, 0.001953125, tl.where(s > 448.0, 448.0, s))    # clamp, NaN kept
     s8 = e4m3_bits(s).to(S.dtype.element_ty, bitcast=True)
     tl.store(S + r64[:, None] * stride_sr + blk[None, :], s8, mask=m2)
-    sf = (s8.to(tl.float32) * g)[:, :, None]
+    sf = (e4m3_round(s) * g)[:, :, None]                 # float(s8) * g
     ce = _e2m1_encode(tl.math.div_rn(xe, sf))
     co = _e2m1_encode(tl.math.div_rn(xo, sf))
     packed = (ce | (co << 4)).to(tl.uint8)
@@ -87,7 +87,7 @@ def _nvfp4_dequant_kernel(Q, S, G, O, R, C, stride_qr, stride_sr, stride_or,
     m3 = m2[:, :, None] & (j < 8)[None, None, :]
     r64 = rows.to(tl.int64)
     p = tl.load(Q + r64[:, None, None] * stride_qr + blk[None, :, None] * 8 + j[None, None, :], mask=m3, other=0)
-    s = tl.load(S + r64[:, None] * stride_sr + blk[None, :], mask=m2, other=0.0).to(tl.float32)
+    s = e4m3_value(tl.load(S + r64[:, None] * stride_sr + blk[None, :], mask=m2, other=0.0))
     bs = (s * tl.load(G))[:, :, None]
     optr = O + r64[:, None, None] * stride_or + blk[None, :, None] * 16 + 2 * j[None, None, :]
     tl.store(optr, cast_rne(_e2m1_decode(p) * bs, O.dtype.element_ty), mask=m3)
@@ -126,7 +126,7 @@ def _nvfp4_w4a16_kernel(X, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
         p = k0 // 2 + offs_p
         pmask = mask_n[:, None] & (p < K // 2)[None, :]
         wp = tl.load(W + w_rows * stride_wn + p[None, :], mask=pmask, other=0)
-        ws = tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=pmask, other=0.0).to(tl.float32)
+        ws = e4m3_value(tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=pmask, other=0.0))
         w = _unpack_tile(wp, ws, BLOCK_N, BLOCK_K)
         if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 operands give the exact products
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc)
@@ -168,10 +168,10 @@ def _nvfp4_w4a4_kernel(A, AS, AG, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
             w_s = tl.load(WS + w_rows * stride_wsn + sb[None, :], mask=mask_n[:, None] & sk, other=0.0)
             acc = tl.dot_scaled(ap, a_s, "e2m1", tl.trans(wp), w_s, "e2m1", acc)
         else:
-            a_s = tl.load(AS + a_rows * stride_asm + (p // 8)[None, :], mask=mask_m[:, None] & pk,
-                          other=0.0).to(tl.float32)
-            w_s = tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=mask_n[:, None] & pk,
-                          other=0.0).to(tl.float32)
+            a_s = e4m3_value(tl.load(AS + a_rows * stride_asm + (p // 8)[None, :], mask=mask_m[:, None] & pk,
+                                     other=0.0))
+            w_s = e4m3_value(tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=mask_n[:, None] & pk,
+                                     other=0.0))
             a = _unpack_tile(ap, a_s, BLOCK_M, BLOCK_K)
             w = _unpack_tile(wp, w_s, BLOCK_N, BLOCK_K)
             if INTERPRET:
