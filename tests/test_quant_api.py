@@ -20,7 +20,7 @@ from dz_kernels.quant import (
     Float8BlockScaled, Float8DynamicActivationFloat8Weight, Float8Linear, NVFP4, NVFP4Linear, NVFP4WeightOnly,
     calibrate_, default_filter, dequantize_, quantize_,
 )
-from dz_kernels.quant import formats as F
+from dz_kernels.quant import reference as F
 from dz_kernels.quant import modelopt_io as mio
 from dz_kernels.testing import sqnr_db
 

@@ -1,7 +1,7 @@
 """FP8 Triton kernels (the CPU interpreter here, the GPU where present) against the plain-PyTorch references.
 
 Bars:
-  quantizers / dequantizer: bit-exact against formats.py (which is ModelOpt's convention; see test_quant_modelopt.py)
+  quantizers / dequantizer: bit-exact against reference.py (which is ModelOpt's convention; see test_quant_modelopt.py)
   FP8 GEMM vs float64 dequantize-then-matmul of the same FP8 operands (so only the kernel's own error counts):
       float32 output >= 60 dB (float32 accumulation: ~140 dB in the interpreter), bfloat16 output >= 40 dB
       (bf16 rounding alone gives ~50 dB)
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dz_kernels import _common as common
-from dz_kernels.quant import formats as F
-from dz_kernels.quant import fp8
+from dz_kernels.quant import reference as F
+from dz_kernels.quant import ops as fp8
 from dz_kernels.testing import sqnr_db
 
 from conftest import DEVICE as DEV, requires_cuda

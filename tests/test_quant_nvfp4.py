@@ -1,7 +1,7 @@
 """NVFP4 Triton kernels (the CPU interpreter here, the GPU where present) against the plain-PyTorch references.
 
 Bars:
-  quantize / dequantize: bit-exact against formats.py (itself bit-exact with ModelOpt: test_quant_modelopt.py)
+  quantize / dequantize: bit-exact against reference.py (itself bit-exact with ModelOpt: test_quant_modelopt.py)
   GEMMs vs float64 dequantize-then-matmul of the same NVFP4 operands: float32 output >= 60 dB (the dequantized
       products are exact, float32 accumulation), bfloat16 output >= 40 dB
   nvfp4_linear vs the float64 product of the unquantized inputs: W4A16 >= 17 dB, W4A4 >= 14 dB (one / two NVFP4
@@ -19,8 +19,8 @@ import sys
 import pytest
 import torch
 
-from dz_kernels.quant import formats as F
-from dz_kernels.quant import nvfp4
+from dz_kernels.quant import reference as F
+from dz_kernels.quant import ops as nvfp4
 from dz_kernels.testing import sqnr_db
 
 from conftest import DEVICE as DEV, requires_cuda

@@ -53,7 +53,7 @@ def main(names=NAMES) -> dict:
 
     if kernels_interpreted():
         raise RuntimeError("the kernels were built for the Triton interpreter: run without TRITON_INTERPRET=1")
-    from . import fp8, nvfp4
+    from . import triton_fp8 as fp8, triton_nvfp4 as nvfp4
 
     epi = {"HAS_BIAS": True, "ACT": 1, "HAS_GATE": True, "HAS_RES": True}
     tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}

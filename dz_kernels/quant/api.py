@@ -17,8 +17,8 @@ output projections and the conditioning MLPs, which hold few FLOPs and are sensi
 patch_embedding, head, action_encoder, state_encoder, action_decoder, text_embedding, img_emb, time_embedding,
 time_projection. A module is excluded when any component of its qualified name starts with one of those names.
 
-Execution: on CUDA the quantized modules run the Triton kernels (fp8.py / nvfp4.py); on CPU they run the plain
-PyTorch references of formats.py (same quantizer bits; the GEMM in float32). Inference only: no backward.
+Execution: on CUDA the quantized modules run the Triton kernels (ops.py); on CPU they run the plain
+PyTorch references of reference.py (same quantizer bits; the GEMM in float32). Inference only: no backward.
 
 Reversibility: with reversible=True (default) each quantized module keeps a reference to the nn.Linear it replaced
 (no copy, but the original weights stay alive), and dequantize_ puts those exact modules back, so outputs are
@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from . import _common as cm
-from .formats import (
+from .reference import (
     FP8_BLOCK, NVFP4_BLOCK, nvfp4_global_scale_from_amax, dequantize_fp8_reference, dequantize_nvfp4_reference,
     fp8_gemm_reference, nvfp4_gemm_w4a4_reference, nvfp4_gemm_w4a16_reference, quantize_fp8_reference,
     quantize_nvfp4_reference,
@@ -158,7 +158,7 @@ class Float8Linear(_QuantLinearBase):
                   dtype=w.dtype)
         with torch.no_grad():
             if w.is_cuda:
-                from .fp8 import quantize_fp8_blockwise, quantize_fp8_rowwise
+                from .ops import quantize_fp8_blockwise, quantize_fp8_rowwise
                 q, s = quantize_fp8_blockwise(w, "128x128") if block_scaled else quantize_fp8_rowwise(w)
             else:
                 q, s = quantize_fp8_reference(w, "block128x128" if block_scaled else "row")
@@ -178,7 +178,7 @@ class Float8Linear(_QuantLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x)
         if x.is_cuda:
-            from .fp8 import fp8_linear
+            from .ops import fp8_linear
             return fp8_linear(x, self.weight, self.weight_scale, self.bias, block_scaled=self.block_scaled)
         x2 = cm.as_rows(x)
         a, sa = quantize_fp8_reference(x2, "block1x128" if self.block_scaled else "row")
@@ -227,7 +227,7 @@ class NVFP4Linear(_QuantLinearBase):
                   device="meta", dtype=w.dtype)
         with torch.no_grad():
             if w.is_cuda:
-                from .nvfp4 import quantize_nvfp4
+                from .ops import quantize_nvfp4
                 q, s, g = quantize_nvfp4(w)
             else:
                 q, s, g = quantize_nvfp4_reference(w)
@@ -246,7 +246,7 @@ class NVFP4Linear(_QuantLinearBase):
             w = self.dequantized_weight(x.dtype)
             return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if x.is_cuda:
-            from .nvfp4 import nvfp4_linear
+            from .ops import nvfp4_linear
             return nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias,
                                 act_quant=self.act_quant, input_scale=self.input_scale,
                                 use_dot_scaled=self.use_dot_scaled)

@@ -129,7 +129,7 @@ def _fp8_case(ctx, M, K, N):
         if K % 128 or N % 128:
             raise Unavailable("block scaling needs K and N to be multiples of 128")
         x, w, b = data()
-        qw, sw = _q().formats.quantize_fp8_reference(w, "block128x128") if ctx.device == "cpu" else \
+        qw, sw = _q().reference.quantize_fp8_reference(w, "block128x128") if ctx.device == "cpu" else \
             _q().quantize_fp8_blockwise(w, "128x128")
         wt = qw.t()
         sw_t = sw.t().contiguous()  # [K/128, N/128]

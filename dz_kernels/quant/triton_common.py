@@ -3,7 +3,7 @@
 Rounding to a storage format (E4M3 scales, bf16/fp16 outputs) goes through dz_kernels._common (cast_rne,
 e4m3_bits): the same bits on the GPU and in the Triton CPU interpreter.
 
-E2M1 codes: `_e2m1_encode` / `_e2m1_decode`, the formats.py rules.
+E2M1 codes: `_e2m1_encode` / `_e2m1_decode`, the reference.py rules.
 
 The fused GEMM epilogue:
     out = residual + gate * act(acc + bias)          each term optional, float32 math, one rounding at the store
