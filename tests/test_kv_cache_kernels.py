@@ -244,6 +244,7 @@ def test_nan_in_a_head_gives_a_nan_head_in_the_fp8_cache(backend):
     assert torch.equal(torch.isnan(vs), nan_v) and torch.equal(torch.isnan(rvs), nan_v)
     assert torch.equal(torch.isnan(vc.float()).all(-1), nan_v), "v: the NaN head's values are all NaN"
     assert torch.equal(torch.isnan(ks), nan_k) and torch.equal(torch.isnan(kc.float()).all(-1), nan_k)
+    assert torch.equal(torch.isnan(rks), nan_k) and torch.equal(torch.isnan(rkc.float()).all(-1), nan_k)
     assert not torch.isnan(kc.float())[~nan_k].any() and not torch.isnan(vc.float())[~nan_v].any()
     assert torch.equal(vs[~nan_v], rvs[~nan_v]), "v scales of the other heads"
     assert torch.equal(vc.view(torch.uint8)[~nan_v], rvc.view(torch.uint8)[~nan_v]), "v bytes of the other heads"

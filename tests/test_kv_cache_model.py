@@ -112,7 +112,8 @@ def test_cache_reset_policy_episode_then_new_instruction():
 
 
 def test_cache_reset_policy_refuses_overflow():
-    ref, fused = _drive(_episode(3), "reset", backend="torch")          # tiny: local_attn_size 7 = sink + chunks 1..3: full
+    # tiny: local_attn_size 7 = sink + chunks 1..3: full
+    ref, fused = _drive(_episode(3), "reset", backend="torch")
     assert len(fused.frames) == fused.capacity_frames and fused.needs_reset(4)
     lay = fused.layout("observe", 4)
     k_new, v_new = _kv(fused, lay.q_len, torch.Generator().manual_seed(0))

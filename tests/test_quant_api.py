@@ -252,7 +252,8 @@ def test_save_and_load_round_trip(tmp_path, config):
         assert cfg["exclude_modules"] == ["head", "patch_embedding"]
         tensors, qcfg = mio.read_modelopt(str(tmp_path))
         assert qcfg["quantization"]["quant_algo"] == expect_algo
-        fresh, _ = _model_and_input(seed=1, device="cpu")  # different weights everywhere: everything must come from the file
+        # different weights everywhere: everything must come from the file
+        fresh, _ = _model_and_input(seed=1, device="cpu")
         replaced = mio.load_modelopt_(fresh, tensors)
         assert sorted(replaced) == sorted(n for n, mod in m.named_modules()
                                           if isinstance(mod, (Float8Linear, NVFP4Linear)))

@@ -13,7 +13,7 @@ float32 modulation, both as Wan2.1 does), never bfloat16 with float16.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

@@ -7,8 +7,8 @@ Two ops, each with four interchangeable backends (same contract, same numerics):
   written into their cache rows (quantized when the cache is FP8).
 - ``kv_cache_write``: only the cache write, for keys that are already normalized and rotated.
 
-Backends: "triton" (triton_kernels.py; the default on CUDA and where the kernels run in the CPU interpreter), "cuda" (csrc/
-qk_norm_rope.cu through the compiled extension dz_kernels._C, else the same source through cupy/NVRTC), "cupy"
+Backends: "triton" (triton_kernels.py; the default on CUDA and where the kernels run in the CPU interpreter), "cuda"
+(csrc/qk_norm_rope.cu through the compiled extension dz_kernels._C, else the same source through cupy/NVRTC), "cupy"
 (NVRTC only), "torch" (the plain reference chain of reference.py; the default on a CPU without the interpreter).
 "auto" picks the default. Each op is a custom op in the ``dz`` namespace that mutates the cache tensors, with a
 fake implementation, so torch.compile (fullgraph) traces it and CUDA graphs capture it: the write position is a

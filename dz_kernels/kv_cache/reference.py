@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._common import FP8_DTYPE, fp8_scale, quantize_e4m3
-from ..fused.rmsnorm import rms_norm_reference
+from ..fused.reference import rms_norm_reference
 
 __all__ = [
     "rope_reference", "quantize_fp8_per_head", "dequantize_fp8_per_head",

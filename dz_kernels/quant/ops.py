@@ -293,8 +293,8 @@ def _op_w4a4(a: torch.Tensor, a_scale: torch.Tensor, a_global: torch.Tensor, w: 
              residual: Optional[torch.Tensor], out_dtype: torch.dtype, use_dot_scaled: bool) -> torch.Tensor:
     act = None if activation == "none" else activation
     if cm.triton_runs_on(a):
-        return triton_nvfp4.launch_w4a4(a, a_scale, a_global, w, w_scale, w_global, bias, act, gate, residual, out_dtype,
-                            use_dot_scaled)
+        return triton_nvfp4.launch_w4a4(a, a_scale, a_global, w, w_scale, w_global, bias, act, gate, residual,
+                                        out_dtype, use_dot_scaled)
     return nvfp4_gemm_w4a4_reference(a, a_scale, a_global, w, w_scale, w_global, bias=bias, activation=act,
                                      gate=gate, residual=residual, out_dtype=out_dtype)
 
