@@ -2,9 +2,9 @@
 hook), the FP8 E4M3 convention, and the Triton device functions that round to a storage format.
 
 Rounding: one code path on the GPU and in the Triton CPU interpreter
-    The interpreter's float casts do not round like the GPU (seen with triton 3.6 and 3.9): float32 -> bfloat16
-    truncates, float32 -> float16 in registers does not round, float32 -> float8e4nv mis-rounds (125.6 -> 64) and
-    turns NaN into 384. A kernel that rounds only under the interpreter tests on the CPU a path the GPU never runs.
+    The interpreter's float casts do not round like the GPU (triton 3.9, the CPU machine's): float32 -> bfloat16
+    truncates (and mangles float32 subnormals), float32 -> float16 in registers does not round, float32 ->
+    float8e4nv mis-rounds (125.6 -> 64) and turns NaN into 384, and float8e4nv -> float32 reads the NaN byte as 480. A kernel that rounds only under the interpreter tests on the CPU a path the GPU never runs.
     So every kernel here rounds by hand, on both: `round_bf16` / `round_fp16` give the nearest value of the format
     (ties to even) as float32, whose cast is then exact on both; `e4m3_bits` builds the E4M3 byte itself (the
     hardware conversion is not used at all) and `e4m3_value` decodes one (the interpreter reads the NaN byte as a

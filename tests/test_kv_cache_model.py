@@ -13,12 +13,12 @@ import torch
 from dreamzero.attention import attention_blockwise
 from dreamzero.cache import KVCache
 from dreamzero.config import get_config
-from dreamzero.dreamzero import DreamZero
 from dreamzero.rope import rope_tables
 from dz_kernels.kv_cache import FusedKVCache, dequantize_fp8_per_head
 from dz_kernels.testing import max_abs_err, sqnr_db
 
 from conftest import DEVICE
+from tiny import tiny_model
 
 FP8 = torch.float8_e4m3fn
 EPS = 1e-6
@@ -218,12 +218,7 @@ class _WithoutProject:
 
 
 def _tiny_model():
-    torch.manual_seed(0)
-    m = DreamZero(TINY).float().eval()
-    with torch.no_grad():
-        for p in m.parameters():        # random everywhere (Wan's init zeroes the head)
-            p.normal_(0, 0.2)
-    return m.to(DEVICE)
+    return tiny_model(TINY, std=0.2, dtype=torch.float32).eval().to(DEVICE)
 
 
 def _tiny_inputs(B, K, seed=1):

@@ -148,11 +148,11 @@ def test_dequantize_matches_reference(granularity):
 
 def test_quantize_errors():
     with pytest.raises(ValueError, match="multiple of 128"):
-        fp8.quantize_fp8_blockwise(torch.randn(4, 100, device=DEV), "1x128")
+        fp8.quantize_fp8_blockwise(torch.randn(4, 100).to(DEV), "1x128")
     with pytest.raises(ValueError, match="2-D"):
-        fp8.quantize_fp8_blockwise(torch.randn(2, 4, 128, device=DEV), "128x128")
+        fp8.quantize_fp8_blockwise(torch.randn(2, 4, 128).to(DEV), "128x128")
     with pytest.raises(ValueError, match="block="):
-        fp8.quantize_fp8_blockwise(torch.randn(4, 128, device=DEV), "1x64")
+        fp8.quantize_fp8_blockwise(torch.randn(4, 128).to(DEV), "1x64")
     with pytest.raises(TypeError, match="dtype"):
         fp8.quantize_fp8_rowwise(torch.ones(4, 8, dtype=torch.int32, device=DEV))
     q, s = F.quantize_fp8_reference(torch.randn(4, 128), "row")
@@ -269,13 +269,13 @@ def test_fp8_gemm_errors():
     with pytest.raises(ValueError, match="1x128"):
         fp8.fp8_gemm(qa2, sa2, qw2, sw2, block_scaled=True)
     with pytest.raises(ValueError, match="does not broadcast"):
-        fp8.fp8_gemm(qa, sa, qw, sw, gate=torch.randn(M, N + 1, device=DEV))
+        fp8.fp8_gemm(qa, sa, qw, sw, gate=torch.randn(M, N + 1).to(DEV))
     with pytest.raises(ValueError, match="activation"):
         fp8.fp8_gemm(qa, sa, qw, sw, activation="relu")
     with pytest.raises(ValueError, match="bias has shape"):
-        fp8.fp8_gemm(qa, sa, qw, sw, bias=torch.randn(N + 1, device=DEV))
+        fp8.fp8_gemm(qa, sa, qw, sw, bias=torch.randn(N + 1).to(DEV))
     with pytest.raises(ValueError, match="last dim of x must be K"):
-        fp8.fp8_linear(torch.randn(3, K + 1, device=DEV), qw, sw)
+        fp8.fp8_linear(torch.randn(3, K + 1).to(DEV), qw, sw)
 
 
 def test_custom_ops_fake_and_schema():
