@@ -30,7 +30,7 @@ from dz_kernels.kv_cache import (
     quantize_fp8_per_head,
 )
 from dz_kernels.kv_cache import cuda as kv_cuda
-from dz_kernels.testing import assert_within_lowp_bar, max_abs_err, poisoned, sqnr_db
+from dz_kernels.testing import assert_within_lowp_bar, cpu64, max_abs_err, poisoned, sqnr_db
 
 from conftest import DEVICE, requires_cuda
 
@@ -72,11 +72,11 @@ def _inputs(B, L, H, D, dtype, w_dtype=None, seed=0):
 
 
 def _chain64(x, w, cos, sin, H):
-    """The chain in float64 with no intermediate rounding: RMSNorm over C, weight, head split, RoPE on pairs."""
-    xf = x.double()
-    n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS) * w.double()).unflatten(-1, (H, -1))
+    """The chain in float64 on the CPU with no intermediate rounding: RMSNorm over C, weight, head split, RoPE."""
+    xf = cpu64(x)
+    n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS) * cpu64(w)).unflatten(-1, (H, -1))
     x0, x1 = n[..., 0::2], n[..., 1::2]
-    c, s = cos.double()[None, :, None], sin.double()[None, :, None]
+    c, s = cpu64(cos)[None, :, None], cpu64(sin)[None, :, None]
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
 
 

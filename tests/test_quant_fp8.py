@@ -18,7 +18,7 @@ import torch
 from dz_kernels import _common as common
 from dz_kernels.quant import reference as F
 from dz_kernels.quant import ops as fp8
-from dz_kernels.testing import sqnr_db
+from dz_kernels.testing import cpu64, on_cpu, sqnr_db
 
 from conftest import DEVICE as DEV, requires_cuda
 
@@ -44,7 +44,7 @@ def test_quantize_rowwise_matches_reference(shape, dtype):
     assert torch.equal(_bits(q.reshape(-1, shape[-1])), _bits(qr))
     assert torch.equal(s.reshape(-1, 1), sr)
     d = F.dequantize_fp8_reference(q.reshape(-1, shape[-1]), s.reshape(-1, 1), "row", torch.float64)
-    assert sqnr_db(x.reshape(-1, shape[-1]).double(), d) >= ROUNDTRIP_DB
+    assert sqnr_db(x.reshape(-1, shape[-1]), d) >= ROUNDTRIP_DB
 
 
 def test_quantize_rowwise_zero_row_and_extremes():
@@ -71,7 +71,7 @@ def test_quantize_blockwise_matches_reference(block, shape):
     assert torch.equal(s.reshape(sr.shape), sr)
     d = fp8.dequantize_fp8(q.reshape(x2.shape), s.reshape(sr.shape), granularity, torch.float32)
     assert torch.equal(d, F.dequantize_fp8_reference(qr, sr, granularity, torch.float32))
-    assert sqnr_db(x2.double(), d) >= ROUNDTRIP_DB
+    assert sqnr_db(x2, d) >= ROUNDTRIP_DB
 
 
 def _e4m3_ties_and_neighbours(n: int) -> torch.Tensor:
@@ -205,7 +205,7 @@ def test_fp8_gemm_rowwise(M, N, K, epi):
     _, _, qa, sa, qw, sw = _operands(M, N, K, False)
     kw = _epilogue_args(EPILOGUES[epi], M, N)
     y = fp8.fp8_gemm(qa, sa, qw, sw, out_dtype=torch.float32, **kw)
-    ref = F.fp8_gemm_reference(qa, sa, qw, sw, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.fp8_gemm_reference, qa, sa, qw, sw, out_dtype=None, compute_dtype=torch.float64, **kw)
     assert y.shape == (M, N) and y.dtype == torch.float32
     assert sqnr_db(ref, y) >= GEMM_F32_DB
 
@@ -217,7 +217,8 @@ def test_fp8_gemm_block_scaled(M, N):
     kw = _epilogue_args(EPILOGUES["gate_residual"], M, N)
     y = fp8.fp8_gemm(qa, sa, qw, sw, block_scaled=True, **kw)
     assert y.dtype == torch.bfloat16
-    ref = F.fp8_gemm_reference(qa, sa, qw, sw, block_scaled=True, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.fp8_gemm_reference, qa, sa, qw, sw, block_scaled=True,
+                 out_dtype=None, compute_dtype=torch.float64, **kw)
     assert sqnr_db(ref, y) >= GEMM_BF16_DB
 
 
@@ -228,7 +229,7 @@ def test_fp8_gemm_per_tensor_scales_and_row_gate():
     qw, sw = F.quantize_fp8_reference(w, "tensor")
     kw = _epilogue_args({"gate": "row", "residual": True}, M, N)
     y = fp8.fp8_gemm(qa, sa, qw, sw, out_dtype=torch.float32, **kw)
-    ref = F.fp8_gemm_reference(qa, sa, qw, sw, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.fp8_gemm_reference, qa, sa, qw, sw, out_dtype=None, compute_dtype=torch.float64, **kw)
     assert sqnr_db(ref, y) >= GEMM_F32_DB
 
 
@@ -245,7 +246,7 @@ def test_fp8_linear_vs_unquantized(block_scaled):
     res = torch.randn(2, 19, N).to(DEV, torch.bfloat16)
     y = fp8.fp8_linear(x, qw, sw, block_scaled=block_scaled, gate=gate, residual=res)
     assert y.shape == (2, 19, N) and y.dtype == torch.bfloat16
-    true = res.double() + gate.double() * (x.double() @ w.double().t())
+    true = cpu64(res) + cpu64(gate) * (cpu64(x) @ cpu64(w).t())
     assert sqnr_db(true, y) >= LINEAR_DB
 
 
@@ -311,6 +312,6 @@ def test_fp8_gemm_gpu_large(M, block_scaled):
     _, _, qa, sa, qw, sw = _operands(M, N, K, block_scaled)
     kw = _epilogue_args(EPILOGUES["gate_residual"], M, N)
     y = fp8.fp8_gemm(qa, sa, qw, sw, block_scaled=block_scaled, **kw)
-    ref = F.fp8_gemm_reference(qa, sa, qw, sw, block_scaled=block_scaled, out_dtype=None,
+    ref = on_cpu(F.fp8_gemm_reference, qa, sa, qw, sw, block_scaled=block_scaled, out_dtype=None,
                                compute_dtype=torch.float64, **kw)
     assert sqnr_db(ref, y) >= GEMM_BF16_DB

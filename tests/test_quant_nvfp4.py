@@ -21,7 +21,7 @@ import torch
 
 from dz_kernels.quant import reference as F
 from dz_kernels.quant import ops as nvfp4
-from dz_kernels.testing import sqnr_db
+from dz_kernels.testing import cpu64, on_cpu, sqnr_db
 
 from conftest import DEVICE as DEV, requires_cuda
 
@@ -53,7 +53,7 @@ def test_quantize_matches_reference(shape, dtype):
     assert torch.equal(g, gr)
     d = nvfp4.dequantize_nvfp4(q, s, g, torch.float32)
     assert torch.equal(d.reshape(-1, K), F.dequantize_nvfp4_reference(qr, sr, gr, torch.float32))
-    assert sqnr_db(x.reshape(-1, K).double(), d.reshape(-1, K)) >= ROUNDTRIP_DB
+    assert sqnr_db(x.reshape(-1, K), d.reshape(-1, K)) >= ROUNDTRIP_DB
 
 
 def test_quantize_static_global_scale_and_bf16_dequant():
@@ -133,7 +133,7 @@ def test_w4a16_gemm(M, N, K, kind):
     x = torch.randn(M, K).to(DEV, torch.bfloat16)
     kw = _epilogue(M, N, kind)
     y = nvfp4.nvfp4_gemm_w4a16(x, wq, ws, wg, out_dtype=torch.float32, **kw)
-    ref = F.nvfp4_gemm_w4a16_reference(x, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.nvfp4_gemm_w4a16_reference, x, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64, **kw)
     assert y.shape == (M, N)
     assert sqnr_db(ref, y) >= GEMM_F32_DB
 
@@ -146,7 +146,8 @@ def test_w4a4_gemm_emulated(M, N, K, kind):
     kw = _epilogue(M, N, kind)
     y = nvfp4.nvfp4_gemm_w4a4(aq, as_, ag, wq, ws, wg, use_dot_scaled=False, **kw)
     assert y.dtype == torch.bfloat16
-    ref = F.nvfp4_gemm_w4a4_reference(aq, as_, ag, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.nvfp4_gemm_w4a4_reference, aq, as_, ag, wq, ws, wg,
+                 out_dtype=None, compute_dtype=torch.float64, **kw)
     assert sqnr_db(ref, y) >= GEMM_BF16_DB
 
 
@@ -158,8 +159,8 @@ def test_nvfp4_linear_vs_unquantized(act_quant):
     res = torch.randn(2, 9, N).to(DEV, torch.bfloat16)
     y = nvfp4.nvfp4_linear(x, wq, ws, wg, act_quant=act_quant, residual=res)
     assert y.shape == (2, 9, N) and y.dtype == torch.bfloat16
-    true = (x.double() @ w.double().t())
-    assert sqnr_db(true, y.double() - res.double()) >= (W4A4_DB if act_quant else W4A16_DB)
+    true = cpu64(x) @ cpu64(w).t()
+    assert sqnr_db(true, cpu64(y) - cpu64(res)) >= (W4A4_DB if act_quant else W4A16_DB)
 
 
 def test_gemm_errors():
@@ -232,11 +233,12 @@ def test_nvfp4_gemms_gpu_large(M):
     x = torch.randn(M, K).to(DEV, torch.bfloat16)
     kw = _epilogue(M, N, "gate_residual")
     y = nvfp4.nvfp4_gemm_w4a16(x, wq, ws, wg, **kw)
-    ref = F.nvfp4_gemm_w4a16_reference(x, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.nvfp4_gemm_w4a16_reference, x, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64, **kw)
     assert sqnr_db(ref, y) >= GEMM_BF16_DB
     aq, as_, ag = nvfp4.quantize_nvfp4(x)
     y4 = nvfp4.nvfp4_gemm_w4a4(aq, as_, ag, wq, ws, wg, **kw)
-    ref4 = F.nvfp4_gemm_w4a4_reference(aq, as_, ag, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref4 = on_cpu(F.nvfp4_gemm_w4a4_reference, aq, as_, ag, wq, ws, wg,
+                  out_dtype=None, compute_dtype=torch.float64, **kw)
     assert sqnr_db(ref4, y4) >= GEMM_BF16_DB
 
 
@@ -247,5 +249,5 @@ def test_w4a4_dot_scaled_matches_emulation_on_blackwell(M):
     _, wq, ws, wg = _weight(N, K)
     aq, as_, ag = nvfp4.quantize_nvfp4(torch.randn(M, K).to(DEV, torch.bfloat16))
     y = nvfp4.nvfp4_gemm_w4a4(aq, as_, ag, wq, ws, wg, use_dot_scaled=True, out_dtype=torch.float32)
-    ref = F.nvfp4_gemm_w4a4_reference(aq, as_, ag, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64)
+    ref = on_cpu(F.nvfp4_gemm_w4a4_reference, aq, as_, ag, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64)
     assert sqnr_db(ref, y) >= GEMM_F32_DB
