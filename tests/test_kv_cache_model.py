@@ -195,8 +195,11 @@ def test_cache_rejects_bad_calls():
     with pytest.raises(ValueError, match="staging_tokens"):
         small.extend(0, *_kv(small, lay.q_len, g), lay)
     swapped = TINY.layout("denoise", chunk=2, cached_frames=(0, 2, 1))   # same count, another slot order
-    with pytest.raises(ValueError, match=r"built for cached frames \(0, 2, 1\)"):
-        small.extend(0, *_kv(small, swapped.q_len, g), swapped)
+    ref = KVCache(TINY, 2, torch.float32, device=DEVICE, capacity_frames=3)
+    ref.frames = small.frames
+    for c in (small, ref):
+        with pytest.raises(ValueError, match=r"built for cached frames \(0, 2, 1\)"):
+            c.extend(0, *_kv(small, swapped.q_len, g), swapped)
     with pytest.raises(ValueError, match="overflow must be"):
         FusedKVCache(TINY, 2, overflow="evict")
     with pytest.raises(TypeError, match="fp8=True"):

@@ -79,6 +79,9 @@ class KVCache:
         n = self.num_tokens
         if layout.n_cached != n:
             raise ValueError(f"layout expects {layout.n_cached} cached tokens, the cache holds {n}")
+        if layout.cached_frames() != self.frames:
+            raise ValueError(f"layout was built for cached frames {layout.cached_frames()}, the cache holds "
+                             f"{self.frames} (build it with cache.layout())")
         if k_new.shape[0] != self.batch:
             raise ValueError(f"batch {k_new.shape[0]} does not match the cache's batch {self.batch}")
         k_all = torch.cat([self.k[layer][:, :n], k_new], dim=1) if n else k_new
