@@ -10,9 +10,12 @@
 // A cache row outside [0, T) is not written. Rounding follows the unfused PyTorch chain: fp32 math, the normalized
 // value rounded to the activation dtype before the weight multiply, the product rounded again when the weight has
 // the activation dtype (w_f32 == 0), the rotated value rounded to the activation dtype; 1/sqrt(mean + eps) with
-// IEEE division and square root.
+// IEEE division and square root. The rotation x0 * c - x1 * s rounds both products (__fmul_rn: nvcc would contract
+// it into a fused multiply-add, which near a cancellation can flip the sign of a result torch computes).
 // <cache> "fp8": keys and values quantized per (token, head) to E4M3: scale = max(amax, amax_floor) / 448 (fp32,
-// stored in k_scale/v_scale [B, T, H]), q = e4m3(clamp(x / scale, -448, 448)) rounded to nearest even.
+// stored in k_scale/v_scale [B, T, H]), q = e4m3(clamp(x / scale, -448, 448)) rounded to nearest even; a head
+// holding a NaN gets a NaN scale and NaN values (the convention of dz_kernels/_common.py: fmaxf/fminf drop NaN, so
+// the amax and the clamp here are written to keep it).
 //
 // dz_kv_write_<act>_<cache>: rows of k_new, v_new [B, L, H, D] (already rotated) into the cache, converted or
 // quantized the same way.
@@ -70,10 +73,19 @@ template <typename T>
 struct Store<T, Fp8> {
   static constexpr bool kFp8 = true;
   static __device__ __forceinline__ void put(Fp8* p, float x, float scale) {
-    float y = fminf(fmaxf(__fdiv_rn(x, scale), -448.0f), 448.0f);
+    float y = __fdiv_rn(x, scale);
+    y = y > 448.0f ? 448.0f : (y < -448.0f ? -448.0f : y);  // a NaN compares false and stays NaN (-> 0x7F)
     p->bits = (unsigned char)__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
   }
 };
+
+// max that keeps a NaN from either side (fmaxf returns the other operand)
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// max(amax, floor) / 448 with IEEE division; a NaN amax gives a NaN scale
+__device__ __forceinline__ float fp8_scale(float amax, float floor) {
+  return __fdiv_rn(amax < floor ? floor : amax, 448.0f);
+}
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
@@ -81,10 +93,18 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-__device__ __forceinline__ float warp_max(float x) {
+__device__ __forceinline__ float warp_max(float x) {  // NaN-propagating
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = 16; o > 0; o >>= 1) x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
+}
+
+// the rotation of the pair (x0, x1) by (c, s), each product rounded (no fused multiply-add), as torch computes it
+__device__ __forceinline__ float rot0(float x0, float x1, float c, float s) {
+  return __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+}
+__device__ __forceinline__ float rot1(float x0, float x1, float c, float s) {
+  return __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
 }
 
 // Sums a and b over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the totals.
@@ -163,15 +183,15 @@ __device__ __forceinline__ void qk_norm_rope_kv_body(
       const long long e = base + 2 * i;
       const float c = cr[i], s = sr[i];
       const float y0 = norm_w(qr, e, rq, wq, w_f32), y1 = norm_w(qr, e + 1, rq, wq, w_f32);
-      Act<T>::store(qo + e, y0 * c - y1 * s);
-      Act<T>::store(qo + e + 1, y0 * s + y1 * c);
+      Act<T>::store(qo + e, rot0(y0, y1, c, s));
+      Act<T>::store(qo + e + 1, rot1(y0, y1, c, s));
       if (ok) {
         const float z0 = norm_w(kr, e, rk, wk, w_f32), z1 = norm_w(kr, e + 1, rk, wk, w_f32);
-        const float r0 = Act<T>::round(z0 * c - z1 * s), r1 = Act<T>::round(z0 * s + z1 * c);
+        const float r0 = Act<T>::round(rot0(z0, z1, c, s)), r1 = Act<T>::round(rot1(z0, z1, c, s));
         const float v0 = Act<T>::load(vr + e), v1 = Act<T>::load(vr + e + 1);
         if (Store<T, CT>::kFp8) {
-          amax_k = fmaxf(amax_k, fmaxf(fabsf(r0), fabsf(r1)));
-          amax_v = fmaxf(amax_v, fmaxf(fabsf(v0), fabsf(v1)));
+          amax_k = max_nan(amax_k, max_nan(fabsf(r0), fabsf(r1)));
+          amax_v = max_nan(amax_v, max_nan(fabsf(v0), fabsf(v1)));
         } else {
           Store<T, CT>::put(kc + e, r0, 1.0f);
           Store<T, CT>::put(kc + e + 1, r1, 1.0f);
@@ -181,14 +201,14 @@ __device__ __forceinline__ void qk_norm_rope_kv_body(
       }
     }
     if (Store<T, CT>::kFp8 && ok) {
-      const float ks = __fdiv_rn(fmaxf(warp_max(amax_k), amax_floor), 448.0f);
-      const float vs = __fdiv_rn(fmaxf(warp_max(amax_v), amax_floor), 448.0f);
+      const float ks = fp8_scale(warp_max(amax_k), amax_floor);
+      const float vs = fp8_scale(warp_max(amax_v), amax_floor);
       for (int i = lane; i < half; i += 32) {  // second pass over the head (its loads hit L1)
         const long long e = base + 2 * i;
         const float c = cr[i], s = sr[i];
         const float z0 = norm_w(kr, e, rk, wk, w_f32), z1 = norm_w(kr, e + 1, rk, wk, w_f32);
-        Store<T, CT>::put(kc + e, Act<T>::round(z0 * c - z1 * s), ks);
-        Store<T, CT>::put(kc + e + 1, Act<T>::round(z0 * s + z1 * c), ks);
+        Store<T, CT>::put(kc + e, Act<T>::round(rot0(z0, z1, c, s)), ks);
+        Store<T, CT>::put(kc + e + 1, Act<T>::round(rot1(z0, z1, c, s)), ks);
         Store<T, CT>::put(vc + e, Act<T>::load(vr + e), vs);
         Store<T, CT>::put(vc + e + 1, Act<T>::load(vr + e + 1), vs);
       }
@@ -223,11 +243,11 @@ __device__ __forceinline__ void kv_write_body(const T* __restrict__ k, long long
     if (Store<T, CT>::kFp8) {
       float ak = 0.0f, av = 0.0f;
       for (int d = lane; d < D; d += 32) {
-        ak = fmaxf(ak, fabsf(Act<T>::load(kr + d)));
-        av = fmaxf(av, fabsf(Act<T>::load(vr + d)));
+        ak = max_nan(ak, fabsf(Act<T>::load(kr + d)));
+        av = max_nan(av, fabsf(Act<T>::load(vr + d)));
       }
-      ks = __fdiv_rn(fmaxf(warp_max(ak), amax_floor), 448.0f);
-      vs = __fdiv_rn(fmaxf(warp_max(av), amax_floor), 448.0f);
+      ks = fp8_scale(warp_max(ak), amax_floor);
+      vs = fp8_scale(warp_max(av), amax_floor);
       if (lane == 0) {
         k_scale[b * ssb + (p0 + l) * sst + h] = ks;
         v_scale[b * ssb + (p0 + l) * sst + h] = vs;

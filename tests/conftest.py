@@ -45,3 +45,13 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def device() -> torch.device:
     """The device a kernel test runs on: CUDA when present, else the CPU (Triton interpreter)."""
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    """Every output buffer a dz_kernels launcher allocates (dz_kernels._common.empty) comes back NaN-filled in every
+    test, so an element a kernel fails to write fails the comparison."""
+    from dz_kernels.testing import poison_outputs
+
+    with poison_outputs():
+        yield

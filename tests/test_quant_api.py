@@ -4,9 +4,10 @@ End-to-end bars: output SQNR of the quantized tiny model against its bf16 output
     FP8 row / block                >= 20 dB   (about 25 dB measured)
     NVFP4 weight-only (W4A16)      >= 12 dB   (about 16 dB)
     NVFP4 W4A4                     >= 10 dB   (about 13-14 dB)
-dequantize_ must then give back bit-identical outputs. On CPU the quantized modules run the plain-PyTorch
-references; the Triton kernels behind the CUDA path are tested in test_quant_fp8.py / test_quant_nvfp4.py, and the
-CUDA forward of the modules in the GPU-only test at the end.
+dequantize_ must then give back bit-identical outputs. The tiny model runs on the suite's device (tests/conftest.py):
+on CUDA the quantized modules run the Triton kernels, on a CPU the plain-PyTorch references (the kernels themselves
+run in the interpreter in test_quant_fp8.py / test_quant_nvfp4.py); the GPU-only test at the end holds the CUDA
+forward against the CPU references.
 """
 import copy
 import json
@@ -19,11 +20,11 @@ from dz_kernels.quant import (
     Float8BlockScaled, Float8DynamicActivationFloat8Weight, Float8Linear, NVFP4, NVFP4Linear, NVFP4WeightOnly,
     calibrate_, default_filter, dequantize_, quantize_,
 )
-from dz_kernels.quant import formats as F
+from dz_kernels.quant import reference as F
 from dz_kernels.quant import modelopt_io as mio
 from dz_kernels.testing import sqnr_db
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+from conftest import DEVICE, requires_cuda
 
 E2E_DB = {"Float8DynamicActivationFloat8Weight": 20.0, "Float8BlockScaled": 20.0, "NVFP4WeightOnly": 12.0,
           "NVFP4": 10.0}
@@ -50,11 +51,11 @@ class TinyNet(nn.Module):
         return self.head(h)
 
 
-def _model_and_input(seed=0):
+def _model_and_input(seed=0, device=DEVICE):
     torch.manual_seed(seed)
     m = TinyNet().to(torch.bfloat16).eval()
     x = torch.randn(2, 37, 48, dtype=torch.bfloat16)
-    return m, x
+    return m.to(device), x.to(device)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
@@ -166,6 +167,7 @@ def test_calibrate_sets_static_input_scales():
 
 
 # ------------------------------------------------------------------------------------------------------- modelopt_io
+# (file I/O and tensor layouts: on the CPU on every machine)
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
@@ -236,7 +238,7 @@ def test_modelopt_checkpoint_errors():
 @pytest.mark.parametrize("config", [Float8DynamicActivationFloat8Weight(), Float8BlockScaled(), NVFP4()],
                          ids=lambda c: type(c).__name__)
 def test_save_and_load_round_trip(tmp_path, config):
-    m, x = _model_and_input()
+    m, x = _model_and_input(device="cpu")
     with torch.no_grad():
         quantize_(m, config)
         if isinstance(config, NVFP4):
@@ -250,7 +252,8 @@ def test_save_and_load_round_trip(tmp_path, config):
         assert cfg["exclude_modules"] == ["head", "patch_embedding"]
         tensors, qcfg = mio.read_modelopt(str(tmp_path))
         assert qcfg["quantization"]["quant_algo"] == expect_algo
-        fresh, _ = _model_and_input(seed=1)  # different weights everywhere: everything must come from the file
+        # different weights everywhere: everything must come from the file
+        fresh, _ = _model_and_input(seed=1, device="cpu")
         replaced = mio.load_modelopt_(fresh, tensors)
         assert sorted(replaced) == sorted(n for n, mod in m.named_modules()
                                           if isinstance(mod, (Float8Linear, NVFP4Linear)))
@@ -261,7 +264,7 @@ def test_save_modelopt_is_atomic(tmp_path, monkeypatch):
     """A write that fails half-way leaves the previous files whole (temporary file, then os.replace)."""
     import safetensors.torch as st
 
-    m, _ = _model_and_input()
+    m, _ = _model_and_input(device="cpu")
     with torch.no_grad():
         quantize_(m, Float8DynamicActivationFloat8Weight())
     mio.save_modelopt(m, str(tmp_path))
@@ -279,19 +282,19 @@ def test_save_modelopt_is_atomic(tmp_path, monkeypatch):
 
 
 def test_load_modelopt_strict_reports_missing_keys():
-    m, _ = _model_and_input()
+    m, _ = _model_and_input(device="cpu")
     quantize_(m, NVFP4WeightOnly())
     state, _ = mio.export_modelopt(m)
     state.pop("head.weight")
     with pytest.raises(KeyError, match="head.weight"):
-        mio.load_modelopt_(_model_and_input(seed=2)[0], state)
+        mio.load_modelopt_(_model_and_input(seed=2, device="cpu")[0], state)
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU only
 @requires_cuda
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
 def test_quantized_modules_on_cuda_match_cpu_references(config):
-    m, x = _model_and_input()
+    m, x = _model_and_input(device="cpu")
     with torch.no_grad():
         ref = m(x)
         quantize_(m, config)

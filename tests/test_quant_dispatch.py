@@ -1,6 +1,7 @@
-"""Shape-dependent paths of the quantized linears: the split-K W4A16 kernel for decode-like M (nvfp4_splitk.py)
-and the FP8 linear's dispatch between our GEMM, our quantizer + torch._scaled_mm, and bf16 (dispatch.py), both
-chosen by the config tables. Kernels run in the Triton interpreter here (the GPU where present)."""
+"""Shape-dependent paths of the quantized linears: the split-K W4A16 kernel for decode-like M
+(triton_nvfp4_splitk.py) and the FP8 linear's dispatch between our GEMM, our quantizer + torch._scaled_mm, and bf16
+(dispatch.py), both chosen by the config tables. Runs on the suite's device (tests/conftest.py: the Triton
+interpreter here, the GPU where present); outputs NaN-poisoned (conftest)."""
 import json
 import os
 import subprocess
@@ -11,21 +12,16 @@ import torch
 import torch.nn.functional as TF
 
 from dz_kernels import configs
-from dz_kernels.quant import _common as cm
-from dz_kernels.quant import formats as F
-from dz_kernels.quant import nvfp4
+from dz_kernels.quant import ops as nvfp4
+from dz_kernels.quant import reference as F
 from dz_kernels.quant.dispatch import fp8_linear_dispatch, fp8_linear_path
-from dz_kernels.quant.nvfp4_splitk import splitk_plan
-from dz_kernels.testing import poisoned, sqnr_db
+from dz_kernels.quant.triton_nvfp4_splitk import splitk_plan
+from dz_kernels.testing import on_cpu, sqnr_db
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE as DEV
+
 GEMM_F32_DB = 60.0
 GEMM_BF16_DB = 40.0
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(cm, "empty", lambda shape, dtype, device: poisoned(shape, dtype, device))
 
 
 def _weight(N, K, seed=0):
@@ -50,7 +46,7 @@ def test_splitk_w4a16_against_float64(M, N, K, split, epilogue):
     cfg = dict(configs.table("nvfp4")["defaults"]["splitk"][-1]["config"], SPLIT_K=split)
     with configs.forced("nvfp4", "w4a16_path", {"path": "splitk"}), configs.forced("nvfp4", "splitk", cfg):
         y = nvfp4.nvfp4_gemm_w4a16(x, wq, ws, wg, out_dtype=torch.float32, **kw)
-    ref = F.nvfp4_gemm_w4a16_reference(x, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.nvfp4_gemm_w4a16_reference, x, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64, **kw)
     assert y.shape == (M, N)
     assert sqnr_db(ref, y) >= GEMM_F32_DB
 
@@ -66,7 +62,7 @@ def test_w4a16_path_by_table_and_both_paths_agree():
         with configs.forced("nvfp4", "w4a16_path", {"path": path}):
             assert nvfp4.w4a16_path(4, 40, 128, DEV) == path
             outs.append(nvfp4.nvfp4_gemm_w4a16(x, wq, ws, wg))
-    ref = F.nvfp4_gemm_w4a16_reference(x, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64)
+    ref = on_cpu(F.nvfp4_gemm_w4a16_reference, x, wq, ws, wg, out_dtype=None, compute_dtype=torch.float64)
     for y in outs:
         assert sqnr_db(ref, y) >= GEMM_BF16_DB
     with configs.forced("nvfp4", "w4a16_path", {"path": "gemv"}), pytest.raises(ValueError, match="'gemv'"):
@@ -126,8 +122,8 @@ def test_fp8_dispatch_paths_compute_the_linear(fp8_table):
     b = (0.1 * torch.randn(N, generator=g)).to(DEV, torch.bfloat16)
     qw, sw = quantize_fp8_rowwise(w)
     sw = sw.reshape(-1)
-    qa, sa = F.quantize_fp8_reference(x.reshape(M, K), "row")
-    exact = F.fp8_gemm_reference(qa, sa, qw, sw, bias=b, out_dtype=None, compute_dtype=torch.float64)
+    qa, sa = on_cpu(F.quantize_fp8_reference, x.reshape(M, K), "row")
+    exact = on_cpu(F.fp8_gemm_reference, qa, sa, qw, sw, bias=b, out_dtype=None, compute_dtype=torch.float64)
     for path in ("triton", "scaled_mm", "bf16"):
         fp8_table([({}, path)])
         assert fp8_linear_path(M, K, N, DEV, has_bf16_weight=True) == path

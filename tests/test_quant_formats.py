@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from dz_kernels.quant import formats as F
+from dz_kernels.quant import reference as F
 from dz_kernels.testing import sqnr_db
 
 FP8_ROUNDTRIP_DB = 28.0

@@ -1,32 +1,31 @@
 """FP8 Triton kernels (the CPU interpreter here, the GPU where present) against the plain-PyTorch references.
 
 Bars:
-  quantizers / dequantizer: bit-exact against formats.py (which is ModelOpt's convention; see test_quant_modelopt.py)
+  quantizers / dequantizer: bit-exact against reference.py (which is ModelOpt's convention; see test_quant_modelopt.py)
   FP8 GEMM vs float64 dequantize-then-matmul of the same FP8 operands (so only the kernel's own error counts):
       float32 output >= 60 dB (float32 accumulation: ~140 dB in the interpreter), bfloat16 output >= 40 dB
       (bf16 rounding alone gives ~50 dB)
   fp8_linear vs the float64 product of the unquantized inputs: >= 25 dB (two E4M3 operands: ~28-29 dB measured)
-Outputs are NaN-poisoned before each kernel (quant._common.empty), so unwritten memory fails.
+  rounding: the kernels' E4M3 bytes equal torch's own conversion of the scaled values, ties included
+  NaN: a group (row, block) holding a NaN gets a NaN scale and NaN values, as the reference; fp8_linear gives NaN
+      output rows for NaN input rows and leaves the others as they are without the NaN
+Runs on the suite's device (tests/conftest.py: CUDA, else the Triton interpreter); inputs are drawn on the CPU and
+moved there. Outputs are NaN-poisoned (conftest), so unwritten memory fails.
 """
 import pytest
 import torch
 
-from dz_kernels.quant import _common as cm
-from dz_kernels.quant import formats as F
-from dz_kernels.quant import fp8
-from dz_kernels.testing import poisoned, sqnr_db
+from dz_kernels import _common as common
+from dz_kernels.quant import reference as F
+from dz_kernels.quant import ops as fp8
+from dz_kernels.testing import cpu64, on_cpu, sqnr_db
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE as DEV, requires_cuda
+
 GEMM_F32_DB = 60.0
 GEMM_BF16_DB = 40.0
 LINEAR_DB = 25.0
 ROUNDTRIP_DB = 28.0
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(cm, "empty", lambda shape, dtype, device: poisoned(shape, dtype, device))
 
 
 def _bits(t):
@@ -37,7 +36,7 @@ def _bits(t):
 @pytest.mark.parametrize("shape,dtype", [((1, 7), torch.float32), ((37, 200), torch.bfloat16),
                                          ((2, 3, 130), torch.float16)])
 def test_quantize_rowwise_matches_reference(shape, dtype):
-    x = (torch.randn(shape, device=DEV) * 3).to(dtype)
+    x = (torch.randn(shape) * 3).to(dtype).to(DEV)
     x.view(-1, shape[-1])[0, 0] = -0.0
     q, s = fp8.quantize_fp8_rowwise(x)
     assert q.shape == x.shape and s.shape == (*shape[:-1], 1)
@@ -45,11 +44,11 @@ def test_quantize_rowwise_matches_reference(shape, dtype):
     assert torch.equal(_bits(q.reshape(-1, shape[-1])), _bits(qr))
     assert torch.equal(s.reshape(-1, 1), sr)
     d = F.dequantize_fp8_reference(q.reshape(-1, shape[-1]), s.reshape(-1, 1), "row", torch.float64)
-    assert sqnr_db(x.reshape(-1, shape[-1]).double(), d) >= ROUNDTRIP_DB
+    assert sqnr_db(x.reshape(-1, shape[-1]), d) >= ROUNDTRIP_DB
 
 
 def test_quantize_rowwise_zero_row_and_extremes():
-    x = torch.randn(5, 64, device=DEV)
+    x = torch.randn(5, 64).to(DEV)
     x[1] = 0.0
     x[2, 3] = 1e30
     x[3] *= 1e-20
@@ -62,7 +61,7 @@ def test_quantize_rowwise_zero_row_and_extremes():
 @pytest.mark.parametrize("block,shape", [("1x128", (37, 256)), ("1x128", (2, 5, 128)), ("128x128", (200, 256)),
                                          ("128x128", (3, 128))])
 def test_quantize_blockwise_matches_reference(block, shape):
-    x = torch.randn(shape, device=DEV, dtype=torch.bfloat16) * torch.logspace(-2, 2, shape[-1], device=DEV)
+    x = (torch.randn(shape) * torch.logspace(-2, 2, shape[-1])).to(DEV)
     x = x.to(torch.bfloat16)
     q, s = fp8.quantize_fp8_blockwise(x, block)
     granularity = "block" + block
@@ -72,12 +71,74 @@ def test_quantize_blockwise_matches_reference(block, shape):
     assert torch.equal(s.reshape(sr.shape), sr)
     d = fp8.dequantize_fp8(q.reshape(x2.shape), s.reshape(sr.shape), granularity, torch.float32)
     assert torch.equal(d, F.dequantize_fp8_reference(qr, sr, granularity, torch.float32))
-    assert sqnr_db(x2.double(), d) >= ROUNDTRIP_DB
+    assert sqnr_db(x2, d) >= ROUNDTRIP_DB
+
+
+def _e4m3_ties_and_neighbours(n: int) -> torch.Tensor:
+    """n values in [-448, 448]: E4M3 grid points, the midpoints between neighbours (ties) and one float32 ulp
+    either side, -0 and 0, in random order (seeded)."""
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (grid[1:] + grid[:-1]) / 2
+    vals = torch.cat([grid, mids, mids.nextafter(grid[1:]), mids.nextafter(grid[:-1]), torch.tensor([-0.0, 0.0])])
+    vals = torch.cat([vals, -vals])
+    idx = torch.randint(0, vals.numel(), (n,), generator=torch.Generator().manual_seed(3))
+    return vals[idx]
+
+
+@pytest.mark.parametrize("mode", ["row", "1x128", "128x128"])
+def test_rounding_matches_torch_conversion_of_the_scaled_values(mode):
+    """Groups whose amax is exactly 448 have scale 1, so the kernel converts the values themselves: its E4M3 bytes
+    must be torch's (round to nearest even, ties, the sign of zero). And on random data: the bytes are torch's
+    conversion of x / scale with the kernel's own scales."""
+    R, C = 130, 256
+    x = _e4m3_ties_and_neighbours(R * C).view(R, C)
+    x[:, ::128] = 448.0                                       # every row and every 1x128 / 128x128 block
+    q, s = fp8.quantize_fp8_rowwise(x.to(DEV)) if mode == "row" else fp8.quantize_fp8_blockwise(x.to(DEV), mode)
+    assert (s == 1.0).all()
+    assert torch.equal(_bits(q).cpu(), _bits(x.to(torch.float8_e4m3fn)))
+    y = (torch.randn(R, C) * torch.logspace(-3, 3, C)).to(DEV)
+    q, s = fp8.quantize_fp8_rowwise(y) if mode == "row" else fp8.quantize_fp8_blockwise(y, mode)
+    g = {"row": "row", "1x128": "block1x128", "128x128": "block128x128"}[mode]
+    s_full = F._expand_scale(s, g, R, C)
+    assert torch.equal(_bits(q), _bits(common.quantize_e4m3(y, s_full)))
+
+
+@pytest.mark.parametrize("mode", ["row", "1x128", "128x128"])
+def test_nan_input_gives_nan_group(mode):
+    """A NaN in row 3 (block 1 of it, for the 1x128 blocks): that group's scale and every value of it are NaN, as in
+    the reference; every other group equals the reference, bytes and scales. (Before: -448 under a finite scale.)"""
+    R, C = 140, 256
+    x = torch.randn(R, C)
+    x[3, 200] = float("nan")
+    q, s = fp8.quantize_fp8_rowwise(x.to(DEV)) if mode == "row" else fp8.quantize_fp8_blockwise(x.to(DEV), mode)
+    g = {"row": "row", "1x128": "block1x128", "128x128": "block128x128"}[mode]
+    qr, sr = F.quantize_fp8_reference(x, g)
+    nan_s = torch.isnan(sr)
+    assert nan_s.sum() == 1 and torch.equal(torch.isnan(s).cpu(), nan_s)
+    nan_q = torch.isnan(F._expand_scale(sr, g, R, C).expand(R, C))
+    assert torch.equal(torch.isnan(q.float()).cpu(), nan_q), "exactly the NaN group's values are NaN"
+    assert torch.equal(_bits(q).cpu()[~nan_q], _bits(qr)[~nan_q]) and torch.equal(s.cpu()[~nan_s], sr[~nan_s])
+
+
+@pytest.mark.parametrize("block_scaled", [False, True])
+def test_fp8_linear_nan_rows(block_scaled):
+    """A NaN in one token of x makes that output row NaN (the quantized row carries it into the GEMM); the other
+    rows are exactly what they are without the NaN."""
+    N, K = 40, 256
+    w = torch.randn(N, K).to(DEV)
+    qw, sw = fp8.quantize_fp8_blockwise(w, "128x128") if block_scaled else fp8.quantize_fp8_rowwise(w)
+    x = torch.randn(6, K).to(DEV, torch.bfloat16)
+    clean = fp8.fp8_linear(x, qw, sw, block_scaled=block_scaled, out_dtype=torch.float32)
+    x[4, 7] = float("nan")
+    y = fp8.fp8_linear(x, qw, sw, block_scaled=block_scaled, out_dtype=torch.float32)
+    assert torch.isnan(y[4]).all() and torch.isfinite(clean).all()
+    keep = torch.arange(6, device=DEV) != 4
+    assert torch.equal(y[keep], clean[keep])
 
 
 @pytest.mark.parametrize("granularity", F.FP8_GRANULARITIES)
 def test_dequantize_matches_reference(granularity):
-    x = torch.randn(133, 256, device=DEV)
+    x = torch.randn(133, 256).to(DEV)
     q, s = F.quantize_fp8_reference(x, granularity)
     for out_dtype in (torch.float32, torch.bfloat16):
         d = fp8.dequantize_fp8(q, s, granularity, out_dtype)
@@ -87,11 +148,11 @@ def test_dequantize_matches_reference(granularity):
 
 def test_quantize_errors():
     with pytest.raises(ValueError, match="multiple of 128"):
-        fp8.quantize_fp8_blockwise(torch.randn(4, 100, device=DEV), "1x128")
+        fp8.quantize_fp8_blockwise(torch.randn(4, 100).to(DEV), "1x128")
     with pytest.raises(ValueError, match="2-D"):
-        fp8.quantize_fp8_blockwise(torch.randn(2, 4, 128, device=DEV), "128x128")
+        fp8.quantize_fp8_blockwise(torch.randn(2, 4, 128).to(DEV), "128x128")
     with pytest.raises(ValueError, match="block="):
-        fp8.quantize_fp8_blockwise(torch.randn(4, 128, device=DEV), "1x64")
+        fp8.quantize_fp8_blockwise(torch.randn(4, 128).to(DEV), "1x64")
     with pytest.raises(TypeError, match="dtype"):
         fp8.quantize_fp8_rowwise(torch.ones(4, 8, dtype=torch.int32, device=DEV))
     q, s = F.quantize_fp8_reference(torch.randn(4, 128), "row")
@@ -144,7 +205,7 @@ def test_fp8_gemm_rowwise(M, N, K, epi):
     _, _, qa, sa, qw, sw = _operands(M, N, K, False)
     kw = _epilogue_args(EPILOGUES[epi], M, N)
     y = fp8.fp8_gemm(qa, sa, qw, sw, out_dtype=torch.float32, **kw)
-    ref = F.fp8_gemm_reference(qa, sa, qw, sw, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.fp8_gemm_reference, qa, sa, qw, sw, out_dtype=None, compute_dtype=torch.float64, **kw)
     assert y.shape == (M, N) and y.dtype == torch.float32
     assert sqnr_db(ref, y) >= GEMM_F32_DB
 
@@ -156,35 +217,36 @@ def test_fp8_gemm_block_scaled(M, N):
     kw = _epilogue_args(EPILOGUES["gate_residual"], M, N)
     y = fp8.fp8_gemm(qa, sa, qw, sw, block_scaled=True, **kw)
     assert y.dtype == torch.bfloat16
-    ref = F.fp8_gemm_reference(qa, sa, qw, sw, block_scaled=True, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.fp8_gemm_reference, qa, sa, qw, sw, block_scaled=True,
+                 out_dtype=None, compute_dtype=torch.float64, **kw)
     assert sqnr_db(ref, y) >= GEMM_BF16_DB
 
 
 def test_fp8_gemm_per_tensor_scales_and_row_gate():
     M, N, K = 5, 40, 64
-    a, w = torch.randn(M, K, device=DEV), torch.randn(N, K, device=DEV)
+    a, w = torch.randn(M, K).to(DEV), torch.randn(N, K).to(DEV)
     qa, sa = F.quantize_fp8_reference(a, "tensor")
     qw, sw = F.quantize_fp8_reference(w, "tensor")
     kw = _epilogue_args({"gate": "row", "residual": True}, M, N)
     y = fp8.fp8_gemm(qa, sa, qw, sw, out_dtype=torch.float32, **kw)
-    ref = F.fp8_gemm_reference(qa, sa, qw, sw, out_dtype=None, compute_dtype=torch.float64, **kw)
+    ref = on_cpu(F.fp8_gemm_reference, qa, sa, qw, sw, out_dtype=None, compute_dtype=torch.float64, **kw)
     assert sqnr_db(ref, y) >= GEMM_F32_DB
 
 
 @pytest.mark.parametrize("block_scaled", [False, True])
 def test_fp8_linear_vs_unquantized(block_scaled):
     N, K = 72, 256
-    x = torch.randn(2, 19, K, device=DEV, dtype=torch.bfloat16)
-    w = torch.randn(N, K, device=DEV)
+    x = torch.randn(2, 19, K).to(DEV, torch.bfloat16)
+    w = torch.randn(N, K).to(DEV)
     if block_scaled:
         qw, sw = fp8.quantize_fp8_blockwise(w, "128x128")
     else:
         qw, sw = fp8.quantize_fp8_rowwise(w)
-    gate = torch.randn(2, 1, N, device=DEV, dtype=torch.bfloat16)  # per sample, broadcast over tokens
-    res = torch.randn(2, 19, N, device=DEV, dtype=torch.bfloat16)
+    gate = torch.randn(2, 1, N).to(DEV, torch.bfloat16)  # per sample, broadcast over tokens
+    res = torch.randn(2, 19, N).to(DEV, torch.bfloat16)
     y = fp8.fp8_linear(x, qw, sw, block_scaled=block_scaled, gate=gate, residual=res)
     assert y.shape == (2, 19, N) and y.dtype == torch.bfloat16
-    true = res.double() + gate.double() * (x.double() @ w.double().t())
+    true = cpu64(res) + cpu64(gate) * (cpu64(x) @ cpu64(w).t())
     assert sqnr_db(true, y) >= LINEAR_DB
 
 
@@ -208,13 +270,13 @@ def test_fp8_gemm_errors():
     with pytest.raises(ValueError, match="1x128"):
         fp8.fp8_gemm(qa2, sa2, qw2, sw2, block_scaled=True)
     with pytest.raises(ValueError, match="does not broadcast"):
-        fp8.fp8_gemm(qa, sa, qw, sw, gate=torch.randn(M, N + 1, device=DEV))
+        fp8.fp8_gemm(qa, sa, qw, sw, gate=torch.randn(M, N + 1).to(DEV))
     with pytest.raises(ValueError, match="activation"):
         fp8.fp8_gemm(qa, sa, qw, sw, activation="relu")
     with pytest.raises(ValueError, match="bias has shape"):
-        fp8.fp8_gemm(qa, sa, qw, sw, bias=torch.randn(N + 1, device=DEV))
+        fp8.fp8_gemm(qa, sa, qw, sw, bias=torch.randn(N + 1).to(DEV))
     with pytest.raises(ValueError, match="last dim of x must be K"):
-        fp8.fp8_linear(torch.randn(3, K + 1, device=DEV), qw, sw)
+        fp8.fp8_linear(torch.randn(3, K + 1).to(DEV), qw, sw)
 
 
 def test_custom_ops_fake_and_schema():
@@ -233,9 +295,9 @@ def test_custom_ops_fake_and_schema():
 def test_fp8_linear_traces_with_torch_compile_fullgraph():
     torch._dynamo.reset()
     N, K = 16, 128
-    w = torch.randn(N, K, device=DEV)
+    w = torch.randn(N, K).to(DEV)
     qw, sw = fp8.quantize_fp8_rowwise(w)
-    x = torch.randn(5, K, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(5, K).to(DEV, torch.bfloat16)
     fn = torch.compile(lambda t: fp8.fp8_linear(t, qw, sw, activation="gelu_tanh"), fullgraph=True,
                        backend="aot_eager")
     assert torch.equal(fn(x), fp8.fp8_linear(x, qw, sw, activation="gelu_tanh"))
@@ -250,6 +312,6 @@ def test_fp8_gemm_gpu_large(M, block_scaled):
     _, _, qa, sa, qw, sw = _operands(M, N, K, block_scaled)
     kw = _epilogue_args(EPILOGUES["gate_residual"], M, N)
     y = fp8.fp8_gemm(qa, sa, qw, sw, block_scaled=block_scaled, **kw)
-    ref = F.fp8_gemm_reference(qa, sa, qw, sw, block_scaled=block_scaled, out_dtype=None,
+    ref = on_cpu(F.fp8_gemm_reference, qa, sa, qw, sw, block_scaled=block_scaled, out_dtype=None,
                                compute_dtype=torch.float64, **kw)
     assert sqnr_db(ref, y) >= GEMM_BF16_DB

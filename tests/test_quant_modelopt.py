@@ -20,11 +20,11 @@ from modelopt.torch.export.quant_utils import to_quantized_weight  # noqa: E402
 from modelopt.torch.quantization.qtensor import FP8QTensor, NVFP4QTensor  # noqa: E402
 
 from dz_kernels.quant import NVFP4, calibrate_, export_modelopt, load_modelopt_, quantize_  # noqa: E402
-from dz_kernels.quant import formats as F  # noqa: E402
-from dz_kernels.quant import nvfp4  # noqa: E402
+from dz_kernels.quant import reference as F  # noqa: E402
+from dz_kernels.quant import ops as nvfp4  # noqa: E402
 from dz_kernels.testing import sqnr_db  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE as DEV  # noqa: E402
 
 
 def _u8(t):

@@ -146,29 +146,15 @@ def rel_err(ref, out) -> float:
 
 @contextlib.contextmanager
 def poisoned_outputs():
-    """Every output buffer the kernels allocate comes filled with NaN (memory a config forgets to write fails)."""
-    from unittest import mock
-
+    """Every output buffer the kernels allocate comes filled with NaN (memory a config forgets to write fails): the
+    shared hook of dz_kernels._common.empty (quant, fused, kv_cache) and the attention launchers' own."""
     import torch
 
-    from dz_kernels.attention import poison_outputs
-    from dz_kernels.testing import poisoned
+    from dz_kernels.attention import poison_outputs as poison_attention
+    from dz_kernels.testing import poison_outputs
 
-    def nan_empty(shape, dtype, device):
-        return poisoned(tuple(shape), dtype, device)
-
-    patches = [mock.patch("dz_kernels.quant._common.empty", nan_empty),
-               mock.patch("dz_kernels.fused._common.empty", nan_empty)]
-    import dz_kernels.kv_cache.ops as kv_ops
-
-    if hasattr(kv_ops, "_empty"):
-        patches.append(mock.patch.object(kv_ops, "_empty", nan_empty))
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
-        stack.enter_context(poison_outputs())
-        with torch.no_grad():
-            yield
+    with poison_outputs(), poison_attention(), torch.no_grad():
+        yield
 
 
 def measure(t: Tuner, fn: Callable[[], Any]) -> tuple:
@@ -554,9 +540,9 @@ def tune_fp8(t: Tuner) -> dict:
     import torch.nn.functional as F
 
     from dz_kernels import configs
-    from dz_kernels.quant import fp8, quantize_fp8_rowwise
+    from dz_kernels.quant import ops as fp8, quantize_fp8_rowwise
     from dz_kernels.quant.dispatch import scaled_mm_linear
-    from dz_kernels.quant.formats import fp8_gemm_reference, quantize_fp8_reference
+    from dz_kernels.quant.reference import fp8_gemm_reference, quantize_fp8_reference
 
     entries = {"gemm": [], "quant_rows": [], "linear_path": []}
     shapes, ms = _quant_shapes(t, small_m=False)
@@ -572,7 +558,7 @@ def tune_fp8(t: Tuner) -> dict:
 
             def prepare_gemm(cfg, seed, M=M, K=K, N=N):
                 # the reference: the float64 product of the quantized operands (the quantizers are bit-exact with
-                # formats.py), so the bar measures the GEMM's own accumulation and output rounding
+                # reference.py), so the bar measures the GEMM's own accumulation and output rounding
                 x, w, b = _linear_inputs(t, M, K, N, seed)
                 qw, sw = quantize_fp8_rowwise(w)
                 qa, sa = quantize_fp8_reference(x, "row")
@@ -654,8 +640,8 @@ def tune_nvfp4(t: Tuner) -> dict:
     import torch
 
     from dz_kernels import configs
-    from dz_kernels.quant import nvfp4
-    from dz_kernels.quant import formats as fmt
+    from dz_kernels.quant import ops as nvfp4
+    from dz_kernels.quant import reference as fmt
 
     entries = {"splitk": [], "w4a16_path": []}
     shapes, ms = _quant_shapes(t, small_m=False)

@@ -1,4 +1,5 @@
-"""Checks, launch configuration and small helpers shared by the fused row-wise kernels.
+"""Checks and launch configuration shared by the fused row-wise kernels (rounding, FP8 convention and output
+allocation come from dz_kernels._common).
 
 Shape convention of every row op here: an activation `x` is `[B, L, C]` (or `[N, C]`, read as `[1, N, C]`); a
 row is one token, `C` the hidden dim. A "modulation" tensor (shift, scale, gate) is any tensor that broadcasts to
@@ -12,31 +13,16 @@ float32 modulation, both as Wan2.1 does), never bfloat16 with float16.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 import triton
-import triton.language as tl
+
+from .._common import FP8_AMAX_FLOOR, FP8_DTYPE, empty, kernels_interpreted  # noqa: F401
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_C = 16384  # the whole row lives in registers: one program holds next_pow2(C) float32 values per tensor
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-# FP8 row scale = max(rowmax|y|, FP8_AMAX_FLOOR) / 448: the floor keeps an all-zero row finite (it quantizes to 0).
-FP8_AMAX_FLOOR = 1e-12
-
-
-def interpreting() -> bool:
-    """True when this package's kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 was set before they
-    were defined, at import): they then take CPU tensors. Decided by the kernels themselves, not by the variable's
-    value now, since triton.jit reads it once when it decorates."""
-    return type(cast_like).__name__ == "InterpretedFunction"
-
-
-def empty(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
-    """Every output buffer of this package comes from here, so a test can swap in NaN-poisoned buffers."""
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
 def launch_config(kind: str, device, **key) -> dict:
@@ -91,7 +77,7 @@ def check_device(named: dict[str, Optional[torch.Tensor]], ref: torch.Tensor, re
     for n, t in named.items():
         if t is not None and t.device != ref.device:
             raise ValueError(f"{n} is on {t.device} but {ref_name} is on {ref.device}; all tensors must share a device")
-    if ref.device.type != "cuda" and not interpreting():
+    if ref.device.type != "cuda" and not kernels_interpreted():
         raise ValueError(f"{ref_name} is on {ref.device}: the Triton kernels need CUDA tensors "
                          "(or TRITON_INTERPRET=1 for the CPU interpreter)")
 
@@ -183,27 +169,3 @@ def reduce_to(grad_full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if g.shape != target.shape:
         g = g.float().sum_to_size(target.shape)
     return g.to(target.dtype)
-
-
-@triton.jit
-def cast_like(v, PTR, INTERPRET: tl.constexpr):
-    """v (float32) cast to the element type of pointer PTR, rounding to nearest even (FP8: saturate beforehand).
-
-    The GPU converts with round-to-nearest-even. The Triton interpreter (seen with triton 3.9) truncates
-    float32 -> bfloat16, and in float32 -> float8e4nv it loses a carry into the exponent (125.6 -> 64, not 128).
-    Under the interpreter the value is first rounded here on the float32 bits onto the target grid, so the
-    conversion is exact and CPU tests see what the GPU computes."""
-    if INTERPRET:
-        if PTR.dtype.element_ty == tl.bfloat16:
-            u = v.to(tl.uint32, bitcast=True)
-            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-            v = u.to(tl.float32, bitcast=True)
-        if PTR.dtype.element_ty == tl.float8e4nv:
-            u = v.to(tl.uint32, bitcast=True)  # normal range: keep 3 mantissa bits, ties to even
-            normal = ((u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-            # subnormal range |v| < 2^-6: a fixed step of 2^-9; 1.5 * 2^23 forces round-to-nearest-even
-            a = tl.abs(v)
-            sub = ((a * 512.0 + 12582912.0) - 12582912.0) / 512.0
-            sub = tl.where((u >> 31) != 0, -sub, sub)  # keep the sign, -0 included
-            v = tl.where(a < 0.015625, sub, normal)
-    return v.to(PTR.dtype.element_ty)

@@ -1,10 +1,15 @@
-"""FusedKVCache: the model's KV cache (the contract of dreamzero.cache.KVCache) with fused, graph-friendly writes.
+"""FusedKVCache: a model's KV cache (the contract of dreamzero.cache.KVCache) with fused, graph-friendly writes.
+
+It imports nothing of the model. What it needs is handed to it, duck-typed (see `CacheConfig` and `CachePass`):
+the model's config (sizes, and `cfg.layout(...)`, the builder of pass descriptions) and, for every pass, the pass
+description (a dreamzero SequenceLayout: how many tokens it reads from the cache and which frames it writes, and
+the slots those frames go to under the cache's capacity and overflow policy, `layout.cache_slots(...)`).
 
 Contract shared with the reference `dreamzero.cache.KVCache` (a drop-in for the model's `cache=` argument):
     frames            tuple: the latent frame held by each valid slot, in physical slot order; the valid slots
                       are always the prefix [0, num_tokens) of the buffer
     num_tokens, batch
-    layout(mode, chunk, rule=None)   the SequenceLayout of an inference call against the current content
+    layout(mode, chunk, rule=None)   the layout (CachePass) of an inference call against the current content
     needs_reset(chunk)               the release policy: reset before a chunk that starts at local_attn_size
     extend(layer, k_new, v_new, layout) -> (k_all, v_all)   k_new already normalized and rotated [B, L, H, D]
     commit(layout)                   after all layers of a pass: the frames the pass wrote become cached
@@ -44,15 +49,42 @@ is also the storage dtype. extend()/project() raise TypeError for inputs of anot
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from dreamzero.layout import SequenceLayout, layout_for_config
-from dreamzero.cache import plan_slots
-
+from .._common import FP8_DTYPE
 from . import ops
-from .reference import FP8_DTYPE, dequantize_fp8
+from .reference import dequantize_fp8_per_head
 
-__all__ = ["FusedKVCache", "default_staging_tokens"]
+__all__ = ["FusedKVCache", "default_staging_tokens", "CacheConfig", "CachePass"]
+
+
+class CacheConfig(Protocol):
+    """What the cache reads from the model's config (dreamzero.config.DreamZeroConfig provides it)."""
+    frame_tokens: int           # tokens of one latent frame
+    frames_per_chunk: int
+    actions_per_chunk: int
+    states_per_chunk: int
+    local_attn_size: int        # the attention window in latent frames (the default capacity)
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    dim: int
+
+    def layout(self, mode: str, *, chunk: int, cached_frames: tuple, rule: str | None) -> "CachePass": ...
+
+
+class CachePass(Protocol):
+    """The description of one pass (dreamzero.layout.SequenceLayout provides it)."""
+    n_cached: int               # key tokens read from the cache (they come first in the key sequence)
+    q_len: int                  # new tokens of the pass
+    writes_cache: tuple         # truthy when the pass writes frames into the cache
+
+    def cached_frames(self) -> tuple: ...                  # the frames it was built against, in slot order
+    def cache_write_range(self) -> tuple: ...              # (start, end) of the new tokens written, or (0, 0)
+    def cache_write_frames(self) -> tuple: ...             # the frames written, in token order
+    def cache_slots(self, capacity_frames: int, overflow: str) -> list: ...   # the slot of each written frame
 
 
 def default_staging_tokens(cfg, capacity_frames: int, overflow: str) -> int:
@@ -156,20 +188,20 @@ class FusedKVCache:
         start = 1 + (chunk - 1) * self.cfg.frames_per_chunk
         return self.overflow == "reset" and chunk >= 1 and start >= self.cfg.local_attn_size
 
-    def layout(self, mode: str, chunk: int, rule: str | None = None) -> SequenceLayout:
+    def layout(self, mode: str, chunk: int, rule: str | None = None) -> CachePass:
         """The layout of an inference call against this cache's current content."""
-        return layout_for_config(self.cfg, mode, chunk=chunk, cached_frames=self.frames, rule=rule)
+        return self.cfg.layout(mode, chunk=chunk, cached_frames=self.frames, rule=rule)
 
     def __repr__(self) -> str:
         return (f"FusedKVCache(batch={self.batch}, layers={self.num_layers}, frames={self.frames}, "
                 f"capacity_frames={self.capacity_frames}, staging_tokens={self.staging_tokens}, dtype={self.dtype}, "
                 f"fp8={self.fp8}, overflow={self.overflow!r}, backend={self.backend!r})")
 
-    # ------------------------------------------------------------------ slot plan (same rule as the reference)
-    def _plan(self, layout: SequenceLayout) -> list:
-        return plan_slots(self.frames, layout.cache_write_frames(), self.capacity_frames, self.overflow)
+    # ------------------------------------------------------------------ slot plan (the layout's, as the reference)
+    def _plan(self, layout: CachePass) -> list:
+        return layout.cache_slots(self.capacity_frames, self.overflow)
 
-    def _begin(self, layer: int, B: int, L: int, layout: SequenceLayout) -> int:
+    def _begin(self, layer: int, B: int, L: int, layout: CachePass) -> int:
         """Checks shared by extend/project (plain Python on host state: traceable by torch.compile). Returns n,
         the number of cached tokens."""
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -177,6 +209,9 @@ class FusedKVCache:
         n = self.num_tokens
         if layout.n_cached != n:
             raise ValueError(f"layout expects {layout.n_cached} cached tokens, the cache holds {n}")
+        if tuple(layout.cached_frames()) != self.frames:
+            raise ValueError(f"layout was built for cached frames {tuple(layout.cached_frames())}, the cache holds "
+                             f"{self.frames} (build it with cache.layout())")
         if B != self.batch:
             raise ValueError(f"batch {B} does not match the cache's batch {self.batch}")
         if L != layout.q_len:
@@ -192,15 +227,15 @@ class FusedKVCache:
 
     def _kv_all(self, layer: int, rows: int) -> tuple:
         if self.fp8:
-            return (dequantize_fp8(self.k[layer][:, :rows], self.k_scale[layer][:, :rows], self.dtype),
-                    dequantize_fp8(self.v[layer][:, :rows], self.v_scale[layer][:, :rows], self.dtype))
+            return (dequantize_fp8_per_head(self.k[layer][:, :rows], self.k_scale[layer][:, :rows], self.dtype),
+                    dequantize_fp8_per_head(self.v[layer][:, :rows], self.v_scale[layer][:, :rows], self.dtype))
         return self.k[layer][:, :rows], self.v[layer][:, :rows]
 
     def _scales(self, layer: int) -> tuple:
         return (self.k_scale[layer], self.v_scale[layer]) if self.fp8 else (None, None)
 
     # ------------------------------------------------------------------ the pass
-    def extend(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: SequenceLayout) -> tuple:
+    def extend(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: CachePass) -> tuple:
         """Write the pass's keys/values into the staging rows and return the whole key sequence of `layout`.
 
         k_new, v_new: [B, L, H, D] in `dtype` (k already normalized and rotated; L = layout.q_len).
@@ -221,7 +256,7 @@ class FusedKVCache:
         return self._kv_all(layer, n + k_new.shape[1])
 
     def project(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor,
-                wk: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, layout: SequenceLayout) -> tuple:
+                wk: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, layout: CachePass) -> tuple:
         """The fused epilogue of layer `layer`'s q/k/v projections: RMSNorm(q, wq) and RMSNorm(k, wk) over the full
         hidden size, RoPE from cos/sin, q_rot out, rotated k and v into the staging rows; then as extend().
 
@@ -251,7 +286,7 @@ class FusedKVCache:
         return (self.k[layer][:, :rows], self.k_scale[layer][:, :rows], self.v[layer][:, :rows],
                 self.v_scale[layer][:, :rows])
 
-    def commit(self, layout: SequenceLayout) -> None:
+    def commit(self, layout: CachePass) -> None:
         """After a full pass over every layer: the frames the pass wrote become cached (moved from staging into
         evicted slots when 'roll' evicts), and write_pos advances."""
         if not layout.writes_cache:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import FP8_AMAX_FLOOR, FP8_DTYPE
+from .._common import FP8_AMAX_FLOOR, FP8_DTYPE
 
 __all__ = ["available", "launch_qk_norm_rope_kv", "launch_kv_write", "threads_per_block", "SOURCE"]
 

@@ -7,9 +7,9 @@ Two ops, each with four interchangeable backends (same contract, same numerics):
   written into their cache rows (quantized when the cache is FP8).
 - ``kv_cache_write``: only the cache write, for keys that are already normalized and rotated.
 
-Backends: "triton" (triton_kernels.py; the default under TRITON_INTERPRET=1, and on CUDA unless the config table
-says "cuda" for the cache dtype), "cuda" (csrc/
-qk_norm_rope.cu through the compiled extension dz_kernels._C, else the same source through cupy/NVRTC), "cupy"
+Backends: "triton" (triton_kernels.py; the default where the kernels run in the CPU interpreter, and on CUDA unless
+the config table says "cuda" for the cache dtype), "cuda" (csrc/qk_norm_rope.cu through the compiled extension
+dz_kernels._C, else the same source through cupy/NVRTC), "cupy"
 (NVRTC only), "torch" (the plain reference chain of reference.py; the default on a CPU without the interpreter).
 "auto" picks the default. Each op is a custom op in the ``dz`` namespace that mutates the cache tensors, with a
 fake implementation, so torch.compile (fullgraph) traces it and CUDA graphs capture it: the write position is a
@@ -18,13 +18,12 @@ The ops are inference-only (no autograd: they write into a cache).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from .._common import FP8_DTYPE, empty, kernels_interpreted
 from . import reference as ref
-from .reference import FP8_DTYPE
 
 __all__ = ["qk_norm_rope_kv_write", "kv_cache_write", "resolve_backend", "BACKENDS", "ACT_DTYPES", "CACHE_DTYPES"]
 
@@ -33,25 +32,21 @@ ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CACHE_DTYPES = ACT_DTYPES + (FP8_DTYPE,)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def resolve_backend(device, backend: str = "auto", cache_dtype: Optional[torch.dtype] = None,
                     act_dtype: Optional[torch.dtype] = None) -> str:
     """The backend that runs on `device` for the requested one ("auto": on CUDA the config table's choice for the
     cache dtype (dz_kernels/configs/kv_cache.json, kind backend: "triton" unless a tuning run measured the CUDA
-    kernels faster; "cuda" only where they can run these dtypes), under the Triton interpreter "triton", else
-    "torch"). Raises ValueError for an unknown name or one that cannot run on that device; availability of
-    "cuda"/"cupy" (extension built, cupy installed) is checked when they launch."""
+    kernels faster; "cuda" only where they can run these dtypes), where the kernels run in the Triton interpreter
+    "triton", else "torch"). Raises ValueError for an unknown name or one that cannot run on that device;
+    availability of "cuda"/"cupy" (extension built, cupy installed) is checked when they launch."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
             return _table_backend(device, cache_dtype, act_dtype)
-        return "triton" if _interpreting() else "torch"
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        return "triton" if kernels_interpreted() else "torch"
+    if backend == "triton" and device.type != "cuda" and not kernels_interpreted():
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                          f"the tensors are on {device}")
     if backend in ("cuda", "cupy") and device.type != "cuda":
@@ -218,11 +213,6 @@ def _check_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ custom ops
-def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """Every output buffer of the kernel backends comes from here, so a test can swap in NaN-poisoned buffers."""
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
-
-
 def _masked_row_copy(cache: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, ok: torch.Tensor) -> None:
     """cache[:, rows] = new where the device flag `ok` holds, else the rows keep their values (no host sync).
     FP8 tensors move as their bytes (index_copy_/where have no float8 kernels)."""
@@ -257,7 +247,7 @@ def _qk_norm_rope_kv_write_op(
         for cache, new in pairs:
             _masked_row_copy(cache, rows, new, ok)
         return q_rot
-    q_rot = _empty((B, L, num_heads, C // num_heads), q.dtype, q.device)
+    q_rot = empty((B, L, num_heads, C // num_heads), q.dtype, q.device)
     if backend == "triton":
         from .triton_kernels import launch_qk_norm_rope_kv
 

@@ -1,43 +1,48 @@
 """Plain-PyTorch references of the KV-cache kernels: the correctness oracles of the Triton and CUDA versions.
 
-The fused projection epilogue is, per layer and per pass, the chain the model runs without kernels
-(dreamzero.backend): RMSNorm of q and of k over the full hidden size with their weights (`rms_norm`), the head split,
-RoPE on adjacent pairs in fp32 from per-token cos/sin tables (`apply_rope`), then the write of the rotated keys and
-the values into their rows of a preallocated cache (quantized to FP8 E4M3 with one scale per (token, head) when
-the cache is FP8). The references below compose exactly those functions.
+The fused projection epilogue is, per layer and per pass, the chain a DiT runs without kernels (Wan2.1's, which
+dreamzero.backend implements for the model): RMSNorm of q and of k over the full hidden size with their weights
+(`dz_kernels.fused.rms_norm_reference`), the head split, RoPE on adjacent pairs in fp32 from per-token cos/sin
+tables (`rope_reference`), then the write of the rotated keys and the values into their rows of a preallocated
+cache (quantized to FP8 E4M3 with one scale per (token, head) when the cache is FP8). The references below compose
+exactly those functions; tests/test_kv_cache_kernels.py holds them bit-equal to the model's own chain.
 
-FP8 convention (the same as dz_kernels.quant.formats): the scale is the dequantization multiplier
+FP8 convention (dz_kernels/_common.py, the same as dz_kernels.quant): the scale is the dequantization multiplier
 ``scale = max(amax, 1e-12) / 448`` over the D elements of one (token, head); ``q = e4m3(clamp(x / scale, -448,
 448))`` with round-to-nearest-even, x being the value in the compute dtype (the rotated key as the chain rounds it).
-Dequantized: ``q.float() * scale``.
+A head holding a NaN gets a NaN scale and NaN values. Dequantized: ``q.float() * scale``.
 """
 from __future__ import annotations
 
 import torch
 
-from dreamzero.backend import apply_rope, rms_norm
+from .._common import FP8_DTYPE, fp8_scale, quantize_e4m3
+from ..fused.reference import rms_norm_reference
 
 __all__ = [
-    "FP8_DTYPE", "FP8_MAX", "FP8_AMAX_FLOOR",
-    "quantize_fp8_per_head", "dequantize_fp8",
+    "rope_reference", "quantize_fp8_per_head", "dequantize_fp8_per_head",
     "kv_cache_write_reference", "qk_norm_rope_reference", "qk_norm_rope_kv_reference",
 ]
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-FP8_AMAX_FLOOR = 1e-12  # an all-zero head quantizes to zeros with a finite scale
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the adjacent pairs (x[2i], x[2i+1]) of each head by per-token angles, in fp32 (Wan2.1's RoPE).
+
+    x [B, L, H, D]; cos, sin [L, D/2] float32. Returns x's dtype."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
 
 
 def quantize_fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., H, D] (any float dtype) -> (q [..., H, D] float8_e4m3fn, scale [..., H] float32), x ~= q * scale."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1)
-    scale = amax.clamp(min=FP8_AMAX_FLOOR) / FP8_MAX
-    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+    scale = fp8_scale(xf.abs().amax(dim=-1))
+    return quantize_e4m3(xf, scale[..., None]), scale
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_fp8_per_head(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q [..., H, D] float8_e4m3fn, scale [..., H] float32 -> [..., H, D] in `dtype` (q.float() * scale, rounded)."""
     return (q.float() * scale[..., None]).to(dtype)
 
@@ -73,14 +78,14 @@ def kv_cache_write_reference(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: 
 
 def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
                            cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's chain: rms_norm(q, wq), rms_norm(k, wk) over the full C, head split, apply_rope.
+    """The chain: rms_norm(q, wq), rms_norm(k, wk) over the full C, head split, rope_reference.
 
     q, k [B, L, C]; wq, wk [C]; cos, sin [L, D/2] fp32. Returns (q_rot, k_rot) [B, L, H, D] in q's dtype (the chain
     itself returns the promotion of the activation and weight dtypes; the cast makes fp32 weights with bf16
     activations give bf16, as the fused kernels do)."""
-    qn = rms_norm(q, wq, eps).unflatten(-1, (num_heads, -1))
-    kn = rms_norm(k, wk, eps).unflatten(-1, (num_heads, -1))
-    return apply_rope(qn, cos, sin).to(q.dtype), apply_rope(kn, cos, sin).to(k.dtype)
+    qn = rms_norm_reference(q, wq, eps).unflatten(-1, (num_heads, -1))
+    kn = rms_norm_reference(k, wk, eps).unflatten(-1, (num_heads, -1))
+    return rope_reference(qn, cos, sin).to(q.dtype), rope_reference(kn, cos, sin).to(k.dtype)
 
 
 def qk_norm_rope_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor,

@@ -12,12 +12,15 @@ tensor, so the launch does not depend on its value and a captured CUDA graph sta
 With an FP8 (E4M3) cache the rotated keys and the values are quantized per (token, head): scale = max(amax,
 1e-12) / 448 into k_scale/v_scale [B, T, H] fp32 and e4m3(clamp(x / scale, +-448)) into the cache.
 
-Numerics follow the unfused chain (dreamzero.backend.rms_norm then apply_rope) rounding for rounding: math in fp32;
-the normalized value is rounded to the activation dtype before the weight multiply (Wan's `.type_as(x) * weight`),
-the product is rounded again when the weight has the activation dtype, the rotation runs in fp32 and its result is
+Numerics follow the unfused chain (reference.py: RMSNorm then RoPE) rounding for rounding: math in fp32; the
+normalized value is rounded to the activation dtype before the weight multiply (Wan's `.type_as(x) * weight`), the
+product is rounded again when the weight has the activation dtype, the rotation runs in fp32 and its result is
 rounded to the activation dtype, which the FP8 quantization then reads. The row's 1/sqrt uses IEEE division and
-square root (div_rn, sqrt_rn), like torch and like the CUDA version in csrc/qk_norm_rope.cu; remaining differences
-are fp32 contraction (FMA) in the rotation: within one rounding of the output dtype.
+square root (div_rn, sqrt_rn), like torch and like the CUDA version in csrc/qk_norm_rope.cu. The kernel is compiled
+without FMA contraction (enable_fp_fusion=False), so `x0 * c - x1 * s` rounds both products as torch does: with a
+fused multiply-add a result near zero (the products nearly cancel) can come out with the other sign, a large
+difference after the FP8 scaling. What remains is the order of the sum of squares (one fp32 rounding of rstd).
+Every rounding to a storage format is done by hand (dz_kernels._common), the same on the GPU and the interpreter.
 
 `_kv_write_kernel` -- the cache write alone, for keys that are already normalized and rotated (the model's
 reference path calls `cache.extend(layer, k_rot, v, layout)`): converts, or quantizes to FP8 the same way.
@@ -26,73 +29,18 @@ Launchers here do no checking; dz_kernels.kv_cache.ops checks every argument and
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 import triton
 import triton.language as tl
 
-from .reference import FP8_AMAX_FLOOR, FP8_DTYPE
+from .._common import FP8_AMAX_FLOOR, FP8_DTYPE, cast_rne, fp8_scale_tl, kernels_interpreted, round_to
 
 __all__ = ["launch_qk_norm_rope_kv", "launch_kv_write"]
 
 
 @triton.jit
-def _round_e4m3(x):
-    """x (fp32, |x| <= 448) rounded to the nearest E4M3 value, ties to even, in fp32 arithmetic: the ulp is
-    2^(exponent - 3) (2^-9 below the smallest normal 2^-6), and adding then subtracting 1.5 * 2^23 rounds x / ulp
-    to an integer. Used under the Triton interpreter only, whose fp32 -> float8e4nv cast rounds wrongly (31 -> 16,
-    127 -> 64); on the GPU the hardware conversion does the same rounding."""
-    bits = x.to(tl.int32, bitcast=True)
-    e = (bits >> 23) & 0xFF
-    ulp = ((tl.maximum(e, 121) - 3) << 23).to(tl.float32, bitcast=True)
-    r = ((x / ulp + 12582912.0) - 12582912.0) * ulp
-    return tl.where(x < 0, -tl.abs(r), r)     # keep the sign of a zero result
-
-
-@triton.jit
-def _rne_bf16(x):
-    """fp32 -> the nearest bfloat16 value (ties to even), as fp32: round the low 16 bits away."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _rne_fp16(x):
-    """fp32 (|x| <= 65504) -> the nearest float16 value (ties to even), as fp32 (ulp 2^(e-10), 2^-24 below 2^-14)."""
-    bits = x.to(tl.int32, bitcast=True)
-    e = (bits >> 23) & 0xFF
-    ulp = ((tl.maximum(e, 113) - 10) << 23).to(tl.float32, bitcast=True)
-    r = ((x / ulp + 12582912.0) - 12582912.0) * ulp
-    return tl.where(x < 0, -tl.abs(r), r)
-
-
-@triton.jit
-def _round(x, DT: tl.constexpr, FIX: tl.constexpr):
-    """x (fp32) rounded to DT, returned as fp32. FIX = 1 (bf16) / 2 (fp16) rounds by hand: the interpreter's
-    casts do not round to nearest (bf16 truncates, an fp16 cast in registers does not round at all); 0 casts."""
-    if FIX == 1:
-        return _rne_bf16(x)
-    elif FIX == 2:
-        return _rne_fp16(x)
-    else:
-        return x.to(DT).to(tl.float32)
-
-
-@triton.jit
-def _cast(x, DT: tl.constexpr, FIX: tl.constexpr):
-    """x (fp32) converted to DT with round-to-nearest-even (see _round); the cast after a hand rounding is exact."""
-    if FIX == 0:
-        return x.to(DT)
-    else:
-        return _round(x, DT, FIX).to(DT)
-
-
-@triton.jit
-def _rms_norm_pairs(ROW, W, even, odd, mask, C, eps, DT: tl.constexpr, ACT_FIX: tl.constexpr,
-                    ROUND_W: tl.constexpr):
+def _rms_norm_pairs(ROW, W, even, odd, mask, C, eps, DT: tl.constexpr, ROUND_W: tl.constexpr):
     """Wan's RMSNorm of rows of C (x at ROW + even/odd offsets: the pairs rotated by RoPE) with weight W, rounded
     as the chain rounds it (to DT after the normalization, and after the weight when ROUND_W). fp32 (even, odd)."""
     xe = tl.load(ROW + even, mask=mask, other=0.0).to(tl.float32)
@@ -101,32 +49,21 @@ def _rms_norm_pairs(ROW, W, even, odd, mask, C, eps, DT: tl.constexpr, ACT_FIX: 
     rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, C * 1.0) + eps))[:, None, None]
     we = tl.load(W + even, mask=mask, other=0.0).to(tl.float32)
     wo = tl.load(W + odd, mask=mask, other=0.0).to(tl.float32)
-    ye = _round(xe * rstd, DT, ACT_FIX) * we
-    yo = _round(xo * rstd, DT, ACT_FIX) * wo
+    ye = round_to(xe * rstd, DT) * we
+    yo = round_to(xo * rstd, DT) * wo
     if ROUND_W:
-        ye = _round(ye, DT, ACT_FIX)
-        yo = _round(yo, DT, ACT_FIX)
+        ye = round_to(ye, DT)
+        yo = round_to(yo, DT)
     return ye, yo
 
 
 @triton.jit
-def _e4m3(x, INTERPRET: tl.constexpr):
-    """Clamp to +-448 and round to E4M3 (returns fp32 holding an exact E4M3 value under the interpreter)."""
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    if INTERPRET:
-        x = _round_e4m3(x)
-    return x
-
-
-@triton.jit
-def _quantize_store(x, mask, wmask, C_PTR, amax_floor, INTERPRET: tl.constexpr):
-    """Quantize x [BLOCK_R, BLOCK_H, BLOCK_D] (fp32, the value in the compute dtype) per (row, head), store it at
-    the pointers C_PTR where wmask holds, and return the scales [BLOCK_R, BLOCK_H]."""
-    amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=2)
-    scale = tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
-    qx = _e4m3(tl.math.div_rn(x, scale[:, :, None]), INTERPRET)
-    tl.store(C_PTR, qx.to(C_PTR.dtype.element_ty), mask=wmask)
-    return scale
+def _head_amax(xe, xo, mask):
+    """Per (row, head) max |x| over both elements of the pairs [BLOCK_R, BLOCK_H, BLOCK_P] -> [BLOCK_R, BLOCK_H];
+    NaN when the head holds a NaN."""
+    a = tl.max(tl.where(mask, tl.maximum(tl.abs(xe), tl.abs(xo)), 0.0), axis=2)
+    bad = tl.max(tl.where(mask, ((xe != xe) | (xo != xo)).to(tl.int32), 0), axis=2)
+    return tl.where(bad != 0, float("nan"), a)
 
 
 @triton.jit
@@ -141,7 +78,7 @@ def _qk_norm_rope_kv_kernel(
     KS, VS, ssb, sst,
     POS,
     N, L, T, H, D, C, eps, amax_floor,
-    ROUND_W: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, ACT_FIX: tl.constexpr, CACHE_FIX: tl.constexpr,
+    ROUND_W: tl.constexpr, FP8: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # a program owns BLOCK_R token rows (r = b * L + l) as a [BLOCK_R, BLOCK_H, BLOCK_P] tile of head pairs
@@ -172,39 +109,34 @@ def _qk_norm_rope_kv_kernel(
     s = tl.load(SIN + l * ssin + p, mask=cmask, other=0.0)
 
     # ---- q: RMSNorm over C, weight, RoPE -> q_rot
-    ye, yo = _rms_norm_pairs(Q + b * sqb + l * sql, WQ, even, odd, mask, C, eps, DT, ACT_FIX, ROUND_W)
-    tl.store(QO + r * C + even, _cast(ye * c - yo * s, DT, ACT_FIX), mask=mask)
-    tl.store(QO + r * C + odd, _cast(ye * s + yo * c, DT, ACT_FIX), mask=mask)
+    ye, yo = _rms_norm_pairs(Q + b * sqb + l * sql, WQ, even, odd, mask, C, eps, DT, ROUND_W)
+    tl.store(QO + r * C + even, cast_rne(ye * c - yo * s, DT), mask=mask)
+    tl.store(QO + r * C + odd, cast_rne(ye * s + yo * c, DT), mask=mask)
 
     # ---- k: the same, into the cache row
-    ye, yo = _rms_norm_pairs(K + b * skb + l * skl, WK, even, odd, mask, C, eps, DT, ACT_FIX, ROUND_W)
-    re = _round(ye * c - yo * s, DT, ACT_FIX)      # the rotated key as the chain rounds it
-    ro = _round(ye * s + yo * c, DT, ACT_FIX)
+    ye, yo = _rms_norm_pairs(K + b * skb + l * skl, WK, even, odd, mask, C, eps, DT, ROUND_W)
+    re = round_to(ye * c - yo * s, DT)      # the rotated key as the chain rounds it
+    ro = round_to(ye * s + yo * c, DT)
 
     ve = tl.load(V + b * svb + l * svl + even, mask=mask, other=0.0).to(tl.float32)
     vo = tl.load(V + b * svb + l * svl + odd, mask=mask, other=0.0).to(tl.float32)
 
+    CT = KC.dtype.element_ty
     if FP8:
         # per-(token, head) amax over both elements of the pairs, then quantize each with the head's scale
-        amax = tl.max(tl.where(mask, tl.maximum(tl.abs(re), tl.abs(ro)), 0.0), axis=2)
-        ks = tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
-        tl.store(KC + crow + even, _e4m3(tl.math.div_rn(re, ks[:, :, None]), INTERPRET)
-                 .to(KC.dtype.element_ty), mask=wmask)
-        tl.store(KC + crow + odd, _e4m3(tl.math.div_rn(ro, ks[:, :, None]), INTERPRET)
-                 .to(KC.dtype.element_ty), mask=wmask)
+        ks = fp8_scale_tl(_head_amax(re, ro, mask), amax_floor)
+        tl.store(KC + crow + even, cast_rne(tl.math.div_rn(re, ks[:, :, None]), CT), mask=wmask)
+        tl.store(KC + crow + odd, cast_rne(tl.math.div_rn(ro, ks[:, :, None]), CT), mask=wmask)
         tl.store(KS + srow, ks, mask=smask)
-        amax = tl.max(tl.where(mask, tl.maximum(tl.abs(ve), tl.abs(vo)), 0.0), axis=2)
-        vs = tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
-        tl.store(VC + crow + even, _e4m3(tl.math.div_rn(ve, vs[:, :, None]), INTERPRET)
-                 .to(VC.dtype.element_ty), mask=wmask)
-        tl.store(VC + crow + odd, _e4m3(tl.math.div_rn(vo, vs[:, :, None]), INTERPRET)
-                 .to(VC.dtype.element_ty), mask=wmask)
+        vs = fp8_scale_tl(_head_amax(ve, vo, mask), amax_floor)
+        tl.store(VC + crow + even, cast_rne(tl.math.div_rn(ve, vs[:, :, None]), CT), mask=wmask)
+        tl.store(VC + crow + odd, cast_rne(tl.math.div_rn(vo, vs[:, :, None]), CT), mask=wmask)
         tl.store(VS + srow, vs, mask=smask)
     else:
-        tl.store(KC + crow + even, _cast(re, KC.dtype.element_ty, CACHE_FIX), mask=wmask)
-        tl.store(KC + crow + odd, _cast(ro, KC.dtype.element_ty, CACHE_FIX), mask=wmask)
-        tl.store(VC + crow + even, _cast(ve, VC.dtype.element_ty, CACHE_FIX), mask=wmask)
-        tl.store(VC + crow + odd, _cast(vo, VC.dtype.element_ty, CACHE_FIX), mask=wmask)
+        tl.store(KC + crow + even, cast_rne(re, CT), mask=wmask)
+        tl.store(KC + crow + odd, cast_rne(ro, CT), mask=wmask)
+        tl.store(VC + crow + even, cast_rne(ve, CT), mask=wmask)
+        tl.store(VC + crow + odd, cast_rne(vo, CT), mask=wmask)
 
 
 @triton.jit
@@ -215,7 +147,7 @@ def _kv_write_kernel(
     KS, VS, ssb, sst,
     POS,
     N, L, T, H, D, amax_floor,
-    FP8: tl.constexpr, INTERPRET: tl.constexpr, CACHE_FIX: tl.constexpr,
+    FP8: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rv = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -236,25 +168,17 @@ def _kv_write_kernel(
     smask = tl.where(ok, (r2 < N) & (hv[None, :] < H), False)
     k = tl.load(K + b * skb + l * skl + h * skh + d, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(V + b * svb + l * svl + h * svh + d, mask=mask, other=0.0).to(tl.float32)
+    CT = KC.dtype.element_ty
     if FP8:
-        ks = _quantize_store(k, mask, wmask, KC + crow, amax_floor, INTERPRET)
+        ks = fp8_scale_tl(_head_amax(k, k, mask), amax_floor)
+        tl.store(KC + crow, cast_rne(tl.math.div_rn(k, ks[:, :, None]), CT), mask=wmask)
         tl.store(KS + srow, ks, mask=smask)
-        vs = _quantize_store(v, mask, wmask, VC + crow, amax_floor, INTERPRET)
+        vs = fp8_scale_tl(_head_amax(v, v, mask), amax_floor)
+        tl.store(VC + crow, cast_rne(tl.math.div_rn(v, vs[:, :, None]), CT), mask=wmask)
         tl.store(VS + srow, vs, mask=smask)
     else:
-        tl.store(KC + crow, _cast(k, KC.dtype.element_ty, CACHE_FIX), mask=wmask)
-        tl.store(VC + crow, _cast(v, VC.dtype.element_ty, CACHE_FIX), mask=wmask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _fix(dtype: torch.dtype) -> int:
-    """Hand rounding mode of _round/_cast: only under the interpreter, 1 for bfloat16, 2 for float16."""
-    if not _interpreting():
-        return 0
-    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
+        tl.store(KC + crow, cast_rne(k, CT), mask=wmask)
+        tl.store(VC + crow, cast_rne(v, CT), mask=wmask)
 
 
 def _warps(elems: int) -> int:
@@ -270,7 +194,7 @@ def _launch_params(kind: str, n_rows: int, tile: int, H: int, D: int, cache_dtyp
     dz_kernels/configs/kv_cache.json: by default enough rows for a tile of about tile_elems = 4096 elements (one
     row at the droid shape, H=40 x D/2=64 -> 64 x 64) and warps by the tile's size; under the interpreter up to 64
     rows (its cost is per program)."""
-    if _interpreting():
+    if kernels_interpreted():
         rows = 64
         warps = 0
     else:
@@ -313,9 +237,9 @@ def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v
         ks, vs, ssb, sst,
         pos,
         N, L, T, H, D, C, float(eps), FP8_AMAX_FLOOR,
-        ROUND_W=(wq.dtype == q.dtype and q.dtype != torch.float32), FP8=fp8, INTERPRET=_interpreting(),
-        ACT_FIX=_fix(q.dtype), CACHE_FIX=_fix(k_cache.dtype),
+        ROUND_W=(wq.dtype == q.dtype and q.dtype != torch.float32), FP8=fp8,
         BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=warps,
+        enable_fp_fusion=False,
     )
 
 
@@ -339,6 +263,6 @@ def launch_kv_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos) -> No
         ks, vs, ssb, sst,
         pos,
         N, L, T, H, D, FP8_AMAX_FLOOR,
-        FP8=fp8, INTERPRET=_interpreting(), CACHE_FIX=_fix(k_cache.dtype),
+        FP8=fp8,
         BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps,
     )

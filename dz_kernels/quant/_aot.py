@@ -46,15 +46,15 @@ NAMES = ("fp8_gemm_row_sm90", "fp8_gemm_block_sm90", "nvfp4_w4a16_sm90", "nvfp4_
 
 def main(names=NAMES) -> dict:
     """{name: MMA instructions} for the requested subset of NAMES."""
-    import os
-
     unknown = set(names) - set(NAMES)
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {NAMES}")
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("run without TRITON_INTERPRET=1")
-    from . import fp8, nvfp4
+    from .._common import kernels_interpreted
+
+    if kernels_interpreted():
+        raise RuntimeError("the kernels were built for the Triton interpreter: run without TRITON_INTERPRET=1")
+    from . import triton_fp8 as fp8, triton_nvfp4 as nvfp4
 
     epi = {"HAS_BIAS": True, "ACT": 1, "HAS_GATE": True, "HAS_RES": True}
     tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}
@@ -80,7 +80,7 @@ def main(names=NAMES) -> dict:
         out["nvfp4_w4a16_sm90"] = _mma(_compile(nvfp4._nvfp4_w4a16_kernel, sig, ce, 90))
 
     if "nvfp4_w4a16_splitk_sm90" in names:
-        from . import nvfp4_splitk
+        from . import triton_nvfp4_splitk as nvfp4_splitk
 
         sk_ints = ["M", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_wsn", "stride_ps", "stride_pm",
                    "stride_gm", "stride_gn", "stride_rm", "stride_rn", "stride_om"]

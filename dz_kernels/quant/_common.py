@@ -1,29 +1,20 @@
-"""Checks, buffers and dispatch rules shared by the FP8 and NVFP4 kernels of dz_kernels.quant.
+"""Checks and dispatch rules shared by the FP8 and NVFP4 kernels of dz_kernels.quant.
 
-Dispatch: a public kernel function runs its Triton kernel on CUDA tensors, and on CPU tensors when
-TRITON_INTERPRET=1 (the Triton CPU interpreter, used by the tests). On CPU without the interpreter it runs the
-plain-PyTorch reference of formats.py, which has the same numerics (bit-exact for the quantizers).
+Dispatch: a public kernel function runs its Triton kernel on CUDA tensors, and on CPU tensors when the kernels run
+in the Triton CPU interpreter (TRITON_INTERPRET=1 before import; the tests). On a CPU without the interpreter it
+runs the plain-PyTorch reference of reference.py, which has the same numerics (bit-exact for the quantizers).
+Output buffers come from dz_kernels._common.empty (the tests' NaN-poisoning hook).
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
+from .._common import FP8_DTYPE, empty, kernels_interpreted, triton_runs_on  # noqa: F401
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1): the kernels then take CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether a call on tensor `t` goes to the Triton kernel (CUDA, or CPU under the interpreter)."""
-    return t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
 
 
 def launch_config(family: str, kind: str, device, **key) -> dict:
@@ -32,11 +23,6 @@ def launch_config(family: str, kind: str, device, **key) -> dict:
     from dz_kernels import configs
 
     return configs.lookup(family, kind, configs.arch_of(device), **key).config
-
-
-def empty(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
-    """Every output buffer of the quant kernels comes from here, so a test can swap in NaN-poisoned buffers."""
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
 def check_tensor(name: str, t, dtypes: Iterable[torch.dtype], dims: Optional[Iterable[int]] = None) -> None:

@@ -17,8 +17,8 @@ output projections and the conditioning MLPs, which hold few FLOPs and are sensi
 patch_embedding, head, action_encoder, state_encoder, action_decoder, text_embedding, img_emb, time_embedding,
 time_projection. A module is excluded when any component of its qualified name starts with one of those names.
 
-Execution: on CUDA the quantized modules run the Triton kernels (fp8.py / nvfp4.py); on CPU they run the plain
-PyTorch references of formats.py (same quantizer bits; the GEMM in float32). Inference only: no backward.
+Execution: on CUDA the quantized modules run the Triton kernels (ops.py); on CPU they run the plain
+PyTorch references of reference.py (same quantizer bits; the GEMM in float32). Inference only: no backward.
 An FP8 module on CUDA runs the path the config table picks for its shape (dispatch.py: our FP8 GEMM, our quantizer
 with cuBLAS's FP8 GEMM, or, where the tuning measured FP8 slower than bf16 and the original weight is kept, bf16);
 `Float8Linear.path_for(x)` says which.
@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 
 from . import _common as cm
-from .formats import (
-    E2M1_MAX, E4M3_MAX, FP8_BLOCK, NVFP4_BLOCK, dequantize_fp8_reference, dequantize_nvfp4_reference,
+from .reference import (
+    FP8_BLOCK, NVFP4_BLOCK, nvfp4_global_scale_from_amax, dequantize_fp8_reference, dequantize_nvfp4_reference,
     fp8_gemm_reference, nvfp4_gemm_w4a4_reference, nvfp4_gemm_w4a16_reference, quantize_fp8_reference,
     quantize_nvfp4_reference,
 )
@@ -161,7 +161,7 @@ class Float8Linear(_QuantLinearBase):
                   dtype=w.dtype)
         with torch.no_grad():
             if w.is_cuda:
-                from .fp8 import quantize_fp8_blockwise, quantize_fp8_rowwise
+                from .ops import quantize_fp8_blockwise, quantize_fp8_rowwise
                 q, s = quantize_fp8_blockwise(w, "128x128") if block_scaled else quantize_fp8_rowwise(w)
             else:
                 q, s = quantize_fp8_reference(w, "block128x128" if block_scaled else "row")
@@ -245,7 +245,7 @@ class NVFP4Linear(_QuantLinearBase):
                   device="meta", dtype=w.dtype)
         with torch.no_grad():
             if w.is_cuda:
-                from .nvfp4 import quantize_nvfp4
+                from .ops import quantize_nvfp4
                 q, s, g = quantize_nvfp4(w)
             else:
                 q, s, g = quantize_nvfp4_reference(w)
@@ -264,7 +264,7 @@ class NVFP4Linear(_QuantLinearBase):
             w = self.dequantized_weight(x.dtype)
             return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if x.is_cuda:
-            from .nvfp4 import nvfp4_linear
+            from .ops import nvfp4_linear
             return nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias,
                                 act_quant=self.act_quant, input_scale=self.input_scale,
                                 use_dot_scaled=self.use_dot_scaled)
@@ -392,5 +392,5 @@ def calibrate_(model: nn.Module, run: Callable[[nn.Module], object]) -> dict[str
             m._calibrating = False
     for n, m in mods.items():
         a = amax[n]
-        m.input_scale = torch.where(a > 0, a / (E2M1_MAX * E4M3_MAX), torch.ones_like(a))
+        m.input_scale = nvfp4_global_scale_from_amax(a)
     return {n: float(a) for n, a in amax.items()}

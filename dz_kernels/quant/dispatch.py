@@ -1,6 +1,6 @@
 """Which kernel an FP8 linear runs, per shape: the config table's choice between three paths.
 
-    "triton"     our per-token activation quantizer + our Triton FP8 GEMM (fp8.fp8_linear): every epilogue
+    "triton"     our per-token activation quantizer + our Triton FP8 GEMM (ops.fp8_linear): every epilogue
                  (bias, GELU-tanh, residual + gate * (.)) fused, row or block scales;
     "scaled_mm"  our per-token activation quantizer + torch._scaled_mm (cuBLAS FP8, rowwise scales, bias fused):
                  row scaling, bf16 output, K and N multiples of 16, no activation / gate / residual;
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common as cm
+from .ops import fp8_linear, quantize_fp8_rowwise
 
 __all__ = ["PATHS", "fp8_linear_path", "fp8_linear_dispatch", "scaled_mm_linear"]
 
@@ -29,7 +30,7 @@ PATHS = ("triton", "scaled_mm", "bf16")
 
 def _scaled_mm_ok(M: int, K: int, N: int, device, block_scaled: bool, out_dtype: torch.dtype) -> bool:
     return (hasattr(torch, "_scaled_mm") and not block_scaled and out_dtype == torch.bfloat16 and K % 16 == 0
-            and N % 16 == 0 and M > 0 and (torch.device(device).type == "cuda" or cm.interpreting()))
+            and N % 16 == 0 and M > 0 and (torch.device(device).type == "cuda" or cm.kernels_interpreted()))
 
 
 def fp8_linear_path(M: int, K: int, N: int, device, *, block_scaled: bool = False, has_bf16_weight: bool = False,
@@ -51,8 +52,6 @@ def scaled_mm_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch
                      bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """x2 [M, K] float -> [M, N]: our per-token quantizer, then torch._scaled_mm with rowwise scales (the weight
     [N, K] e4m3 row-major is cuBLAS's column-major B; weight_scale [N] or [N, 1] float32)."""
-    from .fp8 import quantize_fp8_rowwise
-
     a, sa = quantize_fp8_rowwise(x2)
     N = weight.shape[0]
     sb = weight_scale.reshape(1, N) if weight_scale.numel() == N else weight_scale.reshape(1, 1).expand(1, N)
@@ -65,10 +64,8 @@ def fp8_linear_dispatch(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
                         bf16_weight: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None
                         ) -> torch.Tensor:
     """y = x @ dequant(weight)^T + bias for x [..., K], on the path fp8_linear_path picks (see the module doc).
-    weight [N, K] float8_e4m3fn with weight_scale as fp8.fp8_linear takes them; bf16_weight [N, K] (optional): the
+    weight [N, K] float8_e4m3fn with weight_scale as ops.fp8_linear takes them; bf16_weight [N, K] (optional): the
     unquantized weight, for the "bf16" path."""
-    from .fp8 import fp8_linear
-
     out_dtype = x.dtype if out_dtype is None else out_dtype
     K, N = x.shape[-1], weight.shape[0]
     M = x.numel() // K if K else 0

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from . import _common as cm
 from .api import Float8Linear, NVFP4Linear, QUANT_LINEAR_TYPES, _set_submodule
-from .formats import FP8_BLOCK, NVFP4_BLOCK
+from .reference import FP8_BLOCK, NVFP4_BLOCK
 
 __all__ = ["linear_from_modelopt", "linear_to_modelopt", "modelopt_quant_config", "export_modelopt",
            "load_modelopt_", "save_modelopt", "read_modelopt"]

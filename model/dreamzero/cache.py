@@ -17,28 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import SequenceLayout, layout_for_config
-
-
-def plan_slots(frames: tuple, new_frames: tuple, capacity_frames: int, overflow: str) -> list:
-    """The slots that `new_frames` are written to, given the frames cached now (in slot order): the next free
-    slots; when full, policy 'reset' refuses and policy 'roll' evicts the oldest non-sink frames (their slots are
-    reused in place, so the buffer stays full and the valid slots stay a prefix). Shared by every cache class."""
-    if not new_frames:
-        return []
-    frames = list(frames)
-    free = capacity_frames - len(frames)
-    if len(new_frames) <= free:
-        return list(range(len(frames), len(frames) + len(new_frames)))
-    if overflow == "reset":
-        raise RuntimeError(f"KV cache overflow: {len(frames)} frames cached, {len(new_frames)} new, capacity "
-                           f"{capacity_frames}; reset the cache (policy 'reset') before this chunk")
-    need = len(new_frames) - free
-    order = sorted((f, i) for i, f in enumerate(frames) if f != 0)
-    if need > len(order):
-        raise RuntimeError("KV cache too small to roll: it holds only the sink")
-    evicted = sorted(i for _, i in order[:need])
-    return evicted + list(range(len(frames), capacity_frames))
+from .layout import SequenceLayout
 
 
 class KVCache:
@@ -85,11 +64,11 @@ class KVCache:
 
     def layout(self, mode: str, chunk: int, rule: str | None = None) -> SequenceLayout:
         """The layout of an inference call against this cache's current content."""
-        return layout_for_config(self.cfg, mode, chunk=chunk, cached_frames=self.frames, rule=rule)
+        return self.cfg.layout(mode, chunk=chunk, cached_frames=self.frames, rule=rule)
 
     # ------------------------------------------------------------------ the pass
     def _plan(self, layout: SequenceLayout) -> list:
-        return plan_slots(self.frames, layout.cache_write_frames(), self.capacity_frames, self.overflow)
+        return layout.cache_slots(self.capacity_frames, self.overflow)
 
     def extend(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: SequenceLayout) -> tuple:
         """Keys/values of the whole key sequence of `layout` (cached first, then the new ones), and store the
@@ -97,6 +76,9 @@ class KVCache:
         n = self.num_tokens
         if layout.n_cached != n:
             raise ValueError(f"layout expects {layout.n_cached} cached tokens, the cache holds {n}")
+        if layout.cached_frames() != self.frames:
+            raise ValueError(f"layout was built for cached frames {layout.cached_frames()}, the cache holds "
+                             f"{self.frames} (build it with cache.layout())")
         if k_new.shape[0] != self.batch:
             raise ValueError(f"batch {k_new.shape[0]} does not match the cache's batch {self.batch}")
         k_all = torch.cat([self.k[layer][:, :n], k_new], dim=1) if n else k_new

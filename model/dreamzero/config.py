@@ -172,6 +172,14 @@ class DreamZeroConfig:
     def replace(self, **kw) -> "DreamZeroConfig":
         return dataclasses.replace(self, **kw)
 
+    def layout(self, mode: str = "train", **kw):
+        """The SequenceLayout of a call of this model (layout.layout_for_config: mode, num_chunks or chunk,
+        cached_frames, rule, window). A KV cache builds its passes' layouts through this method, so a cache class
+        outside the model (dz_kernels.kv_cache.FusedKVCache) needs nothing of the model but its config."""
+        from .layout import layout_for_config
+
+        return layout_for_config(self, mode, **kw)
+
 
 _WAN22_5B = dict(backbone="Wan2.2-TI2V-5B", model_type="ti2v", dim=3072, num_layers=30, num_heads=24, ffn_dim=14336,
                  latent_channels=48, cond_channels=0, vae_spatial_stride=16, latent_height=10, latent_width=20,

@@ -99,6 +99,28 @@ MODES = ("train", "first", "observe", "denoise", "control")
 RULES = ("release", "consistent")
 
 
+def plan_slots(frames: tuple, new_frames: tuple, capacity_frames: int, overflow: str) -> list:
+    """The slots that `new_frames` are written to, given the frames cached now (in slot order): the next free
+    slots; when full, policy 'reset' refuses and policy 'roll' evicts the oldest non-sink frames (their slots are
+    reused in place, so the buffer stays full and the valid slots stay a prefix). The one rule of every cache class
+    (through SequenceLayout.cache_slots)."""
+    if not new_frames:
+        return []
+    frames = list(frames)
+    free = capacity_frames - len(frames)
+    if len(new_frames) <= free:
+        return list(range(len(frames), len(frames) + len(new_frames)))
+    if overflow == "reset":
+        raise RuntimeError(f"KV cache overflow: {len(frames)} frames cached, {len(new_frames)} new, capacity "
+                           f"{capacity_frames}; reset the cache (policy 'reset') before this chunk")
+    need = len(new_frames) - free
+    order = sorted((f, i) for i, f in enumerate(frames) if f != 0)
+    if need > len(order):
+        raise RuntimeError("KV cache too small to roll: it holds only the sink")
+    evicted = sorted(i for _, i in order[:need])
+    return evicted + list(range(len(frames), capacity_frames))
+
+
 @dataclass(frozen=True, eq=False)
 class SequenceLayout:
     mode: str
@@ -146,6 +168,14 @@ class SequenceLayout:
 
     def cache_write_frames(self) -> tuple:
         return tuple(self.q[i].frame for i in self.writes_cache)
+
+    def cached_frames(self) -> tuple:
+        """The latent frames read from the KV cache, in the cache's physical (slot) order."""
+        return tuple(s.frame for s in self.k if s.cached)
+
+    def cache_slots(self, capacity_frames: int, overflow: str) -> list:
+        """The cache slots the frames this call writes go to (plan_slots over cached_frames())."""
+        return plan_slots(self.cached_frames(), self.cache_write_frames(), capacity_frames, overflow)
 
     # ------------------------------------------------------------------ the rule
     def _in_window(self, key_frame: int, query: Segment, frames_per_chunk: int) -> bool:

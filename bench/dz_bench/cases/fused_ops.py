@@ -137,9 +137,9 @@ def _max_err(ref, got) -> float:
 
 def _dz_available(ctx):
     if ctx.device != "cuda":
-        from dz_kernels.fused import _common
+        from dz_kernels._common import kernels_interpreted
 
-        if not _common.interpreting():
+        if not kernels_interpreted():
             raise Unavailable("the Triton kernels need CUDA (or TRITON_INTERPRET=1 set before import, for the "
                               "CPU interpreter)")
 

@@ -65,12 +65,12 @@ def _setup(ctx, cfg, lay, B, fp8, seed=0):
 
 def _rows(d):
     """(k rows, v rows) just written, dequantized when FP8."""
-    from dz_kernels.kv_cache import dequantize_fp8
+    from dz_kernels.kv_cache import dequantize_fp8_per_head
 
     c, a, b = d["cache"], d["a"], d["b"]
     if c.fp8:
-        return (dequantize_fp8(c.k[0][:, a:b], c.k_scale[0][:, a:b], torch.float32),
-                dequantize_fp8(c.v[0][:, a:b], c.v_scale[0][:, a:b], torch.float32))
+        return (dequantize_fp8_per_head(c.k[0][:, a:b], c.k_scale[0][:, a:b], torch.float32),
+                dequantize_fp8_per_head(c.v[0][:, a:b], c.v_scale[0][:, a:b], torch.float32))
     return c.k[0][:, a:b], c.v[0][:, a:b]
 
 

@@ -23,9 +23,9 @@ Cases:
     "te-linear-block"     with Float8BlockScaling, where TransformerEngine is installed (else Unavailable, saying
                           it is not installed; it is not on the H200 machine of 2026-11-29)
   nvfp4-w4a16/...  weight-only NVFP4 linear (the Hopper path): "dz" (nvfp4_linear, act_quant=False; params["path"]:
-                   the split-K kernel at decode-like M or the tiled GEMM, as the config table picks) and
-                   "bf16-cublas"; params carry the weight bytes of both (NVFP4: 0.5 + 1/16 byte a weight, plus 4;
-                   bf16: 2).
+                   the split-K kernel at decode-like M, the weight dequantized once + the dense GEMM at larger M,
+                   or the tiled GEMM, as the config table picks) and "bf16-cublas"; params carry the weight bytes
+                   of both (NVFP4: 0.5 + 1/16 byte a weight, plus 4; bf16: 2).
   nvfp4-w4a4/...   NVFP4 activations and weights with tl.dot_scaled on sm_100 (Blackwell), against "bf16-cublas".
   nvfp4-w4a4-emulation/...  the same elsewhere (Hopper, the interpreter): register dequantization, a correctness
                    path with no speed claim (no FP4 tensor cores there): "dz" alone, no peer, so no ratio.
@@ -153,7 +153,7 @@ def _fp8_case(ctx, M, K, N):
         if K % 128 or N % 128:
             raise Unavailable("block scaling needs K and N to be multiples of 128")
         x, w, b = data()
-        qw, sw = _q().formats.quantize_fp8_reference(w, "block128x128") if ctx.device == "cpu" else \
+        qw, sw = _q().reference.quantize_fp8_reference(w, "block128x128") if ctx.device == "cpu" else \
             _q().quantize_fp8_blockwise(w, "128x128")
         wt = qw.t()
         sw_t = sw.t().contiguous()  # [K/128, N/128]
@@ -214,10 +214,11 @@ def _nvfp4_case(ctx, M, K, N, act_quant):
         path = "tl.dot_scaled" if native else \
             "register dequantization: an emulation (no FP4 tensor cores here), a correctness path, no speed claim"
     else:
-        from dz_kernels.quant.nvfp4 import w4a16_path
+        from dz_kernels.quant.ops import w4a16_path
 
-        kernel = w4a16_path(M, N, K, ctx.device)
-        path = f"bf16 weight-only dequantization, {'split-K' if kernel == 'splitk' else 'tiled'} kernel"
+        kernel = {"splitk": "split-K kernel", "tiled": "tiled kernel",
+                  "dequant": "the weight dequantized once, then the dense GEMM"}[w4a16_path(M, N, K, ctx.device)]
+        path = f"bf16 weight-only dequantization, {kernel}"
 
     def dz():
         _need_kernels(ctx)

@@ -1,7 +1,7 @@
 """Split-K weight-only NVFP4 GEMM for decode-like M (a handful of tokens): the W4A16 path where 4-bit weights pay.
 
 At M <= 16 a W4A16 linear is memory-bound: the weight (0.5 + 1/16 byte an element with its E4M3 scales) is read
-once and each element is used in at most 16 products. The tiled GEMM of nvfp4.py launches one program per 128
+once and each element is used in at most 16 products. The tiled GEMM of triton_nvfp4.py launches one program per 128
 output columns there (40 programs for N = 5120, under a third of an H100/H200's 132 multiprocessors), each walking
 the whole K. This kernel splits K as well:
 
@@ -15,8 +15,8 @@ the whole K. This kernel splits K as well:
 
 Numerics are the tiled kernel's (same products, float32 accumulation; the float32 sums are grouped per K slice).
 Launch parameters come from dz_kernels/configs/nvfp4.json (kind splitk); which W4A16 kernel runs for a shape from
-kind w4a16_path (nvfp4.py asks). Extra memory: SPLIT_K x M x N float32 partials (M <= 16: at N = 13824 and
-SPLIT_K = 8, 7 MB, against 35 MB of packed weight).
+kind w4a16_path (ops.w4a16_path asks; triton_nvfp4.launch_w4a16 runs the path). Extra memory: SPLIT_K x M x N
+float32 partials (M <= 16: at N = 13824 and SPLIT_K = 8, 7 MB, against 35 MB of packed weight).
 """
 from __future__ import annotations
 
@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common as cm
-from ._tl import _epilogue_store
-from .nvfp4 import _w4a16_tile_dot   # nvfp4.py imports this module only inside its launcher (no cycle at import)
+from .triton_common import _epilogue_store, _w4a16_tile_dot
 
 __all__ = ["launch_w4a16_splitk", "splitk_plan", "launch_scaled_epilogue"]
 
@@ -100,19 +99,19 @@ def splitk_plan(M: int, N: int, K: int, config: dict, n_sm: int) -> tuple[int, i
 
 def launch_w4a16_splitk(x, w, ws, wg, bias, act_code: int, epilogue: tuple, has_gate: bool, has_res: bool,
                         out: torch.Tensor, config: dict) -> None:
-    """out[M, N] = epilogue(wg * (x @ (e2m1(w) * ws)^T)) with the split-K kernel; arguments checked by nvfp4.py.
-    epilogue = (gate, gate strides (2), residual, residual strides (2)) as nvfp4._epilogue_args builds them."""
+    """out[M, N] = epilogue(wg * (x @ (e2m1(w) * ws)^T)) with the split-K kernel; arguments checked by ops.py.
+    epilogue = (gate, gate strides (2), residual, residual strides (2)) as triton_nvfp4._epilogue_args builds them."""
     M, K = x.shape
     N = w.shape[0]
     G, sgm, sgn, Rz, srm, srn = epilogue
     bm, bn, bk = int(config["BLOCK_M"]), int(config["BLOCK_N"]), int(config["BLOCK_K"])
     if bk % 16 or bk < 32:
         raise ValueError(f"nvfp4 splitk: BLOCK_K must be a multiple of 16 and at least 32, got {bk}")
-    interp = cm.interpreting()
+    interp = cm.kernels_interpreted()
     n_sm = 1 if interp else torch.cuda.get_device_properties(x.device).multi_processor_count
     split, k_per_split = splitk_plan(M, N, K, config, n_sm)
     single = split == 1
-    part = out if single else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    part = out if single else cm.empty((split, M, N), torch.float32, x.device)
     launch = {} if interp else {"num_warps": int(config["num_warps"]), "num_stages": int(config["num_stages"])}
     bias_t = bias if bias is not None else out
     grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
@@ -134,7 +133,7 @@ def _launch_reduce(part, split: int, stride_s: int, wg, bias, act_code: int, epi
     _splitk_reduce_kernel[(triton.cdiv(N, rn), triton.cdiv(M, rm))](
         part, wg, bias if bias is not None else out, G, Rz, out, M, N, split, stride_s, part.stride(-2),
         sgm, sgn, srm, srn, out.stride(0), HAS_BIAS=bias is not None, ACT=act_code, HAS_GATE=has_gate,
-        HAS_RES=has_res, BLOCK_M=rm, BLOCK_N=rn, **({} if cm.interpreting() else {"num_warps": 4}))
+        HAS_RES=has_res, BLOCK_M=rm, BLOCK_N=rn, **({} if cm.kernels_interpreted() else {"num_warps": 4}))
 
 
 def launch_scaled_epilogue(y: torch.Tensor, wg, bias, act_code: int, epilogue: tuple, has_gate: bool,

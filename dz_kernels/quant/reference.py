@@ -5,7 +5,9 @@ FP8 E4M3 (torch.float8_e4m3fn)
     *dequantization* multiplier, scale = max(amax, FP8_AMAX_FLOOR) / 448 over the scaling group (the floor keeps
     an all-zero group finite: it quantizes to 0). q = e4m3(clamp(x / scale, -448, 448)), division and cast
     rounding to nearest-even. This is ModelOpt's convention (scale = amax / 448, q = (x / scale).to(e4m3)) for
-    every group whose amax is above the floor, and the row scale the fused LayerNorm kernels write.
+    every group whose amax is above the floor, and the row scale the fused LayerNorm kernels write. The one
+    definition of the convention, NaN included (a group holding a NaN gets a NaN scale and NaN values), is
+    dz_kernels/_common.py; `/ 448` is an IEEE division on every device there.
     Granularities for a 2-D tensor [R, C] (activations [M, K] or nn.Linear weights [N, K]):
       "tensor"        one scale, shape []
       "row"           one scale per row, shape [R, 1]: per token for activations, per output channel for weights
@@ -49,21 +51,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import FP8_DTYPE
+from .._common import E4M3_MAX, FP8_AMAX_FLOOR, FP8_DTYPE, fp8_scale, quantize_e4m3
 
 __all__ = [
     "E4M3_MAX", "E2M1_MAX", "FP8_AMAX_FLOOR", "FP8_BLOCK", "NVFP4_BLOCK", "E4M3_MIN_SCALE",
     "E2M1_VALUES", "FP8_GRANULARITIES",
     "e2m1_encode", "e2m1_decode", "pack_e2m1", "unpack_e2m1",
     "fp8_scale_shape", "quantize_fp8_reference", "dequantize_fp8_reference",
-    "nvfp4_global_scale", "quantize_nvfp4_reference", "dequantize_nvfp4_reference",
+    "nvfp4_global_scale", "nvfp4_global_scale_from_amax", "quantize_nvfp4_reference", "dequantize_nvfp4_reference",
     "gelu_tanh_reference", "epilogue_reference",
     "fp8_gemm_reference", "nvfp4_gemm_w4a16_reference", "nvfp4_gemm_w4a4_reference",
 ]
 
-E4M3_MAX = 448.0
 E2M1_MAX = 6.0
-FP8_AMAX_FLOOR = 1e-12
 FP8_BLOCK = 128
 NVFP4_BLOCK = 16
 E4M3_MIN_SCALE = 2.0 ** -9  # smallest positive E4M3 (subnormal): the floor of an NVFP4 block scale, as ModelOpt
@@ -164,9 +164,8 @@ def quantize_fp8_reference(x: torch.Tensor, granularity: str = "row") -> tuple[t
     _check_2d_float("x", x)
     R, C = x.shape
     fp8_scale_shape(granularity, R, C)  # validates C
-    scale = torch.clamp(_fp8_group_amax(x, granularity), min=FP8_AMAX_FLOOR) / E4M3_MAX
-    q = torch.clamp(x.float() / _expand_scale(scale, granularity, R, C), -E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
-    return q, scale
+    scale = fp8_scale(_fp8_group_amax(x, granularity))
+    return quantize_e4m3(x, _expand_scale(scale, granularity, R, C)), scale
 
 
 def dequantize_fp8_reference(q: torch.Tensor, scale: torch.Tensor, granularity: str = "row",
@@ -183,10 +182,17 @@ def dequantize_fp8_reference(q: torch.Tensor, scale: torch.Tensor, granularity: 
 
 # -------------------------------------------------------------------------------------------------------------- NVFP4
 def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
-    """The per-tensor float32 scale of NVFP4 in ModelOpt's convention: amax(|x|) / (448 * 6), a 0-dim tensor
-    (1.0 for an all-zero tensor). It is `weight_scale_2` for weights and `input_scale` for activations."""
-    amax = x.detach().abs().amax().float()
-    g = amax / (E2M1_MAX * E4M3_MAX)
+    """The per-tensor float32 scale of NVFP4 in ModelOpt's convention: amax(|x|) / (448 * 6), a 0-dim tensor on x's
+    device (no host sync), 1.0 for an all-zero tensor (and for one holding a NaN: the NaN then shows in the block
+    scales). It is `weight_scale_2` for weights and `input_scale` for activations. IEEE division on every device
+    (a Python-scalar divisor would be a multiplication by its reciprocal on CUDA)."""
+    return nvfp4_global_scale_from_amax(torch.linalg.vector_norm(x.detach(), ord=float("inf")))
+
+
+def nvfp4_global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """amax / (448 * 6) in float32 (IEEE division), 1.0 where amax is 0 or NaN (see nvfp4_global_scale)."""
+    amax = amax.float()
+    g = amax / torch.full((), E2M1_MAX * E4M3_MAX, dtype=torch.float32, device=amax.device)
     return torch.where(amax > 0, g, torch.ones_like(g))
 
 

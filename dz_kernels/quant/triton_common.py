@@ -1,12 +1,11 @@
 """Triton device functions shared by the FP8 and NVFP4 kernels, and their one GEMM launch rule (launch_gemm).
 
-E4M3 rounding: `_round_to_e4m3` rounds a float32 to the nearest E4M3 value (ties to even) before the cast to
-float8e4nv. On the GPU the cast itself rounds to nearest-even, so this changes nothing there; the Triton CPU
-interpreter's float->fp8 cast (triton 3.9) rounds half up and ignores the bits below the first dropped one, so
-without this step the interpreter would not reproduce the GPU (or torch) bits. The cast of an exactly
-representable value is exact in both.
+Rounding to a storage format (E4M3 scales, bf16/fp16 outputs) goes through dz_kernels._common (cast_rne,
+e4m3_bits): the same bits on the GPU and in the Triton CPU interpreter.
 
-E2M1 codes: `_e2m1_encode` / `_e2m1_decode`, the formats.py rules.
+E2M1 codes: `_e2m1_encode` / `_e2m1_decode`, the reference.py rules. `_unpack_tile` turns packed E2M1 bytes and
+their block scales into values; `_w4a16_tile_dot` is one K step of a W4A16 GEMM (the tiled kernel of
+triton_nvfp4.py and the split-K kernel of triton_nvfp4_splitk.py share it).
 
 The fused GEMM epilogue:
     out = residual + gate * act(acc + bias)          each term optional, float32 math, one rounding at the store
@@ -18,7 +17,10 @@ shared by all tokens is passed with row stride 0.
 import triton
 import triton.language as tl
 
-# Fixed tiles for the CPU interpreter (autotuning would run every config there); the GPU uses the autotuned kernel.
+from .._common import cast_rne, e4m3_value
+
+# Fixed tiles for the CPU interpreter (autotuning would run every config there); the GPU uses the config table's
+# tiles for the shape where a sweep measured them, else the autotuned kernel.
 INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}
 
 
@@ -53,32 +55,6 @@ def activation_code(activation) -> int:
 
 
 @triton.jit
-def _round_to_e4m3(v):
-    """float32 v with |v| <= 448 -> the nearest E4M3 value as float32 (ties to even; sign kept, -0 included).
-
-    Adding c = 1.5 * 2^(e + 20), e = max(exponent(v), -6), makes a float32 whose ulp is 2^(e - 3), the E4M3
-    quantum of v's binade (2^-9 for the subnormals), so the float32 addition does the rounding; subtracting c back
-    is exact."""
-    bits = v.to(tl.int32, bitcast=True)
-    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
-    c = (((e + 147) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-    r = (tl.abs(v) + c) - c
-    return tl.where(bits < 0, -r, r)
-
-
-@triton.jit
-def _cast_out(x, dtype: tl.constexpr):
-    """float32 -> the output dtype. bfloat16 is rounded to nearest-even by hand first (what the GPU's cast does;
-    the interpreter's cast rounds half up), so interpreter and GPU store the same bits. float16 / float32 cast
-    directly (the interpreter may differ from the GPU by one float16 ulp)."""
-    if dtype == tl.bfloat16:
-        b = x.to(tl.int32, bitcast=True)
-        b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
-        x = b.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
 def _e2m1_encode(v):
     """float32 -> int32 E2M1 code: round to nearest, ties to even, saturate at 6; sign bit = (v < 0)."""
     a = tl.abs(v)
@@ -95,6 +71,30 @@ def _e2m1_decode(c):
     m = c & 1
     mag = tl.where(e == 0, m, (2 + m) << tl.maximum(e - 1, 0)).to(tl.float32) * 0.5
     return tl.where((c & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _unpack_tile(packed, scale_per_byte, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """packed uint8 [ROWS, BLOCK_K/2] and the float32 block scale of each byte [ROWS, BLOCK_K/2] ->
+    float32 [ROWS, BLOCK_K] values (element 2j from the low nibble, 2j+1 from the high nibble)."""
+    lo = _e2m1_decode(packed) * scale_per_byte
+    hi = _e2m1_decode(packed >> 4) * scale_per_byte
+    return tl.reshape(tl.join(lo, hi), (ROWS, BLOCK_K))
+
+
+@triton.jit
+def _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, p, p_end,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + x @ (e2m1(w) * ws)^T for one K step: x [BLOCK_M, BLOCK_K] (16-bit, masked by the caller), the packed
+    weight bytes p (< p_end) of rows w_rows and their E4M3 scales (decoded by hand: the interpreter reads the NaN
+    byte as a number), unpacked in registers (exact in bf16)."""
+    pmask = mask_n[:, None] & (p < p_end)[None, :]
+    wp = tl.load(W + w_rows * stride_wn + p[None, :], mask=pmask, other=0)
+    ws = e4m3_value(tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=pmask, other=0.0))
+    w = _unpack_tile(wp, ws, BLOCK_N, BLOCK_K)
+    if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 operands give the exact products
+        return tl.dot(x.to(tl.float32), tl.trans(w), acc)
+    return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def _epilogue_store(acc, offs_m, offs_n, M, N,
     if HAS_RES:
         r = tl.load(RES + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
         acc = acc + r
-    tl.store(OUT + rows * stride_om + offs_n[None, :], _cast_out(acc, OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows * stride_om + offs_n[None, :], cast_rne(acc, OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
