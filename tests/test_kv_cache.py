@@ -291,6 +291,32 @@ def test_bad_inputs_raise_clear_errors():
         kv_cache_write(k.unflatten(-1, (D, H)).transpose(2, 3), v.unflatten(-1, (H, D)), kc, vc, pos)
 
 
+def test_the_keys_and_values_need_their_own_memory():
+    """One tensor passed as both caches (or two views of the same elements) would hold the values in the key rows
+    without a word: both ops refuse it, naming the arguments, and leave the cache untouched."""
+    B, L, H, D = 1, 3, 4, 16
+    q, k, v, wq, wk, cos, sin = _inputs(B, L, H, D, torch.float32)
+    kv = torch.zeros(B, 8, H, D)
+    pos = torch.zeros(1, dtype=torch.int32)
+    k4, v4 = k.unflatten(-1, (H, D)), v.unflatten(-1, (H, D))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+            kv_cache_write(k4, v4, kv, kv, pos, backend="torch")
+        with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+            kv_cache_write(k4, v4, kv, kv.view(B, 8, H, D), pos, backend="torch")
+        with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+            qk_norm_rope_kv_write(q, k, v, wq, wk, EPS, cos, sin, H, kv, kv, pos, backend="torch")
+        fp8 = torch.zeros(B, 8, H, D).to(FP8)
+        scale = torch.zeros(B, 8, H)
+        with pytest.raises(ValueError, match="k_scale and v_scale are the same memory"):
+            kv_cache_write(k4, v4, fp8, fp8.clone(), pos, scale, scale, backend="torch")
+    assert not kv.any()
+    both = torch.zeros(2, B, 8, H, D)                   # two halves of one buffer are two caches: fine
+    with torch.no_grad():
+        kv_cache_write(k4, v4, both[0], both[1], pos, backend="torch")
+    assert torch.equal(both[0, :, :L], k4) and torch.equal(both[1, :, :L], v4)
+
+
 def test_custom_ops_pass_opcheck():
     """Schema (mutated caches declared), fake tensors and the dispatcher path of both custom ops."""
     B, L, H, D = 1, 3, 2, 8
@@ -474,6 +500,33 @@ def test_cache_rejects_bad_calls():
         FusedKVCache(TINY, 2, overflow="evict")
     with pytest.raises(TypeError, match="fp8=True"):
         FusedKVCache(TINY, 2, dtype=FP8)
+
+
+def test_reference_cache_rejects_bad_calls():
+    """The reference KVCache (dreamzero.cache): a negative layer used to write the last layer's cache, a batch of -1
+    or a wrong length/head dim failed deep in torch; each now names the argument."""
+    for kw, expect in [(dict(batch=-1), "batch must be a positive int, got -1"),
+                       (dict(batch=2, num_layers=0), "num_layers must be a positive int"),
+                       (dict(batch=2.0), "batch must be a positive int, got 2.0")]:
+        with pytest.raises(ValueError, match=expect):
+            KVCache(TINY, dtype=torch.float32, **kw)
+    cache = KVCache(TINY, 2, torch.float32)
+    lay = cache.layout("first", 0)
+    k_new, v_new = _kv(cache, lay.q_len, torch.Generator().manual_seed(0))
+    for layer in (-1, TINY.num_layers, True, 0.0):
+        with pytest.raises(ValueError, match=r"layer .* is outside \[0, 2\)"):
+            cache.extend(layer, k_new, v_new, lay)
+    assert all(not k.any() for k in cache.k)                       # nothing was written
+    with pytest.raises(ValueError, match="batch 1/1 .* does not match the cache's batch 2"):
+        cache.extend(0, k_new[:1], v_new[:1], lay)
+    with pytest.raises(ValueError, match=f"but the layout has {lay.q_len} query tokens"):
+        cache.extend(0, k_new[:, 1:], v_new[:, 1:], lay)
+    with pytest.raises(ValueError, match=r"v_new must be a \[B, L, H, D\] = \[B, L, 4, 16\] tensor, got \[2, "):
+        cache.extend(0, k_new, v_new[..., :8], lay)
+    with pytest.raises(ValueError, match=r"k_new must be a \[B, L, H, D\]"):
+        cache.extend(0, k_new.flatten(2), v_new, lay)
+    k_all, _ = cache.extend(0, k_new, v_new, lay)                  # and a right call still works
+    assert torch.equal(k_all, k_new)
 
 
 # ------------------------------------------------------------------------------------------- the tiny model, whole
