@@ -1,9 +1,11 @@
 """The trainer end to end on a CPU: the synthetic LeRobot dataset prepared with the tiny frozen encoders, the tiny
 model's loss falling, exact resume from an atomic checkpoint, two-rank FSDP2 on gloo equal to one rank, export to
 consolidated safetensors, a video-only mixture, a new embodiment slot, and the command line."""
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,7 +133,7 @@ def test_resume_gives_the_same_next_losses(prepared, tmp_path):
 
 
 def test_export_loads_in_the_inference_path(prepared, tmp_path):
-    from dreamzero.checkpoint import load_model
+    from dreamzero.checkpoint import CheckpointError, load_model
     from dreamzero.train.export import export_checkpoint, export_trainer, load_trained_config
 
     tr = Trainer(make_cfg(prepared, tmp_path / "run", steps=2, save_every=2))
@@ -146,6 +148,15 @@ def test_export_loads_in_the_inference_path(prepared, tmp_path):
         assert torch.equal(v, live[k]), k
         assert m2.state_dict()[k].dtype == torch.bfloat16
     assert json.load(open(tmp_path / "exp1" / "dz_config.json"))["action_dim"] == cfg.action_dim
+    # each export carries SHA256SUMS (sha256sum's format) over what it wrote; a flipped bit fails the load
+    sums = dict(reversed(line.split("  ")) for line in (tmp_path / "exp1" / "SHA256SUMS").read_text().splitlines())
+    assert sorted(sums) == ["dz_config.json", "model.safetensors"]
+    assert sums["model.safetensors"] == hashlib.sha256(open(p1, "rb").read()).hexdigest()
+    raw = bytearray(open(p1, "rb").read())
+    raw[-5] ^= 0x10                                     # one bit of the last weight
+    open(p1, "wb").write(bytes(raw))
+    with pytest.raises(CheckpointError, match=re.escape(p1) + r": sha256 [0-9a-f]{64} does not match"):
+        load_model(cfg, p1)
 
 
 def _torchrun(args, env_extra=None, timeout=240):
