@@ -62,12 +62,16 @@ def export_checkpoint(ckpt_dir: str, out: str, layout: str = "dreamzero", dtype:
     """
     import torch.distributed.checkpoint as dcp
 
+    from .trainer import checkpoint_problem, latest_checkpoint
     if not os.path.exists(os.path.join(ckpt_dir, "trainer_state.json")):
-        from .trainer import latest_checkpoint
         latest = latest_checkpoint(ckpt_dir)
         if latest is None:
-            raise FileNotFoundError(f"{ckpt_dir}: neither a checkpoint folder nor a run folder with checkpoints/latest")
+            raise FileNotFoundError(f"{ckpt_dir}: neither a checkpoint folder nor a run folder with a complete "
+                                    f"checkpoint under checkpoints/")
         ckpt_dir = latest
+    problem = checkpoint_problem(ckpt_dir)
+    if problem is not None:
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint: {problem}")
     cfg = load_trained_config(ckpt_dir)
     with torch.device("meta"):
         model = DreamZero(cfg)
