@@ -16,7 +16,7 @@
 | `LOCAL_RANK` | dreamzero.train | `0` | this process's GPU on its machine (set by torchrun) |
 | `DZ_VENV` | scripts/*.sh | `<repo>/.venv` | virtual environment that scripts/test.sh and scripts/bench.sh create or reuse |
 | `DZ_WHEELHOUSE` | scripts/gpu_run.sh | `<repo>/wheelhouse` | folder of wheels installed (`--no-deps`) on the GPU machine when a package is missing there |
-| `DZ_FAULT_AT` | dreamzero.train.trainer | unset | tests only: a named point of a checkpoint save (`dreamzero.train.trainer.FAULT_POINTS`) where the process ends at once (`os._exit`, no cleanup), as a kill there would end it |
+| `DZ_FAULT_AT` | dreamzero.train.trainer | unset | tests only: the process ends at once (`os._exit`) at this point of a save (`FAULT_POINTS`), as if killed |
 
 Booleans accept 1/0, true/false, yes/no, on/off (any case); anything else raises ValueError naming the variable.
 This module uses only the standard library: setup.py loads it by path before anything is installed.
