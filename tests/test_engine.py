@@ -130,7 +130,7 @@ def test_dit_caching_static_and_dynamic(model):
     static_bound, dynamic_bound = err(go(num_steps=8)), err(go(num_steps=sum(masks[0])))
     assert within(static, static_bound), (err(static), static_bound)
     assert within(dyn, dynamic_bound), (err(dyn), dynamic_bound)
-    other_weights = go(tiny_model(seed=1), num_steps=16)
+    other_weights = go(tiny_model(num_embodiments=1, seed=1), num_steps=16)
     assert not within(one, static_bound) and not within(one, dynamic_bound)
     assert not within(other_weights, static_bound) and not within(other_weights, dynamic_bound)
 

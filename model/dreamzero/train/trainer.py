@@ -169,8 +169,6 @@ FAULT_EXIT_CODE = 75
 
 def _fault(point: str) -> None:
     """End the process here, at once and without any cleanup (as a kill would), when DZ_FAULT_AT names `point`."""
-    from dz_kernels import env
-
     if env.fault_at() == point:
         os._exit(FAULT_EXIT_CODE)
 
@@ -297,7 +295,6 @@ class Trainer:
         self.peak = (cfg.peak_tflops * 1e12) if cfg.peak_tflops else peak_flops(self.device, self.precision)
         self.flops_per_step = training_flops(self.model_cfg, self.num_chunks, self.global_batch)
         self.tokens_per_step = self.layout.q_len * self.global_batch
-        from dz_kernels import env
         if env.fault_at() is not None and env.fault_at() not in FAULT_POINTS:
             raise ValueError(f"DZ_FAULT_AT={env.fault_at()!r} names no fault point; known: {FAULT_POINTS}")
         if self.rank == 0:
