@@ -666,7 +666,8 @@ def test_encode_hook(model):
 def test_server_arguments_are_checked(model):
     p = new_policy(model)
     for kw, expect in [(dict(max_pending=0), "max_pending"), (dict(max_message_bytes=10), "max_message_bytes"),
-                       (dict(max_message_bytes=4096, hard_limit_bytes=2048), "hard_limit_bytes")]:
+                       (dict(max_message_bytes=4096, hard_limit_bytes=2048), "hard_limit_bytes"),
+                       (dict(max_abs=0.0), "max_abs must be > 0")]:
         with pytest.raises(ValueError, match=expect):
             PolicyServer(p, **kw)
     with pytest.raises(TypeError, match="encode"):

@@ -123,7 +123,12 @@ class PolicyServer:
         self.max_message_bytes, self.hard_limit_bytes, self.max_pending = max_message_bytes, hard, max_pending
         self.encode = encode
         self.model_name = model_name or getattr(self.cfg, "name", "custom")
-        self.max_abs = float(value_limit(getattr(policy, "dtype", "float32")) if max_abs is None else max_abs)
+        if max_abs is None:
+            try:
+                max_abs = value_limit(getattr(policy, "dtype", "float32"))
+            except ValueError as e:
+                raise ValueError(f"{e}: pass max_abs= (the largest feature magnitude to accept)") from None
+        self.max_abs = float(max_abs)
         if not self.max_abs > 0:
             raise ValueError(f"max_abs must be > 0, got {max_abs}")
         # worker-side episode state (touched only on the worker thread)
