@@ -119,12 +119,13 @@ def _check_cache(k_cache, v_cache, k_scale, v_scale, B: int, H: int, D: int, dev
 def _check_distinct(k_cache, v_cache, k_scale, v_scale) -> None:
     """The keys and the values need their own memory: with one tensor (or two views of the same elements) passed
     as both, the values would overwrite the keys without a word. (_check_cache has already made the shapes, dtypes
-    and strides equal, so an equal data pointer means the very same elements.)"""
+    and strides equal, so an equal data pointer means the very same elements. Under torch.compile, which cannot
+    trace data pointers, the check is identity only.)"""
     pairs = [("k_cache", k_cache, "v_cache", v_cache)]
     if isinstance(k_scale, torch.Tensor) and isinstance(v_scale, torch.Tensor):
         pairs.append(("k_scale", k_scale, "v_scale", v_scale))
     for na, a, nb, b in pairs:
-        if a is b or (a.numel() and a.data_ptr() == b.data_ptr()):
+        if a is b or (not torch.compiler.is_compiling() and a.numel() and a.data_ptr() == b.data_ptr()):
             raise ValueError(f"{na} and {nb} are the same memory: pass two separate tensors (the values would "
                              f"overwrite the keys)")
 
