@@ -71,6 +71,9 @@ def _qk_norm_rope_fused(q, k, wq, wk, eps, cos, sin, num_heads):
 
 def apply_(model, config: ApplyConfig = ApplyConfig()) -> ApplyHandle:
     """Swap the fast ops into `model` in place; returns a handle whose undo() reverts it."""
+    if not isinstance(config, ApplyConfig):
+        raise TypeError(f"apply_: config must be a dz_kernels.ApplyConfig (ApplyConfig() swaps every op in), got "
+                        f"{type(config).__name__}")
     undo = []
     try:
         if hasattr(model, "ops") and dataclasses.is_dataclass(model.ops):

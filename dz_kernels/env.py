@@ -16,6 +16,7 @@
 | `LOCAL_RANK` | dreamzero.train | `0` | this process's GPU on its machine (set by torchrun) |
 | `DZ_VENV` | scripts/*.sh | `<repo>/.venv` | virtual environment that scripts/test.sh and scripts/bench.sh create or reuse |
 | `DZ_WHEELHOUSE` | scripts/gpu_run.sh | `<repo>/wheelhouse` | folder of wheels installed (`--no-deps`) on the GPU machine when a package is missing there |
+| `DZ_FAULT_AT` | dreamzero.train.trainer | unset | tests only: the process ends at once (`os._exit`) at this point of a save (`FAULT_POINTS`), as if killed |
 
 Booleans accept 1/0, true/false, yes/no, on/off (any case); anything else raises ValueError naming the variable.
 This module uses only the standard library: setup.py loads it by path before anything is installed.
@@ -50,6 +51,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("LOCAL_RANK", "dreamzero.train", "0", "this process's GPU on its machine (set by torchrun)"),
     EnvVar("DZ_VENV", "scripts/*.sh", "<repo>/.venv", "virtual environment used by the scripts"),
     EnvVar("DZ_WHEELHOUSE", "scripts/gpu_run.sh", "<repo>/wheelhouse", "wheels installed on the GPU machine"),
+    EnvVar("DZ_FAULT_AT", "dreamzero.train.trainer", "", "tests only: end the process at this point of a save"),
 )
 
 DEFAULT_CUDA_ARCHS = ("90a", "100a")
@@ -187,6 +189,12 @@ def local_rank() -> int:
     """LOCAL_RANK (torchrun sets it): this process's GPU index on its machine; 0 when unset."""
     value = _int("LOCAL_RANK", 0)
     return 0 if value is None else value
+
+
+def fault_at() -> str | None:
+    """DZ_FAULT_AT (the kill tests' fault-injection point), or None when unset."""
+    value = os.environ.get("DZ_FAULT_AT", "").strip()
+    return value or None
 
 
 def current_values() -> dict[str, str | None]:

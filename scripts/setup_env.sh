@@ -12,11 +12,14 @@
 DZ_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # Exact versions (torch 2.13.0 is the CPU wheel on this machine's disk; pip finds it through its find-links).
+# nvidia-modelopt (the ModelOpt bit-exact tests) needs torch >= 2.8 and keeps this torch: its own new dependencies
+# are the last three pins (about 10 s more on top of the rest).
 DZ_BOOTSTRAP_PINS=(pip==26.3 setuptools==84.2.1 wheel==0.48.0)
 DZ_PINS=(
   torch==2.13.0 triton==3.9.0 numpy==2.4.6 pytest==9.2.0 safetensors==0.8.0 scipy==1.17.1 tqdm==4.70.1
   matplotlib==3.11.2 msgpack==1.2.4 websockets==17.4 transformers==5.23.0 diffusers==0.42.1 av==18.1.0
   pyarrow==26.0.1 pybind11==3.1.0 cmake==4.4.5 ninja==1.13.2 tensorboard==2.21.0
+  nvidia-modelopt==0.47.0 nvidia-ml-py==13.615.71 omegaconf==2.4.0 pulp==3.3.2
 )
 
 _dz_stamp() {

@@ -102,3 +102,13 @@ def test_apply_in_the_policy_loop(kv_cache):
 def test_apply_rejects_unknown_models():
     with pytest.raises(TypeError, match="supports"):
         apply_(torch.nn.Linear(2, 2))
+
+
+def test_apply_names_a_config_that_is_not_an_apply_config():
+    m = tiny()
+    before = m.ops
+    for bad in (None, {"attention": True}, True):
+        with pytest.raises(TypeError, match=f"apply_: config must be a dz_kernels.ApplyConfig .*got "
+                                            f"{type(bad).__name__}"):
+            apply_(m, bad)
+    assert m.ops is before                                          # nothing was swapped

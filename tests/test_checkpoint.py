@@ -138,6 +138,30 @@ def test_missing_unexpected_misshaped_listed_in_one_error(tmp_path):
     assert str(tmp_path) in msg
 
 
+def test_float8_and_mixed_dtypes_are_refused_at_load_naming_the_tensors(tmp_path):
+    """A file whose tensors would reach the model as they are (a meta model, dtype=None) in float8, or in a mix of
+    float16 and float32, used to load and fail later inside a GELU or a matmul: it is refused at load, naming the
+    tensors, and dtype= (which converts every tensor) loads it."""
+    src = _random_model()
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    mixed = dict(sd, **{"blocks.1.ffn.0.weight": sd["blocks.1.ffn.0.weight"].half(),
+                        "blocks.0.norm3.bias": sd["blocks.0.norm3.bias"].half()})
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(CheckpointError, match=r"mixes floating dtypes \(F16: blocks.0.norm3.bias, "
+                                              r"blocks.1.ffn.0.weight; F32: .*\); .* pass dtype="):
+        load_model("tiny", tmp_path / "mixed.safetensors")
+    m = load_model("tiny", tmp_path / "mixed.safetensors", dtype=torch.float32)
+    assert _forward(m)[1].isfinite().all()
+    fp8 = dict(sd, **{"blocks.0.ffn.2.weight": sd["blocks.0.ffn.2.weight"].to(torch.float8_e4m3fn)})
+    save_file(fp8, str(tmp_path / "fp8.safetensors"))
+    for kw in ({}, {"dtype": torch.float32}):                  # float8 without its scales is refused either way
+        with pytest.raises(CheckpointError, match=r"wrong dtype: blocks.0.ffn.2.weight: F8_E4M3 \(float8 values "
+                                                  r"without their scales"):
+            load_model("tiny", tmp_path / "fp8.safetensors", **kw)
+    with pytest.raises(CheckpointError, match="wrong dtype: blocks.0.ffn.2.weight: F8_E4M3"):
+        load_checkpoint(_random_model(seed=3), tmp_path / "fp8.safetensors")
+
+
 def test_wan_layout_without_heads_needs_explicit_permission(tmp_path):
     src = _random_model()
     save_checkpoint(src, tmp_path, layout="wan", include_heads=False)
@@ -202,6 +226,44 @@ def test_index_and_shards_must_agree(tmp_path):
     json.dump(body, open(index, "w"))
     with pytest.raises(CheckpointError, match="head.head.weight: in .* but not in the index"):
         load_model("tiny", tmp_path)
+
+
+def test_checksum_manifest_is_verified_when_present(tmp_path):
+    """checkpoint.manifest: SHA256SUMS beside the weights (what `dz export` writes) is checked on load: a changed,
+    unlisted or missing file is named; two exports into one folder both stay loadable; no manifest, no check."""
+    from dreamzero.checkpoint import MANIFEST_NAME, write_manifest
+
+    src = _random_model()
+    one = save_checkpoint(src, tmp_path / "a.safetensors")
+    two = save_checkpoint(src, tmp_path / "b.safetensors", max_shard_bytes=40_000)     # shards and an index
+    write_manifest(str(tmp_path), ["a.safetensors"])
+    shards = sorted(p.name for p in tmp_path.glob("b-*.safetensors"))
+    write_manifest(str(tmp_path), shards + ["b.safetensors.index.json"])
+    listed = (tmp_path / MANIFEST_NAME).read_text().splitlines()
+    assert len(listed) == 2 + len(shards) and len(shards) > 1 and all(len(x.split("  ")[0]) == 64 for x in listed)
+    _assert_same_weights(src, load_model("tiny", one))
+    _assert_same_weights(src, load_model("tiny", two))
+    raw = bytearray((tmp_path / shards[-1]).read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / shards[-1]).write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=f"{shards[-1]}: sha256 .* does not match .* in .*{MANIFEST_NAME}"):
+        load_model("tiny", two)
+    report = load_checkpoint(_random_model(seed=2), two, verify=False)       # verify=False skips the check
+    assert len(report.loaded) == len(src.state_dict())
+    _assert_same_weights(src, load_model("tiny", one))                         # the other export is unaffected
+    save_checkpoint(src, tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match=r"c.safetensors: not listed in"):
+        load_model("tiny", tmp_path / "c.safetensors")
+    index = json.loads((tmp_path / "b.safetensors.index.json").read_text())
+    index["metadata"]["total_size"] += 1                                       # the index changed too
+    (tmp_path / "b.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"b.safetensors.index.json: sha256 .* does not match"):
+        load_model("tiny", one)
+    (tmp_path / MANIFEST_NAME).write_text("not a checksum line\n")
+    with pytest.raises(CheckpointError, match="line 1: not a '<sha256>  <file name>' line"):
+        load_model("tiny", one)
+    (tmp_path / MANIFEST_NAME).unlink()
+    _assert_same_weights(src, load_model("tiny", tmp_path / "c.safetensors"))    # no manifest: nothing to check
 
 
 def test_pickle_files_are_refused(tmp_path):

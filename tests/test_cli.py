@@ -1,10 +1,12 @@
 """The `dz` command line: env, bench --list, dispatch of commands added by other packages."""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +36,16 @@ def test_dz_entry_point_runs_as_a_program():
     proc = subprocess.run([sys.executable, "-m", "dz_kernels.cli", "bench", "--list"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[0:1] and "copy" in proc.stdout.split()
+    # one line per case module of bench/dz_bench/cases, none broken, each with the first line of its docstring
+    import dz_bench.cases
+
+    folder = Path(dz_bench.cases.__file__).parent
+    modules = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == modules and "BROKEN" not in proc.stdout
+    for name, line in zip(modules, lines):
+        first = ast.get_docstring(ast.parse((folder / f"{name}.py").read_text())).splitlines()[0]
+        assert line == f"{name:24s} {first}" and first.startswith(f"{name}: ")
 
 
 def test_dz_help_and_unknown_command(capsys):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
 import time
 
 import pytest
@@ -181,12 +182,33 @@ def test_report_regenerates_from_json(dummy_bench, tmp_path):
     assert (folder / f"{name}.md").exists() and (folder / f"{name}.png").exists()
 
 
-def test_commit_override(monkeypatch):
+def test_commit_override(monkeypatch, tmp_path):
     monkeypatch.setenv("DZ_COMMIT", "abc123")
     assert harness.commit() == "abc123"
     monkeypatch.delenv("DZ_COMMIT")
-    c = harness.commit()
-    assert c == "unknown" or len(c.split("-")[0]) == 40
+    # the value, in a repository made here: HEAD's sha, "-dirty" once a tracked file changes, "unknown" outside one
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "f.txt").write_text("a\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "f.txt")
+    git("commit", "-q", "-m", "one")
+    monkeypatch.setattr(harness, "REPO_DIR", str(repo))
+    sha = git("rev-parse", "HEAD")
+    assert len(sha) == 40 and harness.commit() == sha
+    (repo / "untracked.txt").write_text("x")
+    assert harness.commit() == sha                          # untracked files do not make it dirty
+    (repo / "f.txt").write_text("b\n")
+    assert harness.commit() == sha + "-dirty"
+    monkeypatch.setattr(harness, "REPO_DIR", str(tmp_path / "not-a-repo"))
+    (tmp_path / "not-a-repo").mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    assert harness.commit() == "unknown"
 
 
 def test_rows_stream_samples_and_deadline(dummy_bench, tmp_path, capsys):

@@ -338,6 +338,33 @@ def test_bad_inputs_raise_clear_errors():
         kv_cache_write(k.unflatten(-1, (D, H)).transpose(2, 3), v.unflatten(-1, (H, D)), kc, vc, pos)
 
 
+def test_the_keys_and_values_need_their_own_memory():
+    """One tensor passed as both caches (or two views of the same elements) would hold the values in the key rows
+    without a word: both ops refuse it, naming the arguments, and leave the cache untouched (CPU tensors, the
+    checks run before any launch)."""
+    B, L, H, D = 1, 3, 4, 16
+    q, k, v, wq, wk, cos, sin = (t.cpu() for t in _inputs(B, L, H, D, torch.float32))
+    kv = torch.zeros(B, 8, H, D)
+    pos = torch.zeros(1, dtype=torch.int32)
+    k4, v4 = k.unflatten(-1, (H, D)), v.unflatten(-1, (H, D))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+            kv_cache_write(k4, v4, kv, kv, pos, backend="torch")
+        with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+            kv_cache_write(k4, v4, kv, kv.view(B, 8, H, D), pos, backend="torch")
+        with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+            qk_norm_rope_kv_write(q, k, v, wq, wk, EPS, cos, sin, H, kv, kv, pos, backend="torch")
+        fp8 = torch.zeros(B, 8, H, D).to(FP8)
+        scale = torch.zeros(B, 8, H)
+        with pytest.raises(ValueError, match="k_scale and v_scale are the same memory"):
+            kv_cache_write(k4, v4, fp8, fp8.clone(), pos, scale, scale, backend="torch")
+    assert not kv.any()
+    both = torch.zeros(2, B, 8, H, D)                   # two halves of one buffer are two caches: fine
+    with torch.no_grad():
+        kv_cache_write(k4, v4, both[0], both[1], pos, backend="torch")
+    assert torch.equal(both[0, :, :L], k4) and torch.equal(both[1, :, :L], v4)
+
+
 def test_custom_ops_pass_opcheck():
     """Schema (mutated caches declared), fake tensors and the dispatcher path of both custom ops."""
     B, L, H, D = 1, 3, 2, 8

@@ -206,6 +206,33 @@ def test_cache_rejects_bad_calls():
         FusedKVCache(TINY, 2, dtype=FP8)
 
 
+def test_reference_cache_rejects_bad_calls():
+    """The reference KVCache (dreamzero.cache): a negative layer used to write the last layer's cache, a batch of -1
+    or a wrong length/head dim failed deep in torch; each now names the argument."""
+    for kw, expect in [(dict(batch=-1), "batch must be a positive int, got -1"),
+                       (dict(batch=2, num_layers=0), "num_layers must be a positive int"),
+                       (dict(batch=2.0), "batch must be a positive int, got 2.0")]:
+        with pytest.raises(ValueError, match=expect):
+            KVCache(TINY, dtype=torch.float32, device=DEVICE, **kw)
+    cache = KVCache(TINY, 2, torch.float32, device=DEVICE)
+    lay = cache.layout("first", 0)
+    k_new, v_new = _kv(cache, lay.q_len, torch.Generator().manual_seed(0))
+    for layer in (-1, TINY.num_layers, True, 0.0):
+        with pytest.raises(ValueError, match=r"layer .* is outside \[0, 2\)"):
+            cache.extend(layer, k_new, v_new, lay)
+    assert all(not k.any() for k in cache.k)                       # nothing was written
+    with pytest.raises(ValueError, match="batch 1/1 .* does not match the cache's batch 2"):
+        cache.extend(0, k_new[:1], v_new[:1], lay)
+    with pytest.raises(ValueError, match=f"but the layout has {lay.q_len} query tokens"):
+        cache.extend(0, k_new[:, 1:], v_new[:, 1:], lay)
+    with pytest.raises(ValueError, match=r"v_new must be a \[B, L, H, D\] = \[B, L, 4, 16\] tensor, got \[2, "):
+        cache.extend(0, k_new, v_new[..., :8], lay)
+    with pytest.raises(ValueError, match=r"k_new must be a \[B, L, H, D\]"):
+        cache.extend(0, k_new.flatten(2), v_new, lay)
+    k_all, _ = cache.extend(0, k_new, v_new, lay)                  # and a right call still works
+    assert torch.equal(k_all, k_new)
+
+
 # ------------------------------------------------------------------------------------------- the tiny model, whole
 class _WithoutProject:
     """A cache seen without its fused entry point: the model's own SelfAttention then runs its reference chain

@@ -83,12 +83,27 @@ def test_droid_14b_parameter_count_and_layout():
 
 
 def test_forward_shapes_tiny():
+    """Shapes, and values: batch items are independent, teacher forcing is causal over chunks (new noisy latents
+    of the last chunk change exactly its own outputs), and Wan's init (zeroed head) predicts a zero velocity."""
     cfg = get_config("tiny")
     m = make_model(cfg)
     x = make_inputs(cfg)
-    v, a = teacher_forcing(m, x, cfg.max_chunks)
+    K, fpc, A = cfg.max_chunks, cfg.frames_per_chunk, cfg.actions_per_chunk
+    v, a = teacher_forcing(m, x, K)
     assert v.shape == x["noisy"].shape and a.shape == x["actions"].shape
-    assert torch.isfinite(v).all() and torch.isfinite(a).all()
+    assert torch.isfinite(v).all() and torch.isfinite(a).all() and v.abs().max() > 1 and a.abs().max() > 1
+    v1, a1 = teacher_forcing(m, {k: t[1:] for k, t in x.items()}, K)
+    torch.testing.assert_close(v1, v[1:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(a1, a[1:], rtol=0, atol=1e-12)
+    y = dict(x, noisy=x["noisy"].clone())
+    y["noisy"][:, :, 1 + (K - 1) * fpc:] += 1.0
+    v2, a2 = teacher_forcing(m, y, K)
+    assert torch.equal(v2[:, :, :1 + (K - 1) * fpc], v[:, :, :1 + (K - 1) * fpc])
+    assert torch.equal(a2[:, :(K - 1) * A], a[:, :(K - 1) * A])
+    assert (v2[:, :, 1 + (K - 1) * fpc:] - v[:, :, 1 + (K - 1) * fpc:]).abs().amax(dim=(1, 3, 4)).min() > 0.1
+    assert (a2[:, (K - 1) * A:] - a[:, (K - 1) * A:]).abs().max() > 0.1
+    v0, _ = teacher_forcing(tiny_model(cfg, std=None, dtype=torch.float64), x, K)
+    assert not v0.any()
 
 
 @pytest.mark.parametrize("fused", [False, True])

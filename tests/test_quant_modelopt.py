@@ -1,21 +1,24 @@
 """Bit-for-bit agreement with NVIDIA ModelOpt's own quantizers, and a ModelOpt-quantized model in our kernels.
 
-Runs only where `nvidia-modelopt` is importable (it is not installed in this project's environment; the whole
-module is skipped there, with that reason). To run it, put ModelOpt and its light dependencies on the path, e.g.
-    pip download --no-deps nvidia-modelopt && unzip the wheel into DIR;
-    pip install --target DEPS --no-deps omegaconf antlr4-python3-runtime==4.9.3 nvidia-ml-py pulp
-    PYTHONPATH=DIR:DEPS pytest tests/test_quant_modelopt.py
+nvidia-modelopt is pinned in the project's environment (scripts/setup_env.sh), so CI runs this module; where it is
+not installed (the GPU machine's image) the module is skipped with that reason -- but never in CI (CI=true), where
+a skip would hide a broken install.
 ModelOpt's NVFP4 fake quantization needs CUDA, so on a CPU the model test compares exported tensors and our outputs
 (not ModelOpt's fake-quantized forward) for NVFP4; the FP8 forward is compared on CPU too.
 """
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 
-mtq = pytest.importorskip("modelopt.torch.quantization",
-                          reason="nvidia-modelopt is not installed: the bit-exact comparison runs only where it is")
+if os.environ.get("CI") == "true":
+    import modelopt.torch.quantization as mtq      # pinned in scripts/setup_env.sh: CI must run these, not skip
+else:
+    mtq = pytest.importorskip("modelopt.torch.quantization",
+                              reason="nvidia-modelopt is not installed: the bit-exact comparison runs only where it "
+                                     "is (scripts/setup_env.sh installs it)")
 from modelopt.torch.export.quant_utils import to_quantized_weight  # noqa: E402
 from modelopt.torch.quantization.qtensor import FP8QTensor, NVFP4QTensor  # noqa: E402
 
@@ -48,7 +51,9 @@ def test_nvfp4_quantizer_bit_exact(shape, dtype):
     assert torch.equal(q._quantized_data, ours[0])
     assert torch.equal(_u8(s), _u8(ours[1]))
     assert torch.equal(g.reshape(()), ours[2])
-    if shape[0] <= 64:  # and the Triton kernel (interpreter on CPU), at a size the interpreter runs quickly
+    if shape[0] <= 64 and dtype == torch.bfloat16:
+        # and the Triton kernel (interpreter on CPU), once: test_quant_nvfp4 holds it bit-exact to the reference
+        # for every dtype, so ModelOpt = reference = kernel there
         tq, ts, tg = nvfp4.quantize_nvfp4(x.to(DEV))
         assert torch.equal(tq.cpu(), ours[0]) and torch.equal(_u8(ts.cpu()), _u8(ours[1]))
 

@@ -3,6 +3,7 @@ requests, a client that disconnects mid-request, a restart, the bounded queue, t
 
 Every server here listens on 127.0.0.1 on a free port and runs the tiny random model with one denoising step.
 """
+import collections
 import re
 import signal
 import socket
@@ -231,6 +232,98 @@ def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(model
         assert h["ok"] and h["metrics"]["errors"] == len(cases) + 4 and h["metrics"]["step_latency"]["count"] == 3
 
 
+ERROR_REPLY_BYTES = 2048        # an error reply: MAX_ERROR_CHARS of detail plus the envelope
+
+
+def test_error_replies_are_bounded_whatever_the_request(model):
+    """Requests holding huge values (a 600 KiB type name, field name, id, dtype string, an embodiment list, an
+    encoder's or the policy's error text) get error replies of at most ERROR_REPLY_BYTES, on the same connection."""
+    from dreamzero.serve.protocol import MAX_ERROR_CHARS
+
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=1, chunks=1)
+    reset40, _ = episode(cfg, batch=40, chunks=1)
+    big = "x" * (600 * 1024)
+
+    def encode(kind, msg):
+        raise ValueError("the encoder says: " + big)
+
+    cases = [
+        ({"type": big}, "unknown message type"),
+        ({"type": "reset", **reset, big: 1}, "unknown field(s)"),
+        ({"type": "reset", **reset, **{f"f{i}": i for i in range(5000)}}, "and 4992 more"),
+        ({"type": "health", "id": big}, "'id' must be at most 256 characters"),
+        ({"type": "reset", **reset, "embodiment": np.full(100_000, 7, np.int64)}, "embodiment has shape [100000]"),
+        ({"type": "reset", **reset40, "embodiment": np.full(40, 7, np.int64)}, "got <list of 40 items>"),
+        ({"type": "reset", **reset, "text": {"__nd__": True, "dtype": big, "shape": [1], "data": b"\0" * 4}},
+         "refused"),
+        ({"type": "reset", **reset, "text": {"__nd__": True, "dtype": "<f4", "shape": list(range(20000)),
+                                             "data": b""}}, "array shape must be a list"),
+    ]
+    with PolicyServer(new_policy(model), port=0, encode=encode) as srv, PolicyClient(srv.url) as c:
+        for i, (msg, expect) in enumerate(cases):
+            c.ws.send(pack(msg))
+            raw = c.ws.recv(timeout=60)
+            rep = unpack(raw)
+            assert rep["type"] == "error" and expect in rep["error"], (i, rep["error"][:300])
+            assert len(rep["error"]) <= MAX_ERROR_CHARS and len(raw) <= ERROR_REPLY_BYTES, (i, len(raw))
+        # an encoder's error and a policy's error are cut too
+        c.ws.send(pack({"type": "reset", "instruction": "x", "image": np.zeros((1, 2, 2, 3), np.uint8)}))
+        raw = c.ws.recv(timeout=60)
+        assert "the encoder says: xxx" in unpack(raw)["error"] and len(raw) <= ERROR_REPLY_BYTES
+        assert c.health()["ok"]
+
+
+def test_integer_fields_out_of_any_range_get_a_clear_reply(model):
+    """msgpack carries integers up to 2**64 - 1 and down to -2**63: each gets the range error, never an internal
+    one (np.full overflowed on 2**63)."""
+    cfg = model.cfg
+    reset, _ = episode(cfg, batch=2, chunks=1)
+    with PolicyServer(new_policy(model), port=0) as srv, PolicyClient(srv.url) as c:
+        for emb in (2 ** 63, 2 ** 64 - 1, -2 ** 63, 2, -1, np.array([0, 2 ** 63], np.uint64),
+                    np.array([0, -2 ** 63], np.int64)):
+            rep = send_raw(c, pack({"type": "reset", **reset, "embodiment": emb}))
+            assert rep["type"] == "error" and "reset: embodiment ids must be in [0, 2)" in rep["error"], (emb, rep)
+        for rid in (2 ** 64 - 1, -2 ** 63):                         # any msgpack int is a fine id, echoed
+            assert send_raw(c, pack({"type": "health", "id": rid}))["id"] == rid
+        assert c.health()["metrics"]["errors"] == 7
+
+
+def test_values_beyond_what_the_dtype_carries_are_refused_before_the_episode_changes(model):
+    """3e38 fits float32 but not the model's norms and sampler (the step used to fail in the smoothing and leave
+    the episode broken until a reset). Such values are refused at validation: the episode goes on as if they had
+    never been sent; a value of exactly the limit is served."""
+    from dreamzero.serve.protocol import value_limit
+
+    cfg = model.cfg
+    reset, steps = episode(cfg, batch=1, chunks=3, seed=11)
+    expected = run_direct(new_policy(model), reset, steps)
+    limit = value_limit(torch.float32)
+    assert limit == pytest.approx(1.8446743e19, rel=1e-6) and value_limit("float16") == pytest.approx(255.94, abs=.01)
+    assert value_limit("torch.bfloat16") == pytest.approx(1.8411e19, rel=1e-4)
+    huge = np.full_like(steps[1][1], 3e38)
+    with PolicyServer(new_policy(model), port=0) as srv, PolicyClient(srv.url) as c:
+        assert c.metadata()["max_abs"] == limit
+        c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        np.testing.assert_array_equal(c.step(*steps[0])["actions"], expected[0].actions)
+        with pytest.raises(ServerError, match=r"step: state holds a value of magnitude 3e\+38, beyond the 1.84e\+19"):
+            c.step(steps[1][0], huge)
+        with pytest.raises(ServerError, match="step: observation holds a value of magnitude"):
+            c.step(np.full_like(steps[1][0], -3e38), steps[1][1])
+        with pytest.raises(ServerError, match="reset: text holds a value of magnitude"):
+            c.reset(reset["text"] * 1e30, reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        for (obs, st), want in zip(steps[1:], expected[1:]):     # the episode as if nothing had been sent
+            np.testing.assert_array_equal(c.step(obs, st)["actions"], want.actions)
+        # at the limit: served, finite
+        at = steps[0][1] / np.abs(steps[0][1]).max() * np.float32(limit)
+        assert np.abs(at).max() <= limit
+        c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+        assert np.isfinite(c.step(None, at)["actions"]).all()
+    with PolicyServer(new_policy(model), port=0, max_abs=10.0) as srv, PolicyClient(srv.url) as c:
+        with pytest.raises(ServerError, match="beyond the 10 this model's dtype"):
+            c.reset(reset["text"] * 100, reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+
+
 def test_oversized_messages(model):
     limit = 64 * 1024
     with PolicyServer(new_policy(model), port=0, max_message_bytes=limit) as srv:
@@ -247,6 +340,151 @@ def test_oversized_messages(model):
         with PolicyClient(srv.url) as c:
             h = c.health()
             assert h["ok"] and h["metrics"]["errors"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- fuzz
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def fuzz_messages(cfg, n: int, seed: int, limit: int) -> list:
+    """`n` malformed, truncated, oversized and wrong-typed messages: (payload bytes or str, beyond_hard_limit)."""
+    rng = np.random.default_rng(seed)
+    reset, steps = episode(cfg, batch=1, chunks=2, seed=seed)
+    valid = [{"type": "reset", **reset}, {"type": "step", "state": steps[0][1]},
+             {"type": "step", "observation": steps[1][0], "state": steps[1][1]}, {"type": "health"},
+             {"type": "metadata", "id": "m"}]
+    packed = [pack(v) for v in valid]
+    nd = [{"__nd__": True, "dtype": "<f4", "shape": [2 ** 62, 0], "data": b""},
+          {"__nd__": True, "dtype": "<f4", "shape": [2 ** 40, 2 ** 40, 0, 2 ** 40], "data": b""},
+          {"__nd__": True, "dtype": "<f4", "shape": [-1], "data": b""}, {"__nd__": True},
+          {"__nd__": 1, "dtype": "<f4", "shape": [1], "data": b"\0" * 4},
+          {"__nd__": True, "dtype": "<c16", "shape": [1], "data": b"\0" * 16},
+          {"__nd__": True, "dtype": ["<f4"], "shape": [1], "data": b"\0" * 4},
+          {"__nd__": True, "dtype": "<f4", "shape": [1], "data": "abcd"}]
+    junk = [None, True, -1, 0, 2 ** 64 - 1, -2 ** 63, 3.5, float("nan"), float("inf"), 3e38, -3e38, "", "x" * 5000,
+            b"\0" * 3000, [], [1] * 3000, {}, {"a": {"b": {"c": [1, {"d": None}]}}}, "reset", "step",
+            np.full((1, cfg.states_per_chunk, cfg.state_dim), 3e38, np.float32),
+            np.full((1, cfg.states_per_chunk, cfg.state_dim), np.inf, np.float64),
+            np.zeros((1, cfg.states_per_chunk, cfg.state_dim), np.float16) + np.float16(60000),
+            np.zeros((1, cfg.states_per_chunk, cfg.state_dim), np.int8), np.zeros((3, 0), np.float32),
+            np.array([2 ** 64 - 1], np.uint64), np.zeros(7, bool), msgpack.ExtType(3, b"xyz"), *nd]
+    out = []
+    for i in range(n):
+        kind = i % 10
+        base = packed[rng.integers(len(packed))]
+        if kind == 0:                                       # random bytes
+            out.append((rng.bytes(int(rng.integers(0, 4096))), False))
+        elif kind == 1:                                     # truncated
+            out.append((base[:int(rng.integers(0, len(base)))], False))
+        elif kind == 2:                                     # bits flipped
+            b = bytearray(base)
+            for _ in range(int(rng.integers(1, 9))):
+                j = int(rng.integers(len(b)))
+                b[j] ^= 1 << int(rng.integers(8))
+            out.append((bytes(b), False))
+        elif kind in (3, 4, 5):                             # a field (or a new one) given a wrong type or value
+            msg = dict(valid[rng.integers(len(valid))])
+            key = [*msg, "id", "type", "embodiment", "observation", "x" * int(rng.integers(1, 3000))][
+                rng.integers(len(msg) + 5)]
+            msg[key] = junk[rng.integers(len(junk))]
+            out.append((pack(msg), False))
+        elif kind == 6:                                     # not a map, or nested beyond msgpack's limits
+            out.append((rng.choice([b"\x91" * 2000 + b"\xc0", b"\x81\xa1a" * 600 + b"\xc0", b"\xdb\xff\xff\xff\xff",
+                                    b"\xc6\x7f\xff\xff\xff" + b"\0" * 10, pack([1, 2, 3]), pack("health"),
+                                    b"\xc1", b""]), False))
+        elif kind == 7:                                     # text frames
+            out.append(("health" * int(rng.integers(0, 3000)), False))
+        elif kind == 8:                                     # oversized (error reply) or beyond the hard limit (1009)
+            beyond = i % 200 == 8
+            size = int(rng.integers(limit + 1, 2 * limit)) if not beyond else 2 * limit + 100
+            out.append((pack({**valid[3], "pad": np.zeros(size, np.uint8)}), beyond))
+        else:                                               # arrays of any dtype in place of the features
+            msg = dict(valid[int(rng.integers(3))])
+            key = [k for k in msg if k != "type"][rng.integers(len(msg) - 1)]
+            msg[key] = junk[rng.integers(len(junk))]
+            out.append((pack(msg), False))
+    return out
+
+
+def test_fuzz_many_malformed_messages_from_concurrent_connections(model, caplog):
+    """2,400 malformed, truncated, oversized and wrong-typed messages from 4 connections at once: every one answered
+    (an error reply, or the 1009 close beyond the hard limit), no internal error, replies bounded, the server's
+    memory bounded; then a valid episode is served exactly."""
+    import logging
+
+    cfg = model.cfg
+    limit, n_conn, per_conn = 64 * 1024, 4, 600
+    reset, steps = episode(cfg, batch=1, chunks=3, seed=21)
+    expected = run_direct(new_policy(model), reset, steps)
+    caplog.set_level(logging.WARNING, logger="dreamzero.serve")
+    with PolicyServer(new_policy(model), port=0, max_message_bytes=limit) as srv:
+        batches = [fuzz_messages(cfg, per_conn, seed=k, limit=limit) for k in range(n_conn)]
+        results = [dict(replies=[], closes=0, error=None) for _ in range(n_conn)]
+
+        def client(k: int, msgs: list) -> None:
+            res = results[k]
+            c = PolicyClient(srv.url, timeout=60)
+            try:
+                for payload, beyond in msgs:
+                    c.ws.send(payload)
+                    try:
+                        raw = c.ws.recv(timeout=60)
+                    except ConnectionClosed as e:
+                        assert beyond and e.rcvd is not None and e.rcvd.code == 1009, (payload[:60], e)
+                        res["closes"] += 1
+                        c.close()
+                        c = PolicyClient(srv.url, timeout=60)
+                        continue
+                    assert not beyond
+                    res["replies"].append(raw)
+            except BaseException as e:      # noqa: BLE001 -- reported by the test thread
+                res["error"] = e
+            finally:
+                c.close()
+
+        def run(batch_list):
+            threads = [threading.Thread(target=client, args=(k, m)) for k, m in enumerate(batch_list)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+            assert not any(t.is_alive() for t in threads)
+
+        t0 = time.monotonic()
+        run([b[:50] for b in batches])                      # warm-up: allocator and caches settle
+        rss0 = _rss_bytes()
+        run([b[50:] for b in batches])
+        elapsed, grown = time.monotonic() - t0, _rss_bytes() - rss0
+        sent = sum(len(p) for b in batches for p, _ in b[50:])
+        for r in results:
+            assert r["error"] is None, r["error"]
+        replies = [unpack(raw) for r in results for raw in r["replies"]]
+        sizes = {(rep["type"], len(raw)) for r in results for raw, rep in zip(r["replies"], replies)}
+        closes = sum(r["closes"] for r in results)
+        assert len(replies) + closes == n_conn * per_conn >= 2000 and closes == 12
+        kinds = collections.Counter(rep["type"] for rep in replies)
+        assert set(kinds) <= {"error", "health", "metadata", "reset", "actions"} and kinds["error"] > 2000, kinds
+        errors = [rep["error"] for rep in replies if rep["type"] == "error"]
+        assert not [e for e in errors if "internal server error" in e or " failed (" in e][:3]
+        assert max(s for t, s in sizes if t == "error") <= ERROR_REPLY_BYTES
+        assert max(s for t, s in sizes) <= 16 * 1024
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR][:3]
+        assert elapsed < 120, elapsed
+        # bounded: well below what was sent (a server keeping the messages, or their replies, would exceed it)
+        assert sent > 24 * 2 ** 20 and grown < 12 * 2 ** 20, f"memory grew by {grown / 2 ** 20:.1f} MiB"
+        with PolicyClient(srv.url) as c:                    # and it still serves an episode exactly
+            h = c.health()
+            assert h["ok"] and h["pending"] == 0 and h["metrics"]["requests"] >= len(replies)
+            c.reset(reset["text"], reset["clip"], reset["first_latent"], embodiment=reset["embodiment"])
+            for (obs, st), want in zip(steps, expected):
+                np.testing.assert_array_equal(c.step(obs, st)["actions"], want.actions)
+    print(f"fuzz: {len(replies) + closes} messages ({sent / 2 ** 20:.0f} MiB) in {elapsed:.1f} s, {dict(kinds)}, "
+          f"rss +{grown / 2 ** 20:.1f} MiB")
 
 
 # ---------------------------------------------------------------------------------------------- disconnects, queue
@@ -428,7 +666,8 @@ def test_encode_hook(model):
 def test_server_arguments_are_checked(model):
     p = new_policy(model)
     for kw, expect in [(dict(max_pending=0), "max_pending"), (dict(max_message_bytes=10), "max_message_bytes"),
-                       (dict(max_message_bytes=4096, hard_limit_bytes=2048), "hard_limit_bytes")]:
+                       (dict(max_message_bytes=4096, hard_limit_bytes=2048), "hard_limit_bytes"),
+                       (dict(max_abs=0.0), "max_abs must be > 0")]:
         with pytest.raises(ValueError, match=expect):
             PolicyServer(p, **kw)
     with pytest.raises(TypeError, match="encode"):

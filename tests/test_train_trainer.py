@@ -1,9 +1,11 @@
 """The trainer end to end on a CPU: the synthetic LeRobot dataset prepared with the tiny frozen encoders, the tiny
 model's loss falling, exact resume from an atomic checkpoint, two-rank FSDP2 on gloo equal to one rank, export to
 consolidated safetensors, a video-only mixture, a new embodiment slot, and the command line."""
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import torch
 from dreamzero.train.data import DataConfig, DataError
 from dreamzero.train.prepare import PreparedDataset, encoders_from_module, prepare_dataset
 from dreamzero.train.synthetic import make_synthetic_dataset
-from dreamzero.train.trainer import TrainConfig, Trainer, latest_checkpoint, lr_at, resolve_model_config
+from dreamzero.train.trainer import (FAULT_EXIT_CODE, TrainConfig, Trainer, checkpoint_problem, latest_checkpoint,
+                                     lr_at, resolve_model_config)
 
 PRESET = "tiny-synthetic"
 
@@ -130,8 +133,90 @@ def test_resume_gives_the_same_next_losses(prepared, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+_KILLED_RUN = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+from dreamzero.train.trainer import TrainConfig, Trainer
+Trainer(TrainConfig(**json.loads(sys.argv[1]))).train()
+raise SystemExit("the fault point was never reached")
+"""
+
+
+def _killed_run(cfg: TrainConfig, point: str) -> subprocess.CompletedProcess:
+    """Run `cfg` in a subprocess that ends itself (os._exit, as a kill) at the save's fault point `point`."""
+    env = dict(os.environ, DZ_FAULT_AT=point, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(cfg.to_dict())], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
+    """`latest` when it names a complete checkpoint (every file its trainer_state.json lists, with its size), else
+    the newest complete folder; never a half-deleted or half-written one."""
+    ck = tmp_path / "checkpoints"
+
+    def folder(step, files, listed=None, state=True):
+        d = ck / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+        if state:
+            listing = {n: len(b) for n, b in files.items()} if listed is None else listed
+            (d / "trainer_state.json").write_text(json.dumps({"step": step, "files": listing}))
+        return str(d)
+
+    assert latest_checkpoint(str(tmp_path)) is None
+    one = folder(1, {"__0_0.distcp": b"abc", ".metadata": b"m"})
+    folder(2, {".metadata": b"m"}, listed={"__0_0.distcp": 3, ".metadata": 1})          # shard gone (pruning)
+    folder(3, {"__0_0.distcp": b"ab", ".metadata": b"m"}, listed={"__0_0.distcp": 3, ".metadata": 1})
+    folder(4, {"__0_0.distcp": b"abc"}, state=False)                                     # save not finished
+    assert latest_checkpoint(str(tmp_path)) == one                  # no `latest` (killed before its first write)
+    (ck / "latest").write_text("step_00000002\n")
+    assert latest_checkpoint(str(tmp_path)) == one                  # `latest` names an incomplete one
+    assert checkpoint_problem(str(ck / "step_00000002")) == "__0_0.distcp is missing"
+    assert checkpoint_problem(str(ck / "step_00000003")) == "__0_0.distcp holds 2 bytes, the checkpoint lists 3"
+    assert "no trainer_state.json" in checkpoint_problem(str(ck / "step_00000004"))
+    five = folder(5, {"__0_0.distcp": b"abc", ".metadata": b"m"})
+    assert latest_checkpoint(str(tmp_path)) == five
+    (ck / "latest").write_text("step_00000001\n")
+    assert latest_checkpoint(str(tmp_path)) == one                  # a complete `latest` wins
+    with pytest.raises(FileNotFoundError, match="step_00000002 is not a complete checkpoint: __0_0.distcp is missing"):
+        Trainer.load(Trainer.__new__(Trainer), str(ck / "step_00000002"))
+
+
+def test_a_run_killed_at_the_dangerous_points_of_a_save_resumes_exactly(prepared, tmp_path):
+    """Kill tests (DZ_FAULT_AT): a run killed after its first checkpoint got its final name but before `latest`
+    named it, then a run killed while pruning an old checkpoint. Every folder under a final name stays complete, the
+    next run finds the newest complete checkpoint by itself, removes what the kills left, and its losses equal
+    those of an uninterrupted run, bit for bit."""
+    kw = dict(steps=3, save_every=1, keep_checkpoints=1, batch_size=1)
+    ref = [m["loss"] for m in Trainer(make_cfg(prepared, tmp_path / "ref", **dict(kw, save_every=1000))).train()]
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    r = _killed_run(make_cfg(prepared, run, **kw), "save:after-rename")
+    assert r.returncode == FAULT_EXIT_CODE, r.stderr[-3000:]
+    assert sorted(os.listdir(ck)) == ["step_00000001"]                              # and no `latest`
+    r = _killed_run(make_cfg(prepared, run, **kw), "prune:mid-delete")
+    assert r.returncode == FAULT_EXIT_CODE, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 1" in r.stdout
+    names = sorted(os.listdir(ck))
+    assert len(names) == 3 and names[0] == "latest" and names[2] == "step_00000002"
+    assert checkpoint_problem(str(ck / "step_00000002")) is None
+    assert re.fullmatch(r"step_00000001\.deleting-\d+", names[1])                   # moved aside, then killed
+    assert not any(f.endswith(".distcp") for f in os.listdir(ck / names[1]))
+    (ck / ".latest.abc123.tmp").write_text("step_0000")                              # an interrupted `latest` write
+    (ck / "latest.tmp-4242").write_text("step_0000")
+    (ck / "step_00000003.tmp").mkdir()
+    tr = Trainer(make_cfg(prepared, run, **kw))
+    assert tr.step == 2
+    assert sorted(os.listdir(ck)) == ["latest", "step_00000002"]                     # the leftovers are gone
+    losses = [json.loads(x)["loss"] for x in open(run / "metrics.jsonl")] + [m["loss"] for m in tr.train()]
+    assert losses == ref
+    assert sorted(os.listdir(ck)) == ["latest", "step_00000003"]
+
+
 def test_export_loads_in_the_inference_path(prepared, tmp_path):
-    from dreamzero.checkpoint import load_model
+    from dreamzero.checkpoint import CheckpointError, load_model
     from dreamzero.train.export import export_checkpoint, export_trainer, load_trained_config
 
     tr = Trainer(make_cfg(prepared, tmp_path / "run", steps=2, save_every=2))
@@ -146,6 +231,15 @@ def test_export_loads_in_the_inference_path(prepared, tmp_path):
         assert torch.equal(v, live[k]), k
         assert m2.state_dict()[k].dtype == torch.bfloat16
     assert json.load(open(tmp_path / "exp1" / "dz_config.json"))["action_dim"] == cfg.action_dim
+    # each export carries SHA256SUMS (sha256sum's format) over what it wrote; a flipped bit fails the load
+    sums = dict(reversed(line.split("  ")) for line in (tmp_path / "exp1" / "SHA256SUMS").read_text().splitlines())
+    assert sorted(sums) == ["dz_config.json", "model.safetensors"]
+    assert sums["model.safetensors"] == hashlib.sha256(open(p1, "rb").read()).hexdigest()
+    raw = bytearray(open(p1, "rb").read())
+    raw[-5] ^= 0x10                                     # one bit of the last weight
+    open(p1, "wb").write(bytes(raw))
+    with pytest.raises(CheckpointError, match=re.escape(p1) + r": sha256 [0-9a-f]{64} does not match"):
+        load_model(cfg, p1)
 
 
 def _torchrun(args, env_extra=None, timeout=240):

@@ -111,6 +111,20 @@ def _check_cache(k_cache, v_cache, k_scale, v_scale, B: int, H: int, D: int, dev
         raise ValueError(f"k_scale/v_scale are only used with a float8_e4m3fn cache; this cache is {k_cache.dtype}")
 
 
+def _check_distinct(k_cache, v_cache, k_scale, v_scale) -> None:
+    """The keys and the values need their own memory: with one tensor (or two views of the same elements) passed
+    as both, the values would overwrite the keys without a word. (_check_cache has already made the shapes, dtypes
+    and strides equal, so an equal data pointer means the very same elements. Under torch.compile, which cannot
+    trace data pointers, the check is identity only.)"""
+    pairs = [("k_cache", k_cache, "v_cache", v_cache)]
+    if isinstance(k_scale, torch.Tensor) and isinstance(v_scale, torch.Tensor):
+        pairs.append(("k_scale", k_scale, "v_scale", v_scale))
+    for na, a, nb, b in pairs:
+        if a is b or (not torch.compiler.is_compiling() and a.numel() and a.data_ptr() == b.data_ptr()):
+            raise ValueError(f"{na} and {nb} are the same memory: pass two separate tensors (the values would "
+                             f"overwrite the keys)")
+
+
 def _check_pos(pos, device) -> None:
     _is_tensor("pos", pos)
     if pos.dtype != torch.int32 or pos.numel() != 1:
@@ -186,6 +200,7 @@ def _check_fused(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v_cache, k_
     if not isinstance(eps, (int, float)) or not eps >= 0.0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     _check_cache(k_cache, v_cache, k_scale, v_scale, B, num_heads, D, device)
+    _check_distinct(k_cache, v_cache, k_scale, v_scale)
     _check_pos(pos, device)
     if L > k_cache.shape[1]:
         raise ValueError(f"{L} new tokens do not fit a cache of {k_cache.shape[1]} rows")
@@ -207,6 +222,7 @@ def _check_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos) -> None:
         raise ValueError(f"v_new is on {v_new.device} but k_new is on {k_new.device}")
     B, L, H, D = k_new.shape
     _check_cache(k_cache, v_cache, k_scale, v_scale, B, H, D, k_new.device)
+    _check_distinct(k_cache, v_cache, k_scale, v_scale)
     _check_pos(pos, k_new.device)
     if L > k_cache.shape[1]:
         raise ValueError(f"{L} new tokens do not fit a cache of {k_cache.shape[1]} rows")

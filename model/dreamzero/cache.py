@@ -25,6 +25,9 @@ class KVCache:
                  capacity_frames: int | None = None, num_layers: int | None = None):
         if overflow not in ("reset", "roll"):
             raise ValueError(f"overflow must be 'reset' or 'roll', got {overflow!r}")
+        for name, n in (("batch", batch), ("capacity_frames", capacity_frames), ("num_layers", num_layers)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"KVCache: {name} must be a positive int, got {n!r}")
         self.cfg = cfg
         self.overflow = overflow
         self.capacity_frames = cfg.local_attn_size if capacity_frames is None else capacity_frames
@@ -73,14 +76,26 @@ class KVCache:
     def extend(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: SequenceLayout) -> tuple:
         """Keys/values of the whole key sequence of `layout` (cached first, then the new ones), and store the
         observed frames' k/v into their slots. k_new, v_new [B, q_len, H, D] (k already normalized and rotated)."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer!r} is outside [0, {self.num_layers}) (a negative index would write "
+                             f"another layer's cache)")
         n = self.num_tokens
         if layout.n_cached != n:
             raise ValueError(f"layout expects {layout.n_cached} cached tokens, the cache holds {n}")
         if layout.cached_frames() != self.frames:
             raise ValueError(f"layout was built for cached frames {layout.cached_frames()}, the cache holds "
                              f"{self.frames} (build it with cache.layout())")
-        if k_new.shape[0] != self.batch:
-            raise ValueError(f"batch {k_new.shape[0]} does not match the cache's batch {self.batch}")
+        H, D = self.k[layer].shape[2:]
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[2:]) != (H, D):
+                raise ValueError(f"{name} must be a [B, L, H, D] = [B, L, {H}, {D}] tensor, got "
+                                 f"{list(getattr(t, 'shape', [])) or type(t).__name__}")
+        if k_new.shape[0] != self.batch or v_new.shape[0] != self.batch:
+            raise ValueError(f"batch {k_new.shape[0]}/{v_new.shape[0]} (k_new/v_new) does not match the cache's "
+                             f"batch {self.batch}")
+        if k_new.shape[1] != layout.q_len or v_new.shape[1] != layout.q_len:
+            raise ValueError(f"{k_new.shape[1]}/{v_new.shape[1]} new tokens (k_new/v_new), but the layout has "
+                             f"{layout.q_len} query tokens")
         k_all = torch.cat([self.k[layer][:, :n], k_new], dim=1) if n else k_new
         v_all = torch.cat([self.v[layer][:, :n], v_new], dim=1) if n else v_new
         if layout.writes_cache:

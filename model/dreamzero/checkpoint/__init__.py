@@ -4,7 +4,8 @@
 - `safetensors_io`: finding a checkpoint's files, reading safetensors headers, writing safetensors files atomically;
 - `lora`: PEFT LoRA pairs in a release's files, merged into the base weights on load;
 - `load`: `load_checkpoint` (into an existing model) and `load_model` (built on the meta device, then loaded);
-- `save`: `save_checkpoint` (one file, or shards with an index).
+- `save`: `save_checkpoint` (one file, or shards with an index);
+- `manifest`: the SHA256SUMS an export carries, verified on load when present.
 
 The layout of a file is detected from its keys when not given. Files are read through safetensors' memory map one
 tensor at a time; tensors go straight into the model (assigned into a model built on the meta device, or copied
@@ -14,12 +15,13 @@ are accepted. Writing is atomic and durable (dreamzero.atomic).
 from .keys import (DREAMZERO_FROZEN_PREFIXES, DREAMZERO_PREFIX, HEAD_PREFIXES, LAYOUTS, CheckpointError,
                    backbone_lacks, detect_layout, from_layout_name, to_layout_name)
 from .load import LoadReport, load_checkpoint, load_model
+from .manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from .safetensors_io import read_checkpoint_index, read_header, resolve_checkpoint
 from .save import DEFAULT_MAX_SHARD_BYTES, save_checkpoint
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES", "DREAMZERO_FROZEN_PREFIXES", "DREAMZERO_PREFIX", "HEAD_PREFIXES", "LAYOUTS",
-    "CheckpointError", "LoadReport", "backbone_lacks", "detect_layout", "from_layout_name", "load_checkpoint",
-    "load_model",
-    "read_checkpoint_index", "read_header", "resolve_checkpoint", "save_checkpoint", "to_layout_name",
+    "MANIFEST_NAME", "CheckpointError", "LoadReport", "backbone_lacks", "detect_layout", "from_layout_name",
+    "load_checkpoint", "load_model", "read_checkpoint_index", "read_header", "resolve_checkpoint", "save_checkpoint",
+    "to_layout_name", "verify_manifest", "write_manifest",
 ]

@@ -11,6 +11,7 @@ import torch.nn as nn
 from .keys import (DIFFUSERS_IGNORED, DREAMZERO_FROZEN_PREFIXES, CheckpointError, backbone_lacks, check_layout,
                    detect_layout, from_layout_name, to_layout_name)
 from .lora import LORA_RE, lora_alpha_from_config, merge_lora, pair_lora
+from .manifest import verify_manifest
 from .safetensors_io import ST_FLOAT, read_checkpoint_index
 
 
@@ -101,6 +102,11 @@ def _plan(model: nn.Module, tensors: dict, layout: str, strict: bool, allow_miss
         if info.dtype not in ST_FLOAT and targets[ours].is_floating_point():
             problems.append(f"wrong dtype: {key}: {info.dtype} for a floating-point parameter")
             continue
+        if info.dtype.startswith("F8_") and targets[ours].is_floating_point():
+            problems.append(f"wrong dtype: {key}: {info.dtype} (float8 values without their scales are not "
+                            f"weights: load a bf16/fp32 checkpoint and quantize it with dz_kernels.quant, or a "
+                            f"ModelOpt export with dz_kernels.quant.load_modelopt_)")
+            continue
         direct[ours] = key
     lora, lora_problems = pair_lora(lora_parts, tensors, targets)
     problems += lora_problems
@@ -122,6 +128,26 @@ def _plan(model: nn.Module, tensors: dict, layout: str, strict: bool, allow_miss
         raise CheckpointError(f"{path} (layout {layout!r}) does not match the model: {len(problems)} problem(s)\n  "
                               + "\n  ".join(problems))
     return prefix, direct, lora, missing, skipped
+
+
+def _check_one_dtype(model: nn.Module, tensors: dict, direct: dict, dtype, path: str) -> None:
+    """Tensors that go into the model as they are (dtype=None, parameters on the meta device) keep the checkpoint's
+    dtypes: a mix of floating dtypes there would fail later, inside a matmul. Refuse it here, naming the tensors."""
+    if dtype is not None:
+        return
+    targets = model.state_dict(keep_vars=True)
+    by_dtype: dict = {}
+    for ours, key in direct.items():
+        if targets[ours].is_meta and targets[ours].is_floating_point():
+            by_dtype.setdefault(tensors[key].dtype, []).append(key)
+    if len(by_dtype) > 1:
+        parts = []
+        for dt, keys in sorted(by_dtype.items(), key=lambda kv: len(kv[1])):
+            shown = ", ".join(sorted(keys)[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            parts.append(f"{dt}: {shown}")
+        raise CheckpointError(f"{path}: mixes floating dtypes ({'; '.join(parts)}); a model built from it would "
+                              f"hold both and fail in its first matmul: pass dtype= (e.g. torch.bfloat16) to convert "
+                              f"every tensor on load")
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, dtype, device) -> None:
@@ -168,7 +194,7 @@ def _init_fresh(model: nn.Module, name: str, dtype, device) -> None:
 
 def load_checkpoint(model: nn.Module, path, layout: str | None = None, *, dtype: torch.dtype | None = None,
                     device=None, strict: bool = True, allow_missing_heads: bool = False,
-                    lora_alpha: float | None = None) -> LoadReport:
+                    lora_alpha: float | None = None, verify: bool = True) -> LoadReport:
     """Load a safetensors checkpoint into `model` (a DreamZero, possibly built on the meta device).
 
     path: a .safetensors file, a .safetensors.index.json, or a folder (see `resolve_checkpoint`).
@@ -182,14 +208,20 @@ def load_checkpoint(model: nn.Module, path, layout: str | None = None, *, dtype:
         of loaded base weights); parameters on the meta device are never left unset.
     lora_alpha: PEFT LoRA scale numerator for files with lora_A/lora_B pairs (scale = lora_alpha / rank); read from
         the release's config.json beside the file when not given.
-    Every problem (missing, unexpected, mis-shaped keys) is checked from the headers before any tensor is read, and
-    reported in one CheckpointError. Returns a LoadReport.
+    verify: check the files against the SHA256SUMS beside them when there is one (written by `dz export`; see
+        checkpoint.manifest) before anything is read into the model.
+    Every problem (missing, unexpected, mis-shaped keys, float8 or mixed floating dtypes that would reach the model
+    as they are) is checked from the headers before any tensor is read, and reported in one CheckpointError.
+    Returns a LoadReport.
     """
     tensors, files = read_checkpoint_index(path)
+    if verify:
+        verify_manifest(files)
     if layout is None:
         layout = detect_layout(tensors)
     check_layout(layout)
     prefix, direct, lora, missing, skipped = _plan(model, tensors, layout, strict, allow_missing_heads, str(path))
+    _check_one_dtype(model, tensors, direct, dtype, str(path))
     if lora and lora_alpha is None:
         lora_alpha = lora_alpha_from_config(files)
         if lora_alpha is None:

@@ -23,8 +23,12 @@ an optional "id" (int or str) is echoed in the reply. Arrays travel as maps
                               "video" (predicted latents, only when the policy returns video)}
     any failure           -> {"type": "error", "error": "<what was wrong>", "request_type", "id"}
 
-Features are float16/32/64 and finite; the exact shapes are in the metadata reply ("shapes"). Requests are
-validated before the policy is touched; unknown fields are refused (a typo must not be silently ignored).
+Features are float16/32/64 and finite, with magnitudes at most the metadata's "max_abs" (`value_limit`: values the
+model's dtype cannot carry through its norms and the sampler are refused); the exact shapes are in the metadata
+reply ("shapes"). Requests are validated before the policy is touched; unknown fields are refused (a typo must not
+be silently ignored). Replies are bounded whatever the request: an error's text holds at most MAX_ERROR_CHARS
+characters (`bounded`), values are quoted in short (`short_repr`), and an "id" is a 64-bit int or a str of at most
+MAX_ID_CHARS characters.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ STEP_FIELDS = ("observation", "state")
 # raw inputs a server with an encoder accepts in place of features (see dreamzero.serve.server)
 RAW_FIELDS = {"reset": ("instruction", "negative_instruction", "image"), "step": ("frames",)}
 ENVELOPE = ("type", "id")
+MAX_ERROR_CHARS = 1024          # the text of an error reply, whatever the request
+MAX_ID_CHARS = 256              # a str "id" (echoed in the reply)
 _MAX_NDIM = 16
 
 
@@ -53,6 +59,25 @@ class ProtocolError(ValueError):
 
 
 _DTYPE_RE = re.compile(r"^[<>|=]?[biuf][1248]$")
+
+
+def short_repr(x, limit: int = 80) -> str:
+    """repr(x) cut to about `limit` characters: how a reply quotes a value from a request (never in full). Large
+    containers and strings are cut before repr runs, so quoting a huge value costs no time either."""
+    if isinstance(x, (str, bytes)) and len(x) > limit:
+        return repr(x[:limit]) + f"... ({len(x)} in all)"
+    if isinstance(x, (list, tuple, dict, set)) and len(x) > 16:
+        return f"<{type(x).__name__} of {len(x)} items>"
+    r = repr(x)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` cut to at most `limit` characters (an error reply's detail), saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - 48)
+    return text[:keep] + f" ... [{len(text) - keep} more characters cut]"
 
 
 def _encode_default(obj):
@@ -82,11 +107,11 @@ def pack(obj: Any) -> bytes:
 def _decode_array(d: dict) -> np.ndarray:
     if set(d) != {"__nd__", "dtype", "shape", "data"} or d["__nd__"] is not True:
         raise ProtocolError("an array must be a map with exactly __nd__=True, dtype, shape, data; got keys "
-                            f"{sorted(d)}")
+                            f"{short_repr(sorted(d, key=str))}")
     dt, shape, data = d["dtype"], d["shape"], d["data"]
     if not isinstance(dt, str) or not _DTYPE_RE.match(dt):
-        raise ProtocolError(f"array dtype {dt!r} refused: only plain numeric dtypes (e.g. '<f4', '<i8', '|u1', "
-                            "'|b1') are accepted")
+        raise ProtocolError(f"array dtype {short_repr(dt)} refused: only plain numeric dtypes (e.g. '<f4', '<i8', "
+                            "'|u1', '|b1') are accepted")
     try:
         dtype = np.dtype(dt)
     except TypeError as e:
@@ -95,7 +120,8 @@ def _decode_array(d: dict) -> np.ndarray:
         raise ProtocolError(f"array dtype {dt!r} refused: only plain numeric dtypes are accepted")
     if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-        raise ProtocolError(f"array shape must be a list of at most {_MAX_NDIM} non-negative ints, got {shape!r}")
+        raise ProtocolError(f"array shape must be a list of at most {_MAX_NDIM} non-negative ints, got "
+                            f"{short_repr(shape)}")
     if not isinstance(data, bytes):
         raise ProtocolError(f"array data must be msgpack bin (bytes), got {type(data).__name__}")
     n = 1
@@ -104,7 +130,10 @@ def _decode_array(d: dict) -> np.ndarray:
     if n * dtype.itemsize != len(data):
         raise ProtocolError(f"array data holds {len(data)} bytes; dtype {dt} and shape {shape} need "
                             f"{n * dtype.itemsize}")
-    arr = np.frombuffer(data, dtype=dtype).reshape(tuple(shape))
+    try:
+        arr = np.frombuffer(data, dtype=dtype).reshape(tuple(shape))
+    except (ValueError, OverflowError) as e:     # e.g. an empty array whose dimensions overflow numpy's index type
+        raise ProtocolError(f"array of shape {short_repr(shape)} cannot be built ({type(e).__name__})") from None
     return arr.astype(dtype.newbyteorder("="), copy=True)     # native byte order, writable, owns its memory
 
 
@@ -131,7 +160,7 @@ def unpack(data: bytes) -> Any:
     except ProtocolError:
         raise
     except Exception as e:      # msgpack raises several types (ExtraData, FormatError, StackError, ValueError, ...)
-        raise ProtocolError(f"not valid msgpack ({type(e).__name__}: {e})") from e
+        raise ProtocolError(f"not valid msgpack ({type(e).__name__}: {bounded(str(e), 200)})") from e
 
 
 # ============================================================================================== validation
@@ -147,9 +176,26 @@ def fmt_shape(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def _check_array(name: str, x, shape: tuple, kind: str, batch: int | None) -> int:
+def value_limit(dtype) -> float:
+    """The largest feature magnitude a request may carry for a model computing in `dtype` (a torch or numpy dtype,
+    or its name: 'float32', 'torch.bfloat16', ...): the square root of the dtype's largest finite value (1.8e19 for
+    float32 and bfloat16, 256 for float16). The model squares its inputs (layer and RMS norms, attention logits)
+    and the sampler mixes them with the noise, so a larger value -- even one the dtype holds, such as 3e38 in
+    float32 -- turns into Inf/NaN inside the episode; it is refused before anything of the episode changes."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name == "bfloat16":
+        top = float.fromhex("0x1.fep127")                       # bfloat16's largest finite value
+    elif name in ("float16", "float32", "float64"):
+        top = float(np.finfo(np.dtype(name)).max)
+    else:
+        raise ValueError(f"no value limit for dtype {dtype!r}: expected float16, bfloat16, float32 or float64")
+    return top ** 0.5
+
+
+def _check_array(name: str, x, shape: tuple, kind: str, batch: int | None, max_abs: float | None = None) -> int:
     """Check `x` (numpy array or torch tensor) against `shape` ("B" = the batch, fixed by the first array checked)
-    and kind ('float' or 'int'); returns the batch."""
+    and kind ('float' or 'int'; float values finite and, with `max_abs`, at most that in magnitude); returns the
+    batch."""
     if not isinstance(x, np.ndarray) and not is_tensor(x):
         raise RequestError(f"{name} must be an array, got {type(x).__name__}")
     got = tuple(int(s) for s in x.shape)
@@ -174,6 +220,12 @@ def _check_array(name: str, x, shape: tuple, kind: str, batch: int | None) -> in
         finite = bool(x.isfinite().all()) if is_tensor(x) else bool(np.isfinite(x).all())
         if not finite:
             raise RequestError(f"{name} holds NaN or Inf values")
+        if max_abs is not None and (x.numel() if is_tensor(x) else x.size):
+            amax = float(x.abs().max()) if is_tensor(x) else float(np.abs(x).max())
+            if amax > max_abs:
+                raise RequestError(f"{name} holds a value of magnitude {amax:.3g}, beyond the {max_abs:.3g} this "
+                                   "model's dtype can carry through its norms and the sampler (the metadata's "
+                                   "'max_abs')")
     elif not is_int:
         raise RequestError(f"{name} must be an integer array, got {dtype_name}")
     return batch
@@ -197,13 +249,16 @@ def request_shapes(cfg) -> dict:
 
 
 def _check_fields(kind: str, msg: dict, allowed: tuple) -> None:
-    unknown = sorted(k for k in msg if k not in allowed and k not in ENVELOPE)
+    unknown = [k for k in msg if k not in allowed and k not in ENVELOPE]
     if unknown:
-        raise RequestError(f"{kind}: unknown field(s) {unknown}; allowed: {list(allowed)}")
+        shown = ", ".join(short_repr(k, 40) for k in unknown[:8]) + (f" and {len(unknown) - 8} more"
+                                                                     if len(unknown) > 8 else "")
+        raise RequestError(f"{kind}: unknown field(s) [{shown}]; allowed: {list(allowed)}")
 
 
-def validate_reset(msg: dict, cfg) -> dict:
-    """Check a reset request against the model config; returns {"batch", field: array} for the present fields."""
+def validate_reset(msg: dict, cfg, max_abs: float | None = None) -> dict:
+    """Check a reset request against the model config; returns {"batch", field: array} for the present fields.
+    max_abs: the largest feature magnitude accepted (`value_limit` of the model's dtype; None: any finite value)."""
     _check_fields("reset", msg, RESET_FIELDS)
     shapes = request_shapes(cfg)
     for name in ("text", "clip", "first_latent"):
@@ -212,7 +267,7 @@ def validate_reset(msg: dict, cfg) -> dict:
     out, batch = {}, None
     for name in ("text", "clip", "first_latent", "negative_text", "cond"):
         if msg.get(name) is not None:
-            batch = _check_array(f"reset: {name}", msg[name], tuple(shapes[name]), "float", batch)
+            batch = _check_array(f"reset: {name}", msg[name], tuple(shapes[name]), "float", batch, max_abs)
             out[name] = msg[name]
     emb = msg.get("embodiment")
     if emb is None:
@@ -223,26 +278,32 @@ def validate_reset(msg: dict, cfg) -> dict:
         if isinstance(emb, bool) or not isinstance(emb, (int, np.ndarray)) and not is_tensor(emb):
             raise RequestError(f"reset: embodiment must be an int or an int array [B], got {type(emb).__name__}")
         if isinstance(emb, int):
+            if not 0 <= emb < cfg.num_embodiments:       # checked before np.full: any int must get this reply
+                raise RequestError(f"reset: embodiment ids must be in [0, {cfg.num_embodiments}), got "
+                                   f"{short_repr(emb)}")
             emb = np.full((batch,), emb, dtype=np.int64)
         _check_array("reset: embodiment", emb, ("B",), "int", batch)
         lo, hi = int(emb.min()), int(emb.max())
         if lo < 0 or hi >= cfg.num_embodiments:
-            raise RequestError(f"reset: embodiment ids must be in [0, {cfg.num_embodiments}), got {emb.tolist()}")
+            raise RequestError(f"reset: embodiment ids must be in [0, {cfg.num_embodiments}), got "
+                               f"{short_repr(emb.tolist())}")
         out["embodiment"] = emb
     out["batch"] = batch
     return out
 
 
-def validate_step(msg: dict, cfg) -> dict:
-    """Check a step request against the model config (the batch against the reset is checked on the worker)."""
+def validate_step(msg: dict, cfg, max_abs: float | None = None) -> dict:
+    """Check a step request against the model config (the batch against the reset is checked on the worker);
+    max_abs as in `validate_reset`."""
     _check_fields("step", msg, STEP_FIELDS)
     shapes = request_shapes(cfg)
     if msg.get("state") is None:
         raise RequestError(f"step: missing field 'state' (shape {fmt_shape(shapes['state'])})")
-    batch = _check_array("step: state", msg["state"], tuple(shapes["state"]), "float", None)
+    batch = _check_array("step: state", msg["state"], tuple(shapes["state"]), "float", None, max_abs)
     out = {"state": msg["state"], "observation": None, "batch": batch}
     if msg.get("observation") is not None:
-        _check_array("step: observation", msg["observation"], tuple(shapes["observation"]), "float", batch)
+        _check_array("step: observation", msg["observation"], tuple(shapes["observation"]), "float", batch,
+                     max_abs)
         out["observation"] = msg["observation"]
     return out
 

@@ -1,11 +1,12 @@
 """The policy server: a DreamZero `Policy` behind a websocket, speaking the protocol of `dreamzero.serve.protocol`.
 
 Robustness. A malformed message (not msgpack, not a map, unknown type, missing or unknown field, wrong shape or
-dtype, NaN) gets an error reply and the connection stays open. A message larger than `max_message_bytes` gets an
-error reply; one larger than `hard_limit_bytes` (websockets' max_size, default 2 x max_message_bytes) is not read
-at all: the connection is closed with code 1009 (message too big) and a reason. A client that disconnects while its
-request runs does not disturb the server: the request completes (the policy state advances) and the reply is
-dropped.
+dtype, NaN, a value beyond what the model's dtype carries) gets an error reply and the connection stays open; an
+error reply holds at most protocol.MAX_ERROR_CHARS characters of detail, whatever the request. A message larger
+than `max_message_bytes` gets an error reply; one larger than `hard_limit_bytes` (websockets' max_size, default
+2 x max_message_bytes) is not read at all: the connection is closed with code 1009 (message too big) and a reason.
+A client that disconnects while its request runs does not disturb the server: the request completes (the policy
+state advances) and the reply is dropped.
 
 One policy, one worker: reset and step run in order of arrival on a single worker thread. At most `max_pending`
 reset/step requests may be queued or running; beyond that a request gets the error reply "busy: ..." at once.
@@ -39,9 +40,10 @@ from typing import Callable
 
 import numpy as np
 
-from .protocol import (DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PENDING, DEFAULT_PORT, MESSAGE_TYPES,
-                       PROTOCOL_VERSION, RAW_FIELDS, ProtocolError, RequestError, fmt_shape, is_tensor, pack,
-                       request_shapes, unpack, validate_reset, validate_step)
+from .protocol import (DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PENDING, DEFAULT_PORT, MAX_ID_CHARS,
+                       MESSAGE_TYPES, PROTOCOL_VERSION, RAW_FIELDS, ProtocolError, RequestError, bounded, fmt_shape,
+                       is_tensor, pack, request_shapes, short_repr, unpack, validate_reset, validate_step,
+                       value_limit)
 
 log = logging.getLogger("dreamzero.serve")
 
@@ -106,7 +108,7 @@ class PolicyServer:
     def __init__(self, policy, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, hard_limit_bytes: int | None = None,
                  max_pending: int = DEFAULT_MAX_PENDING, encode: Callable[[str, dict], dict] | None = None,
-                 model_name: str | None = None):
+                 model_name: str | None = None, max_abs: float | None = None):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         if max_message_bytes < 1024:
@@ -121,6 +123,14 @@ class PolicyServer:
         self.max_message_bytes, self.hard_limit_bytes, self.max_pending = max_message_bytes, hard, max_pending
         self.encode = encode
         self.model_name = model_name or getattr(self.cfg, "name", "custom")
+        if max_abs is None:
+            try:
+                max_abs = value_limit(getattr(policy, "dtype", "float32"))
+            except ValueError as e:
+                raise ValueError(f"{e}: pass max_abs= (the largest feature magnitude to accept)") from None
+        self.max_abs = float(max_abs)
+        if not self.max_abs > 0:
+            raise ValueError(f"max_abs must be > 0, got {max_abs}")
         # worker-side episode state (touched only on the worker thread)
         self._batch: int | None = None
         self._expect_observation = False
@@ -296,8 +306,10 @@ class PolicyServer:
             self._open_connections -= 1
 
     def _error(self, text: str, msg_type=None, rid=None) -> dict:
+        """An error reply: its detail cut to protocol.MAX_ERROR_CHARS; msg_type and rid were checked (a known type,
+        an int or a short str), so the reply stays small whatever the request held."""
         self.counters["errors"] += 1
-        return {"type": "error", "error": text, "request_type": msg_type, "id": rid}
+        return {"type": "error", "error": bounded(text), "request_type": msg_type, "id": rid}
 
     def _dispatch(self, ws, raw, t_recv: float) -> dict | None:
         """Decode and check one message on the event loop (no awaits: requests reach the worker in arrival order).
@@ -315,9 +327,11 @@ class PolicyServer:
         rid = msg.get("id")
         if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (int, str))):
             return self._error("'id' must be an int or a str")
+        if isinstance(rid, str) and len(rid) > MAX_ID_CHARS:
+            return self._error(f"'id' must be at most {MAX_ID_CHARS} characters, got {len(rid)}")
         kind = msg.get("type")
-        if kind not in MESSAGE_TYPES:
-            what = "missing 'type' field" if kind is None else f"unknown message type {kind!r}"
+        if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+            what = "missing 'type' field" if kind is None else f"unknown message type {short_repr(kind)}"
             return self._error(f"{what}; expected one of {list(MESSAGE_TYPES)}", None, rid)
         if kind == "health":
             return {**self.health(), "id": rid}
@@ -331,7 +345,7 @@ class PolicyServer:
                                        "this one takes features (see the metadata's 'shapes')")
                 checked = None      # encoded and validated on the worker
             else:
-                checked = (validate_reset if kind == "reset" else validate_step)(msg, self.cfg)
+                checked = (validate_reset if kind == "reset" else validate_step)(msg, self.cfg, self.max_abs)
         except RequestError as e:
             return self._error(str(e), kind, rid)
         problem = self._queue_problem()
@@ -412,7 +426,7 @@ class PolicyServer:
         merged = {k: v for k, v in msg.items() if k not in RAW_FIELDS[kind]}
         merged.update(feats)
         try:
-            return (validate_reset if kind == "reset" else validate_step)(merged, self.cfg)
+            return (validate_reset if kind == "reset" else validate_step)(merged, self.cfg, self.max_abs)
         except RequestError as e:
             raise RequestError(f"after encoding: {e}") from None
 
@@ -482,6 +496,7 @@ class PolicyServer:
                 "dtypes": {"features": ["float16", "float32", "float64"], "embodiment": "integer",
                            "actions": "float32"},
                 "num_embodiments": cfg.num_embodiments, "embodiment_required": cfg.num_embodiments != 1,
+                "max_abs": self.max_abs,
                 "max_message_bytes": self.max_message_bytes, "hard_limit_bytes": self.hard_limit_bytes,
                 "max_pending": self.max_pending, "encode": self.encode is not None,
                 "raw_fields": {k: list(v) for k, v in RAW_FIELDS.items()} if self.encode is not None else None,

@@ -9,7 +9,8 @@ Two sources:
   (CPU offload) and written there.
 The files use the "dreamzero" key layout by default (the release's `action_head.model.` names), so
 `checkpoint.load_model(config, out)` and the inference engine read them back; the model config is written beside
-them as `dz_config.json` (including added embodiment slots).
+them as `dz_config.json` (including added embodiment slots), and last a SHA256SUMS over every file written
+(checkpoint.manifest), which `load_model` verifies.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import os
 import torch
 
 from ..atomic import atomic_write_json
-from ..checkpoint import save_checkpoint
+from ..checkpoint import resolve_checkpoint, save_checkpoint, write_manifest
 from ..dreamzero import DreamZero
 from .trainer import model_config_from_dict
 
@@ -40,7 +41,17 @@ def _write(model: torch.nn.Module, out: str, layout: str, dtype: torch.dtype | N
     path = save_checkpoint(model, out, layout=layout, dtype=dtype)
     folder = out if not out.endswith(".safetensors") else os.path.dirname(os.path.abspath(out))
     atomic_write_json(os.path.join(folder, "dz_config.json"), dataclasses.asdict(model.cfg))
+    _write_checksums(folder, path, ["dz_config.json"])
     return path
+
+
+def _write_checksums(folder: str, path: str, extra: list) -> None:
+    """SHA256SUMS over the weight files of `path` (its shards and index) and the other files written (`extra`)."""
+    shards, _ = resolve_checkpoint(path)
+    names = [os.path.basename(f) for f in shards] + list(extra)
+    if path.endswith(".json"):
+        names.append(os.path.basename(path))
+    write_manifest(folder, names)
 
 
 def export_checkpoint(ckpt_dir: str, out: str, layout: str = "dreamzero", dtype: torch.dtype | None = None) -> str:
@@ -51,12 +62,16 @@ def export_checkpoint(ckpt_dir: str, out: str, layout: str = "dreamzero", dtype:
     """
     import torch.distributed.checkpoint as dcp
 
+    from .trainer import checkpoint_problem, latest_checkpoint
     if not os.path.exists(os.path.join(ckpt_dir, "trainer_state.json")):
-        from .trainer import latest_checkpoint
         latest = latest_checkpoint(ckpt_dir)
         if latest is None:
-            raise FileNotFoundError(f"{ckpt_dir}: neither a checkpoint folder nor a run folder with checkpoints/latest")
+            raise FileNotFoundError(f"{ckpt_dir}: neither a checkpoint folder nor a run folder with a complete "
+                                    f"checkpoint under checkpoints/")
         ckpt_dir = latest
+    problem = checkpoint_problem(ckpt_dir)
+    if problem is not None:
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint: {problem}")
     cfg = load_trained_config(ckpt_dir)
     with torch.device("meta"):
         model = DreamZero(cfg)

@@ -13,10 +13,15 @@ What it does (docs/reference.md#training):
 - scale: world size > 1 (torchrun) shards every block and the root with FSDP2 `fully_shard` (bf16 parameters and
   fp32 gradient reduction on GPU), nccl on GPU, gloo on CPU;
 - checkpoints: torch.distributed.checkpoint (sharded, one file per rank) into `<out>/checkpoints/step_XXXXXXXX`,
-  written to a temporary folder first and renamed when every rank has finished, then `latest` is replaced
-  atomically; a run killed during a save keeps the previous checkpoint. Resume restores the model, the optimizer, the
-  step (the data position and the learning rate are functions of it) and the RNG states, so the next losses equal
-  those of an uninterrupted run;
+  written to a temporary folder first; when every rank has finished, rank 0 writes `trainer_state.json` last (it
+  lists every file of the checkpoint with its size: a checkpoint is complete when all of them are there), renames
+  the folder to its final name and replaces `latest` atomically. Old checkpoints are pruned by moving each out of
+  its final name before deleting it, so a folder under a final name is always complete. A run killed anywhere in a
+  save keeps every finished checkpoint; the next run finds the newest complete one by itself (`latest_checkpoint`:
+  `latest` when it names a complete checkpoint, else the newest complete folder) and removes what a killed save
+  left behind. `DZ_FAULT_AT` (dz_kernels/env.py, `FAULT_POINTS`) ends the process at a named point of a save, for
+  the kill tests. Resume restores the model, the optimizer, the step (the data position and the learning rate are
+  functions of it) and the RNG states, so the next losses equal those of an uninterrupted run;
 - data: the prepared clips of one or more datasets (`prepare.py`), a seeded permutation per epoch; optimizer step s
   takes global positions s*G .. (s+1)*G - 1 (G = world x batch x accumulation), rank r its share; the noise of each
   clip comes from a seed of (seed, step, position) (step.py), so one rank or many see the same numbers;
@@ -31,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -50,7 +56,7 @@ from .prepare import PreparedDataset
 from .step import NoiseConfig, draw_noise, flow_matching_loss, sample_seed, training_flops
 
 __all__ = ["TrainConfig", "Trainer", "PRESETS", "resolve_model_config", "lr_at", "peak_flops", "model_config_from_dict",
-           "latest_checkpoint"]
+           "latest_checkpoint", "checkpoint_problem", "FAULT_POINTS"]
 
 
 @dataclass
@@ -154,17 +160,97 @@ def model_config_from_dict(d: dict) -> DreamZeroConfig:
     return DreamZeroConfig(**d)
 
 
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The checkpoint folder named by `<out_dir>/checkpoints/latest`, or None."""
-    p = os.path.join(out_dir, "checkpoints", "latest")
-    if not os.path.exists(p):
-        return None
-    with open(p) as f:
-        name = f.read().strip()
-    path = os.path.join(out_dir, "checkpoints", name)
+_STEP_RE = re.compile(r"^step_\d{8}$")
+# where DZ_FAULT_AT may end a save (the kill tests): after the new checkpoint got its final name, before `latest`
+# names it; and while an old checkpoint is being deleted (pruned), after its first file is gone
+FAULT_POINTS = ("save:after-rename", "prune:mid-delete")
+FAULT_EXIT_CODE = 75
+
+
+def _fault(point: str) -> None:
+    """End the process here, at once and without any cleanup (as a kill would), when DZ_FAULT_AT names `point`."""
+    if env.fault_at() == point:
+        os._exit(FAULT_EXIT_CODE)
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint folder `path` is not complete, or None when it is: its trainer_state.json parses and every
+    file it lists is there with its size (a folder saved before the list existed: DCP's .metadata and one
+    __<rank>_0.distcp per rank of its world size)."""
+    st_path = os.path.join(path, "trainer_state.json")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{p} names {name}, which is not a checkpoint folder under {os.path.dirname(p)}")
-    return path
+        return "no such folder"
+    try:
+        with open(st_path) as f:
+            st = json.load(f)
+        int(st["step"])
+    except FileNotFoundError:
+        return "no trainer_state.json (the save did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable trainer_state.json ({type(e).__name__}: {e})"
+    files = st.get("files") or {n: None for n in [".metadata"] + [f"__{r}_0.distcp"
+                                                                  for r in range(int(st.get("world_size", 1)))]}
+    for name, size in sorted(files.items()):
+        fp = os.path.join(path, name)
+        if not os.path.isfile(fp):
+            return f"{name} is missing"
+        if size is not None and os.path.getsize(fp) != size:
+            return f"{name} holds {os.path.getsize(fp)} bytes, the checkpoint lists {size}"
+    return None
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The checkpoint to resume `out_dir` from: the folder `<out_dir>/checkpoints/latest` names when it is complete
+    (`checkpoint_problem`), else the newest complete step_XXXXXXXX folder (a run killed after renaming its first
+    checkpoint but before writing `latest`); None when there is no complete checkpoint."""
+    root = os.path.join(out_dir, "checkpoints")
+    p = os.path.join(root, "latest")
+    if os.path.isfile(p):
+        with open(p) as f:
+            name = f.read().strip()
+        if _STEP_RE.match(name) and checkpoint_problem(os.path.join(root, name)) is None:
+            return os.path.join(root, name)
+    names = sorted((d for d in os.listdir(root) if _STEP_RE.match(d)), reverse=True) if os.path.isdir(root) else []
+    for name in names:
+        if checkpoint_problem(os.path.join(root, name)) is None:
+            return os.path.join(root, name)
+    return None
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a checkpoint folder without ever leaving part of it under its name: it is renamed out of the way
+    first (`<name>.deleting-<pid>`, which `_clean_stale` removes if a kill interrupts the deletion)."""
+    if not os.path.exists(path):
+        return
+    trash = f"{path}.deleting-{os.getpid()}"
+    os.rename(path, trash)
+    fsync_dir(os.path.dirname(path))
+    shards = sorted(f for f in os.listdir(trash) if f.endswith(".distcp"))
+    for f in shards[:1]:
+        os.unlink(os.path.join(trash, f))
+        _fault("prune:mid-delete")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _clean_stale(root: str) -> None:
+    """Remove what a killed save left in `root`: unfinished folders (step_X.tmp), folders half deleted
+    (.deleting-<pid>), temporary files of `latest`; a checkpoint moved aside to be replaced (step_X.old-<pid>)
+    goes back under its name when its replacement never arrived, else it is removed."""
+    if not os.path.isdir(root):
+        return
+    for d in sorted(os.listdir(root)):
+        p = os.path.join(root, d)
+        base, sep, _ = d.partition(".old-")
+        if sep and _STEP_RE.match(base):
+            if not os.path.exists(os.path.join(root, base)) and checkpoint_problem(p) is None:
+                os.rename(p, os.path.join(root, base))
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        elif re.match(r"^step_\d{8}(\.tmp|\.deleting-\d+)$", d):
+            shutil.rmtree(p, ignore_errors=True)
+        elif re.match(r"^(\.latest\..*\.tmp|latest\.tmp.*)$", d) and os.path.isfile(p):
+            os.unlink(p)
+    fsync_dir(root)
 
 
 def _decay_split(model: torch.nn.Module) -> tuple:
@@ -209,6 +295,11 @@ class Trainer:
         self.peak = (cfg.peak_tflops * 1e12) if cfg.peak_tflops else peak_flops(self.device, self.precision)
         self.flops_per_step = training_flops(self.model_cfg, self.num_chunks, self.global_batch)
         self.tokens_per_step = self.layout.q_len * self.global_batch
+        if env.fault_at() is not None and env.fault_at() not in FAULT_POINTS:
+            raise ValueError(f"DZ_FAULT_AT={env.fault_at()!r} names no fault point; known: {FAULT_POINTS}")
+        if self.rank == 0:
+            _clean_stale(os.path.join(cfg.out_dir, "checkpoints"))
+        self._barrier()
         if cfg.resume != "none":
             path = latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else cfg.resume
             if path is not None:
@@ -436,14 +527,19 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_file(rng, os.path.join(tmp, f"rng_rank{self.rank:05d}.safetensors"))
+        self._barrier()                                   # every rank's files are in tmp
         if self.rank == 0:
+            # written last: it lists every file of the checkpoint, which makes it complete (checkpoint_problem)
+            files = {}
+            for dirpath, _, fns in os.walk(tmp):
+                for fn in fns:
+                    fp = os.path.join(dirpath, fn)
+                    files[os.path.relpath(fp, tmp)] = os.path.getsize(fp)
             atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
                 "step": self.step, "world_size": self.world, "global_batch": self.global_batch,
                 "num_items": len(self.data), "num_chunks": self.num_chunks,
                 "model_config": dataclasses.asdict(self.model_cfg), "train_config": self.cfg.to_dict(),
-                "history_tail": self.history[-20:]})
-        self._barrier()
-        if self.rank == 0:
+                "history_tail": self.history[-20:], "files": files})
             fsync_tree(tmp)
             old = None
             if os.path.exists(final):
@@ -451,17 +547,19 @@ class Trainer:
                 os.rename(final, old)
             os.rename(tmp, final)
             fsync_dir(root)
+            _fault("save:after-rename")
             atomic_write_text(os.path.join(root, "latest"), name + "\n")
             if old:
-                shutil.rmtree(old, ignore_errors=True)
-            self._prune(root)
+                _remove_tree(old)
+            self._prune(root, name)
         self._barrier()
         return final
 
-    def _prune(self, root: str) -> None:
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
-        for d in done[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    def _prune(self, root: str, newest: str) -> None:
+        """Keep the newest keep_checkpoints checkpoints, and always `newest` (the one just saved)."""
+        done = sorted(d for d in os.listdir(root) if _STEP_RE.match(d) and d != newest)
+        for d in done[:max(0, len(done) - (self.cfg.keep_checkpoints - 1))]:
+            _remove_tree(os.path.join(root, d))
 
     def load(self, path: str) -> None:
         """Restore model, optimizer, step and RNG from a checkpoint folder written by `save` (any world size)."""
@@ -470,8 +568,9 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         st_path = os.path.join(path, "trainer_state.json")
-        if not os.path.exists(st_path):
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise FileNotFoundError(f"{path} is not a complete checkpoint: {problem}")
         with open(st_path) as f:
             st = json.load(f)
         saved_cfg = model_config_from_dict(st["model_config"])
