@@ -22,7 +22,7 @@ def episode(cfg, seed=3):
 
 def replayed_steps(model, x, calls=2, **kw):
     """Prefill chunk 1, then replay the control step of chunk 2 `calls` times, then one step of the episode."""
-    pol = Policy(model, PolicyConfig(return_video=not kw.get("actions_only"), **kw))
+    pol = Policy(model, PolicyConfig(return_video=not kw.get("actions_only"), negative_prompt=None, **kw))
     pol.reset(x["text"], x["clip"], x["first"])
     pol.prefill(x["obs"][:1])
     saved = {b: c.frames for b, c in pol.caches.items()}
@@ -97,7 +97,7 @@ def test_new_inputs_reach_the_replayed_graph(model, x):
     eager policy gives for that state."""
     other = dict(x, state=x["state"] + 1.0)
     ref, _ = replayed_steps(model, other, calls=1, num_steps=1)
-    pol = Policy(model, PolicyConfig(num_steps=1, graphs=True))
+    pol = Policy(model, PolicyConfig(num_steps=1, graphs=True, negative_prompt=None))
     pol.reset(x["text"], x["clip"], x["first"])
     pol.prefill(x["obs"][:1])
     saved = {b: c.frames for b, c in pol.caches.items()}
@@ -112,11 +112,11 @@ def test_new_inputs_reach_the_replayed_graph(model, x):
 def test_prefill_leaves_the_cache_a_step_would(model, x):
     """prefill writes what the replacement passes of the skipped control steps write (the denoising passes only
     read the cache), and the step after it computes what it computes after those steps."""
-    a = Policy(model, PolicyConfig(num_steps=1))
+    a = Policy(model, PolicyConfig(num_steps=1, negative_prompt=None))
     a.reset(x["text"], x["clip"], x["first"])
     a.step(None, x["state"])
     a.step(x["obs"][0], x["state"])
-    b = Policy(model, PolicyConfig(num_steps=1))
+    b = Policy(model, PolicyConfig(num_steps=1, negative_prompt=None))
     b.reset(x["text"], x["clip"], x["first"])
     b.prefill(x["obs"][:1])
     assert a.chunk == b.chunk == 2

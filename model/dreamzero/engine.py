@@ -20,7 +20,8 @@ Switches (PolicyConfig), one per row of the paper's Table 1:
   sampler_device  'model' (the sampler's tensors on the model's device, no host syncs) or 'cpu' (the baseline)
   compile         None or a torch.compile backend ('inductor', 'aot_eager', ...) for the DiT blocks: one compiled
                   graph per layout, shared by every block (dreamzero.compiled); 'reduce-overhead' is 'inductor'
-                  with graphs=True
+                  with graphs=True. The model is compiled in place (other policies over it run the compiled blocks
+                  too; dreamzero.compiled.uncompile_blocks undoes it)
   graphs          each layout's whole forward replayed from static buffers, captured as a CUDA graph on CUDA
                   (dreamzero.compiled.GraphedForward; on a CPU the same path runs uncaptured)
 Compilation and capture are lazy (each layout at its first forward) and cost what `Policy.compile_stats` says.
