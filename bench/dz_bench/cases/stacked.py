@@ -270,11 +270,13 @@ def report_extra(records: list) -> str:
     device = base.get("device") or ""
     peak = peak_for(device)
     project = peak is not None and peak.bf16_flops == PEAKS["H100"].bf16_flops
+    bp = base.get("params") or {}
     lines = ["## Table 1 view", "",
-             f"Measured on {device}; speedups are over our baseline measured in the same run; every row's outputs "
-             "are checked against a reference of the same algorithm (check: relative RMS error of the displacement "
-             "<= allowed; schedule: the DiT cache's or one step's distance from 16 steps, recorded). The paper's "
-             "ratios are its own (one GPU baseline, two GPUs for CFG parallelism)." +
+             f"Measured on {device} ({bp.get('config')}, {bp.get('schedule')}); speedups are over our baseline "
+             "measured in the same run; every row's outputs are checked against a reference of the same algorithm "
+             "(check: relative RMS error of the displacement <= allowed; schedule: the DiT cache's or one step's "
+             "distance from all steps, recorded). The paper's ratios are its own (one GPU baseline, two GPUs for CFG "
+             "parallelism)." + (f" Note: {bp['note']}." if bp.get("note") else "") +
              (f" GB200 ms is a roofline PROJECTION (the measured time x {device}'s / GB200's dense bf16 peak, "
               "dz_bench.peaks), not a measurement." if project else ""), "",
              "| row | ms per control step | speedup | check | compile s | paper H100 | paper GB200 |" +
