@@ -57,22 +57,25 @@ Per-row params (the record's `params`): check (reference, errors, allowed, sched
 first control step, which traces, compiles and captures every graph of the row, minus the first timed call: what a
 user pays once per process), capture_s, graphs (layouts captured); on the profiled row profile and profile_wall_ms.
 
-Time on one H200 (`bash scripts/bench.sh stacked`, within 8 minutes; figures from the evidence of 2026-11-29 and
-REFERENCE.md sections 7 and 9). A row costs its set-up (prefill: 3 forwards; compiled rows: one warm-up step that
-compiles and captures) + 7 calls (the checked first call, the harness's estimate call, which is also the warm-up,
-and 5 timed calls):
-  model build ~10 s; baseline 5.4 s a step: 38 s + the references (an 8-of-16-step and a 1-step baseline call,
-  3.5 s) ~ 52 s; cfg-batched 5.0 s: 35 s; sdpa-cudnn ~4.4 s (cuDNN saves 0.78 ms per attention call at B=2,
-  x 40 layers x 17 forwards): 31 s; dit-cache 2.7 s: 19 s;
-  compiled rows: each graph (one block, one layout) is an inductor compile; the one figure at hand is 100 s for a
-  40-block DiT (140 s with FP8), so 15-30 s a graph is assumed (unmeasured; the Triton kernels that rows share
-  come from the cache); compile and kernels 2 graphs each, ~1.8 s a step (REFERENCE 7: 203 ms a compiled forward at
-  B=2, 9 forwards): ~45-75 s each; fp8 2 graphs, ~1.5 s a step: ~45-75 s; flash 2 graphs at B=1, ~0.3 s a step:
-  ~35-65 s; fused-control and full-output 1 graph each: ~20-35 s each (+ 3 s of profile).
-  In all about 330-480 s; the bench phase of scripts/gpu_run.sh passes --budget-s, which stops starting rows when
-  the time is spent and records the rest as skipped. A second run on the same machine compiles from inductor's
-  on-disk caches. On a CPU the whole bench (tiny config) takes 1.5-2 minutes on an idle 2-core machine, most of it
-  the interpreter running our kernels and dynamo tracing.
+Time on one H200 (`bash scripts/bench.sh stacked`, within 8 minutes). Figures: the first H200 run (2026-11-29,
+commit 81ca980): baseline 5388 ms a step, cfg-batched 4980 ms, the DiT-cache row 2661 ms, attention at the chunk
+shape at B=2 1.314 ms with cuDNN against 2.096 ms with flash; the project's H100 run: a compiled 40-block forward at
+B=2 203.5 ms, its torch.compile 100 s (140 s with FP8 linears). A row costs its set-up (prefill: 3 forwards;
+compiled rows: one warm-up step that compiles and captures) + 7 calls (the checked first call, the harness's
+estimate call, which is also the warm-up, and 5 timed calls):
+  model build ~10 s; baseline 7 x 5.4 s + the references (an 8-of-16-step and a 1-step baseline call, ~3.5 s):
+  ~52 s; cfg-batched 7 x 5.0 s: 35 s; sdpa-cudnn ~4.4 s a step (0.78 ms saved per attention call x 40 layers x
+  17 forwards): 31 s; dit-cache 7 x 2.7 s: 19 s;
+  compiled rows: each graph (one block, one layout) is an inductor compile, not measured yet; the 100 s of a
+  40-block compile bound it, and 15-30 s a graph is assumed (the Triton kernels that rows share come from the
+  cache). compile and kernels: 2 graphs each and ~1.8 s a step (9 forwards of ~0.2 s): ~45-75 s each; fp8 the
+  same; flash: 2 graphs at B=1, ~0.25 s a step: ~35-65 s; fused-control and full-output: 1 graph each, ~20-35 s
+  (+ ~3 s for the profile).
+  In all about 330-480 s. The bench phase of scripts/gpu_run.sh passes --budget-s: no row starts after it (the
+  rest are recorded as skipped), and the headline rows run first. A second run on the same machine compiles from
+  inductor's on-disk caches. On a CPU the whole bench (tiny config) took 100 s of CPU time (1 min 40 s user, one
+  thread; 3 min 50 s of wall time on a 2-core machine shared with other jobs), most of it the interpreter running
+  our kernels and dynamo tracing.
 """
 from __future__ import annotations
 
