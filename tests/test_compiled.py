@@ -152,3 +152,61 @@ def test_bad_switches():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="CUDA device"):
             GraphedForward(tiny_model(num_embodiments=1, num_layers=1), capture=True)
+
+
+class EmulatedCapture(GraphedForward):
+    """The CUDA-graph path's bookkeeping on a CPU: 'capturing' runs the forward with the host effects a capture has
+    (commit updates frames) and then puts the cache back as the capture finds it; a 'replay' runs the forward on the
+    buffers into the captured outputs with the host effects a replay has (none: frames stay)."""
+
+    def _capture(self, entry):
+        out = self._run(entry)
+        entry.frames_after = tuple(entry.cache.frames)
+        entry.cache.rewind(entry.frames_before)          # a capture executes nothing on the device
+
+        class Graph:
+            def replay(graph):
+                frames = tuple(entry.cache.frames)
+                for t, new in zip(entry.out, self._run(entry)):
+                    if t is not None:
+                        t.copy_(new)
+                entry.cache.frames = frames
+
+        entry.graph, entry.out = Graph(), out
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_capture_bookkeeping_keeps_the_cache_consistent(model, x, fused):
+    """The capture path (rewind, capture, first replay, later replays) leaves the cache's frames and the fused
+    cache's device write position where the eager policy leaves them, and the same actions and video."""
+    kw = dict(num_steps=2, fused_control=True)
+    handle = None
+    if fused:
+        from dz_kernels import ApplyConfig, apply_
+        handle = apply_(model, ApplyConfig(attention=False, norms=False, kv_cache=True))
+    try:
+        ref, pol_ref = replayed_steps(model, x, calls=3, **kw)
+        pol = Policy(model, PolicyConfig(return_video=True, negative_prompt=None, graphs=True, **kw))
+        pol._graphed = EmulatedCapture(model)
+        pol._graphed.capture = True
+        pol.reset(x["text"], x["clip"], x["first"])
+        pol.prefill(x["obs"][:1])
+        saved = {b: c.frames for b, c in pol.caches.items()}
+        res = []
+        for _ in range(3):
+            for b, c in pol.caches.items():
+                c.rewind(saved[b])
+            pol.chunk = 2
+            res.append(pol.step(x["obs"][1], x["state"]))
+        res.append(pol.step(x["obs"][2], x["state"]))
+        _same(res, ref, tol=1e-6)
+        # per branch (sequential CFG: two caches): chunk 3's control and denoising layouts, then after the window
+        # reset chunk 1's two
+        assert pol.compile_stats["graphs"] == 8 and pol.compile_stats["replays"] >= 8
+        for key, cache in pol.caches.items():
+            assert cache.frames == pol_ref.caches[key].frames
+            if fused:
+                assert int(cache.write_pos) == cache.num_tokens
+    finally:
+        if handle is not None:
+            handle.undo()

@@ -14,13 +14,13 @@ compile (a torch.compile backend: 'inductor', 'aot_eager', ...)
 
 graphs (a bool)
     `GraphedForward` runs each layout's forward from static buffers: the first call with a new key (layout,
-    cache, context, input shapes) copies the inputs into buffers it owns, runs the forward on them (the warm-up:
-    compilation, RoPE tables, attention schedules and kernel autotuning all happen here, outside any capture),
-    rewinds the cache's host state (`cache.rewind`) and, on CUDA, captures the same forward into a
-    torch.cuda.CUDAGraph (one memory pool per GraphedForward), then replays it once. Every later call with that
-    key copies the new inputs into the buffers, replays, and sets the cache's host state (`cache.frames`) to what
-    the captured pass committed: the device side of commit (the fused cache's `write_pos`, a roll's copies) is in
-    the graph, the host side is that tuple. Outputs are cloned out of the graph's memory, so a caller may keep
+    cache, context, input shapes) copies the inputs into buffers it owns and runs the forward on them (the
+    warm-up: compilation, RoPE tables, attention schedules and kernel autotuning all happen here, outside any
+    capture; on CUDA on a side stream); on CUDA it then rewinds the cache (`cache.rewind`), captures the same
+    forward into a torch.cuda.CUDAGraph (one memory pool per GraphedForward) and replays it once. Every later call
+    with that key copies the new inputs into the buffers, replays, and sets the cache's host state (`cache.frames`)
+    to what the captured pass committed: the device side of commit (the fused cache's `write_pos`, a roll's
+    copies) is in the graph, the host side is that tuple. Outputs are cloned out of the graph's memory, so a caller may keep
     them across replays (the sampler's history does). Inputs: every tensor argument of the model's forward
     except `context_kv`, which the graphs read in place (its tensors are fixed per instruction); a new context or
     a new cache object gets new graphs (`clear()` drops the old ones).
@@ -172,7 +172,7 @@ class GraphedForward:
         static = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         entry = _Entry(layout, cache, context_kv, static, tuple(cache.frames))
         t0 = time.perf_counter()
-        if self.capture:                      # warm up on a side stream (lazy state of cuBLAS/cuDNN per stream)
+        if self.capture and self.device.type == "cuda":   # warm up on a side stream (cuBLAS/cuDNN state per stream)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -182,33 +182,35 @@ class GraphedForward:
             out = self._run(entry)
         _sync(self.device)
         self.stats["compile_s"] += time.perf_counter() - t0
+        if not self.capture:                  # later calls run the same forward on the buffers
+            entry.frames_after = tuple(cache.frames)
+            self.entries[key] = entry
+            return self._outputs(out)
         try:
             cache.rewind(entry.frames_before)
         except ValueError:
             # the pass evicted frames (a 'roll' cache): it cannot run again from the same host state, so this key
             # is not kept; its warm-up result stands
-            return out
+            return self._outputs(out)
         t0 = time.perf_counter()
-        if self.capture:
-            try:
-                self._capture(entry)
-            except Exception as e:        # an op that cannot be captured: this key runs uncaptured
-                reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                self.stats["capture_errors"].append(reason)
-                warnings.warn(f"CUDA-graph capture failed, this layout runs uncaptured: {reason}", stacklevel=4)
-                _sync(self.device)
-                cache.rewind(entry.frames_before)
-                entry.graph = None
-        self.entries[key] = entry
-        if entry.graph is not None:
-            entry.graph.replay()              # the capture ran nothing: this replay is the pass
-            cache.frames = entry.frames_after
+        try:
+            self._capture(entry)
+        except Exception as e:                # an op that cannot be captured: this key runs uncaptured
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            self.stats["capture_errors"].append(reason)
+            warnings.warn(f"CUDA-graph capture failed, this layout runs uncaptured: {reason}", stacklevel=4)
             _sync(self.device)
-            self.stats["capture_s"] += time.perf_counter() - t0
-            self.stats["graphs"] += 1
+            cache.rewind(entry.frames_before)     # host and device state as before the pass, which runs again
+            entry.graph, entry.out = None, self._run(entry)
+            entry.frames_after = tuple(cache.frames)
+            self.entries[key] = entry
             return self._outputs(entry.out)
-        entry.out = self._run(entry)
-        entry.frames_after = tuple(cache.frames)
+        self.entries[key] = entry
+        entry.graph.replay()                  # the capture ran nothing: this replay is the pass
+        cache.frames = entry.frames_after
+        _sync(self.device)
+        self.stats["capture_s"] += time.perf_counter() - t0
+        self.stats["graphs"] += 1
         return self._outputs(entry.out)
 
     def _capture(self, entry: _Entry) -> None:
