@@ -73,9 +73,9 @@ estimate call, which is also the warm-up, and 5 timed calls):
   (+ ~3 s for the profile).
   In all about 330-480 s. The bench phase of scripts/gpu_run.sh passes --budget-s: no row starts after it (the
   rest are recorded as skipped), and the headline rows run first. A second run on the same machine compiles from
-  inductor's on-disk caches. On a CPU the whole bench (tiny config) took 100 s of CPU time (1 min 40 s user, one
-  thread; 3 min 50 s of wall time on a 2-core machine shared with other jobs), most of it the interpreter running
-  our kernels and dynamo tracing.
+  inductor's on-disk caches. On a CPU the whole bench (tiny config) took 90 s of CPU time (one thread; 2 min 34 s
+  of wall time on a 2-core machine shared with other jobs), most of it the interpreter running our kernels and
+  dynamo tracing.
 """
 from __future__ import annotations
 
