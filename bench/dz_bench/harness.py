@@ -13,7 +13,9 @@ A factory is a zero-argument callable that does the set-up and returns the zero-
 raise Unavailable("reason"). "dz" is ours, every other key is a peer. Creating a Case must be cheap (allocate in the
 factories, or in a `lazy(...)` shared by them): the harness lists a bench's cases first, then runs them one by one
 and drops each before the next. `check`, if given, receives the value returned by an impl's first call and returns
-an error figure (e.g. max abs error against a reference), recorded as `max_err`.
+an error figure (e.g. max abs error against a reference), recorded as `max_err`. The callable a factory returns
+may carry a `params` attribute (a dict): it is merged into that impl's own row's params after the row ran (or
+failed), for facts of one row such as its compile time or the details of its check.
 
 Timing: on CUDA, CUDA events around each call after a warm-up, the L2 flushed before each call (the method of
 triton.testing.do_bench, kept here so that the number of samples is known and at least `min_samples` even for calls
@@ -23,9 +25,10 @@ of seconds); on CPU, time.perf_counter over at least `min_samples` calls. Every 
 failing impl becomes an "error" row and the run goes on.
 
 Rows are written as they are measured: each one is printed (with `echo=True`) and appended to
-`<out>/<device-slug>/<bench>.rows.jsonl`, and the bench's JSON is rewritten after every case, so a run cut short by
-a time limit keeps what it measured. `BenchContext.deadline` (a time.time() value) stops a run from starting new
-cases after it; the cases left are recorded as "skipped" rows that say so.
+`<out>/<device-slug>/<bench>.rows.jsonl` the moment it is measured (its speedup counts the peers measured before it
+in its case; the JSON holds the final figures), and the bench's JSON is rewritten after every row, so a run cut
+short by a time limit keeps what it measured. `BenchContext.deadline` (a time.time() value) stops a run from starting
+new rows after it; the rows left are recorded as "skipped" rows that say so.
 """
 from __future__ import annotations
 
@@ -321,7 +324,7 @@ def _time_cuda(fn, ctx: BenchContext) -> tuple[list[float], str]:
     end.record()
     torch.cuda.synchronize()
     est = max(start.elapsed_time(end), 1e-4)
-    n_warm = min(max(1, int(ctx.warmup_ms / est)), 100)
+    n_warm = min(int(ctx.warmup_ms / est), 100)   # a call as long as the warm-up was the warm-up (calls of seconds)
     n_rep = min(max(ctx.min_samples, int(ctx.rep_ms / est)), 2000)
     for _ in range(n_warm):
         fn()
@@ -391,6 +394,9 @@ def _run_impl(name: str, factory, case: Case, ctx: BenchContext, base: dict) -> 
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
         row.update(status="error", error=tb)
     finally:
+        extra = getattr(fn, "params", None)
+        if isinstance(extra, dict) and extra:
+            row["params"] = {**(row.get("params") or {}), **extra}
         del fn
         if ctx.device == "cuda":
             try:
@@ -434,7 +440,7 @@ def _echo(row: dict) -> None:
 
 def run_bench(name: str, ctx: BenchContext, progress: bool = True, out_root: str | None = None) -> list[dict]:
     """Run every case of bench `name`; returns its records. With `out_root`, every row is appended to
-    <out_root>/<device-slug>/<name>.rows.jsonl as it is measured and <name>.json is rewritten after every case."""
+    <out_root>/<device-slug>/<name>.rows.jsonl as it is measured and <name>.json is rewritten after every row."""
     reg = registry()
     common = {"bench": name, "device": device_name(ctx), "device_slug": device_slug(ctx), "small": ctx.small,
               "versions": versions(), "commit": commit()}
@@ -476,17 +482,20 @@ def run_bench(name: str, ctx: BenchContext, progress: bool = True, out_root: str
                     bar.set_postfix_str(f"{case.case} / {impl_name}")
                 row = _run_impl(impl_name, factory, case, ctx, base)
             rows.append(dict(row, timestamp=stamp()))
-        del case, base
-        _fill_speedups(rows)
-        rows = [_json_safe({k: r.get(k) for k in RECORD_FIELDS}) for r in rows]
-        records.extend(rows)
-        for row in rows:
+            _fill_speedups(rows)                      # over the rows measured so far: the row is streamed now
+            done = _json_safe({k: rows[-1].get(k) for k in RECORD_FIELDS})
             if ctx.echo:
-                _echo(row)
+                _echo(done)
             for path in (rows_path, ctx.rows_file):
                 if path is not None:
                     with open(path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                        f.write(json.dumps(done) + "\n")
+            if out_root is not None and len(rows) < len(case.impls):
+                write_records(records + [_json_safe({k: r.get(k) for k in RECORD_FIELDS}) for r in rows], out_root,
+                              name)
+        del case, base
+        _fill_speedups(rows)
+        records.extend(_json_safe({k: r.get(k) for k in RECORD_FIELDS}) for r in rows)
         if out_root is not None:
             write_records(records, out_root, name)
         if bar is not None:

@@ -18,8 +18,13 @@ Switches (PolicyConfig), one per row of the paper's Table 1:
                   its cache) -- exactly the same actions at half the compute. Not allowed with return_video.
   fused_control   the replacement pass and the first denoising step in one forward (the 'control' layout)
   sampler_device  'model' (the sampler's tensors on the model's device, no host syncs) or 'cpu' (the baseline)
-  compile         None or a torch.compile backend/mode applied per DiT block ('inductor', 'aot_eager',
-                  'reduce-overhead' = inductor with CUDA graphs)
+  compile         None or a torch.compile backend ('inductor', 'aot_eager', ...) for the DiT blocks: one compiled
+                  graph per layout, shared by every block (dreamzero.compiled); 'reduce-overhead' is 'inductor'
+                  with graphs=True. The model is compiled in place (other policies over it run the compiled blocks
+                  too; dreamzero.compiled.uncompile_blocks undoes it)
+  graphs          each layout's whole forward replayed from static buffers, captured as a CUDA graph on CUDA
+                  (dreamzero.compiled.GraphedForward; on a CPU the same path runs uncaptured)
+Compilation and capture are lazy (each layout at its first forward) and cost what `Policy.compile_stats` says.
 Our kernels and quantization enter through the model's backend table (dz_kernels.apply_ / quantize_) before the
 policy is built; the engine itself is plain PyTorch.
 
@@ -51,6 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .compiled import GraphedForward, compile_blocks
 from .schedulers import FlowEulerSampler, FlowUniPCMultistepSampler
 from .smoothing import smooth_actions
 
@@ -86,6 +92,7 @@ class PolicyConfig:
     smooth: bool = True
     compile: str | None = None
     negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT   # the unconditional branch's text; None: zero features
+    graphs: bool = False
 
     def __post_init__(self):
         choices = dict(cfg_mode=("sequential", "batched", "parallel"), dit_cache=("off", "static", "dynamic"),
@@ -97,6 +104,8 @@ class PolicyConfig:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(self.negative_prompt).__name__}")
+        if self.compile is not None and not isinstance(self.compile, str):
+            raise TypeError(f"compile must be None or a torch.compile backend name, got {self.compile!r}")
         if self.actions_only and self.return_video:
             raise ValueError("actions_only skips the unconditional branch, so it cannot return the guided video")
         mask = self.step_mask()
@@ -115,6 +124,14 @@ class PolicyConfig:
     @property
     def skips_uncond(self) -> bool:
         return self.actions_only and self.num_steps == 1
+
+    @property
+    def compile_backend(self) -> str | None:
+        return "inductor" if self.compile == "reduce-overhead" else self.compile
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.graphs or self.compile == "reduce-overhead"
 
 
 @dataclass
@@ -180,25 +197,29 @@ class Policy:
             self.rank = dist.get_rank(group)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self._blocks_compiled = False
-        if config.compile:
-            self._compile_blocks(config.compile)
+        if config.compile_backend is not None:
+            compile_blocks(model, config.compile_backend)   # in place; dreamzero.compiled.uncompile_blocks undoes it
+        self._graphed = GraphedForward(model) if config.use_graphs else None
+        self._graphed_for = None
         self.chunk = None
 
-    # ------------------------------------------------------------------ set-up
-    def _compile_blocks(self, how: str) -> None:
-        """torch.compile of each DiT block. Every block traces whole, with no graph break (checked on the CPU by
-        tests/test_model_compile_dtypes.py), and must: each call of a compiled block is a new torch.compile
-        invocation, which with CUDA graphs (reduce-overhead) starts a new CUDA-graph generation whose runs may reuse
-        the memory of the previous generation's outputs. A block broken into several graphs would read its input x
-        (the previous block's output) again after its first graph ran, from memory already reused ("accessing
-        tensor output of CUDAGraphs that has been overwritten by a subsequent run"); a whole block reads x once, at
-        its start. fullgraph stays False so that a block past dynamo's recompile limit (a new layout or layer index
-        specializes the graph) runs eagerly instead of failing."""
-        kw = {"mode": "reduce-overhead"} if how == "reduce-overhead" else {"backend": how}
-        for i, blk in enumerate(self.model.blocks):
-            self.model.blocks[i] = torch.compile(blk, fullgraph=False, dynamic=False, **kw)
-        self._blocks_compiled = True
+    @property
+    def compile_stats(self) -> dict:
+        """One-time costs of compile/graphs (dreamzero.compiled.GraphedForward.stats): compile_s, capture_s,
+        graphs, replays, capture_errors. Empty without graphs."""
+        return dict(self._graphed.stats) if self._graphed is not None else {}
+
+    def _forward(self, layout, cache, context_kv, inputs: dict, once: bool = False):
+        if once:
+            with torch.compiler.set_stance("force_eager"):
+                return self.model(layout, context_kv=context_kv, cache=cache, **inputs)
+        if self._graphed is None:
+            return self.model(layout, context_kv=context_kv, cache=cache, **inputs)
+        seen = self._graphed_for
+        if seen is None or seen[0] is not self.context or seen[1] is not self.caches:
+            self._graphed.clear()                   # a new instruction, first frame or caches: new graphs
+            self._graphed_for = (self.context, self.caches)
+        return self._graphed(layout, cache=cache, context_kv=context_kv, **inputs)
 
     def _branches(self) -> list:
         """Branch ids this process runs: 0 = conditional, 1 = unconditional."""
@@ -359,23 +380,22 @@ class Policy:
         return self.cond[:, :, idx]
 
     # ------------------------------------------------------------------ forwards over the branches
-    def _run(self, mode: str, chunk: int, inputs: dict) -> dict:
+    def _run(self, mode: str, chunk: int, inputs: dict, once: bool = False) -> dict:
         """One forward of every branch this process runs; returns {branch: (video, action)} (all branches, after
-        the exchange in parallel mode)."""
+        the exchange in parallel mode). once: a one-time pass (prefill), run eagerly: not worth a compilation or a
+        graph."""
         out = {}
         rule = self.config.rule
         if "both" in self.caches:
             cache = self.caches["both"]
             both = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-            v, a = self.model(cache.layout(mode, chunk, rule=rule), context_kv=self.context["both"], cache=cache,
-                              **both)
+            v, a = self._forward(cache.layout(mode, chunk, rule=rule), cache, self.context["both"], both, once)
             B = self.batch
             out[0] = (None if v is None else v[:B], None if a is None else a[:B])
             out[1] = (None if v is None else v[B:], None if a is None else a[B:])
             return out
         for b, cache in self.caches.items():
-            out[b] = self.model(cache.layout(mode, chunk, rule=rule), context_kv=self.context[b], cache=cache,
-                                **inputs)
+            out[b] = self._forward(cache.layout(mode, chunk, rule=rule), cache, self.context[b], inputs, once)
         if self.config.cfg_mode == "parallel" and not self.config.skips_uncond:
             out = self._exchange(out)
         return out
@@ -393,6 +413,44 @@ class Policy:
         for b in (0, 1):
             res[b] = (vs[b] if v is not None else None, as_[b] if a is not None else None)
         return res
+
+    @torch.no_grad()
+    def prefill(self, observations: list) -> None:
+        """Right after reset(): fill the caches as the ground-truth replacement passes of the first len(observations)
+        chunks would, without denoising anything: the first frame, then each observation [B, Z, frames_per_chunk,
+        H, W] as the observed frames of chunks 1, 2, ... Afterwards the policy stands where len(observations) + 1
+        step() calls would leave it (the cache holds only observed frames, so its content is the same): the next
+        step(observation, state) takes the observation of chunk len(observations) + 1 and denoises the chunk after
+        it. For a warm start of an episode, or to replay one control step."""
+        if self.chunk != 0:
+            raise RuntimeError("prefill() comes right after reset(), before any step()")
+        cfg = self.cfg
+        want = (self.batch, cfg.latent_channels, cfg.frames_per_chunk, cfg.latent_height, cfg.latent_width)
+        for i, o in enumerate(observations):
+            if not isinstance(o, torch.Tensor) or tuple(o.shape) != want:
+                raise ValueError(f"observation {i} must be {list(want)} latent frames, got "
+                                 f"{getattr(o, 'shape', type(o).__name__)}")
+        if observations and any(cache.needs_reset(len(observations)) for cache in self.caches.values()):
+            raise ValueError(f"{len(observations)} observations reach past the cache window "
+                             f"(local_attn_size {cfg.local_attn_size}): the next chunk would reset it")
+        self._run("first", 0, dict(clean=self._pending_obs, clean_cond=self._cond_frames(range(0, 1))), once=True)
+        for c, o in enumerate(observations, start=1):
+            frames = range(1 + (c - 1) * cfg.frames_per_chunk, 1 + c * cfg.frames_per_chunk)
+            self._run("observe", c, dict(clean=o.to(self.device, self.dtype), clean_cond=self._cond_frames(frames)),
+                      once=True)
+        self.chunk = len(observations) + 1
+
+    def initial_noise(self) -> tuple:
+        """The noise every control step starts from: (video [B, Z, frames_per_chunk, H, W], actions [B, A,
+        action_dim]) in the model's dtype on the model's device, drawn from a generator seeded with
+        PolicyConfig.seed at each step (so every step of every configuration with that seed starts from the same
+        noise: their results compare element by element)."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(self.config.seed)
+        x = torch.randn(self.batch, cfg.latent_channels, cfg.frames_per_chunk, cfg.latent_height, cfg.latent_width,
+                        generator=gen)
+        xa = torch.randn(self.batch, cfg.actions_per_chunk, cfg.action_dim, generator=gen)
+        return x.to(self.device, self.dtype), xa.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------ the control step
     @torch.no_grad()
@@ -455,11 +513,9 @@ class Policy:
         # denoise the next chunk
         t1 = time.perf_counter()
         frames = range(1 + (c - 1) * cfg.frames_per_chunk, 1 + c * cfg.frames_per_chunk)
-        B, H, W = self.batch, cfg.latent_height, cfg.latent_width
+        B = self.batch
         sdev = self.device if pc.sampler_device == "model" else torch.device("cpu")
-        gen = torch.Generator().manual_seed(pc.seed)
-        x = torch.randn(B, cfg.latent_channels, cfg.frames_per_chunk, H, W, generator=gen).to(sdev, self.dtype)
-        xa = torch.randn(B, cfg.actions_per_chunk, cfg.action_dim, generator=gen).to(sdev, self.dtype)
+        x, xa = (t.to(sdev) for t in self.initial_noise())
         Sampler = FlowUniPCMultistepSampler if pc.sampler == "unipc" else FlowEulerSampler
         sv = Sampler(pc.num_steps, pc.shift, device=sdev)
         sa = Sampler(pc.num_steps, pc.shift, device=sdev)

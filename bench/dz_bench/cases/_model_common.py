@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from dreamzero.backend import Ops
+from dreamzero.compiled import compiled_backend, uncompile_blocks
 from dreamzero.config import get_config, tiny_config
 from dreamzero.dreamzero import DreamZero
 from dz_bench.harness import Unavailable
@@ -72,7 +73,8 @@ def sdpa_backend(ctx, which: str | None):
 
 
 class ModelState:
-    """Puts the model into one configuration and back: backend ops, compiled blocks, quantized linears."""
+    """Puts the model into one configuration and back: backend ops, compiled blocks (replaced by torch.compile
+    wrappers, or compiled in place by dreamzero.compiled), quantized linears."""
 
     def __init__(self, model):
         self.model = model
@@ -84,9 +86,13 @@ class ModelState:
         for fn in reversed(self.undo):
             fn()
         self.undo.clear()
+        compiled = compiled_backend(m) is not None or any(a is not b for a, b in zip(m.blocks, self.blocks))
+        uncompile_blocks(m)
         for i, blk in enumerate(self.blocks):
             m.blocks[i] = blk
         m.ops = Ops()
+        if compiled:            # the last configuration's graphs (and what their guards hold) go with it
+            torch._dynamo.reset()
 
     def use_kernels(self, attention: bool = True, fused: bool = True, ctx=None) -> None:
         try:
