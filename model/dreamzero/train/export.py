@@ -1,16 +1,67 @@
-"""Export trained weights to consolidated safetensors that the inference engine loads (dreamzero.checkpoint).
+"""Export trained weights as a self-describing folder that the inference engine, `dz serve` and other servers load.
 
 Two sources:
 - `export_checkpoint(ckpt_dir, out)`: a sharded training checkpoint (torch.distributed.checkpoint, written by
   Trainer.save) read in a single process, on the CPU, without any process group: the model is built on the meta
-  device, materialized empty, and filled by DCP (the optimizer state is not read), then written with
-  checkpoint.save_checkpoint;
+  device, materialized empty, and filled by DCP (the optimizer state is not read);
 - `export_trainer(trainer, out)`: a live Trainer (any world size): the full state dict is gathered to rank 0
   (CPU offload) and written there.
-The files use the "dreamzero" key layout by default (the release's `action_head.model.` names), so
-`checkpoint.load_model(config, out)` and the inference engine read them back; the model config is written beside
-them as `dz_config.json` (including added embodiment slots), and last a SHA256SUMS over every file written
-(checkpoint.manifest), which `load_model` verifies.
+
+The export folder (format "dz-export/1"; `dreamzero.checkpoint.read_export` reads it):
+
+    <out>/model.safetensors        the weights (or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+                                   when large), "dreamzero" key layout by default (the release's `action_head.model.`
+                                   names; --layout wan|diffusers writes diffusion_pytorch_model*.safetensors)
+    <out>/dz_config.json           what the model is (below)
+    <out>/dz_stats.json            the training data's state/action statistics (below), when the data had them
+    <out>/SHA256SUMS               written last: the SHA256 of every file above (checkpoint.manifest), which
+                                   `load_model` verifies
+
+`load_model(<out>)`, `dz serve <out>` and `load_trained_config(<out>)` need nothing else. Every JSON file is written
+atomically (dreamzero.atomic). A server that is not ours reads the two JSON files as documented here.
+
+dz_config.json:
+    {"format": "dz-export/1",
+     "config_name": "tiny-synthetic",      # the config or preset name training was given (display; see model_config)
+     "model_config": {...},                # every field of dreamzero.config.DreamZeroConfig: the authority on shapes
+                                           # (dim, num_layers, ..., actions_per_chunk, action_dim, state_dim,
+                                           # num_embodiments incl. slots added in training, name)
+     "weights": "model.safetensors",       # file (or .safetensors.index.json) to load, relative to the folder
+     "layout": "dreamzero",                # key layout of the weights: dreamzero | wan | diffusers
+     "dtype": "float32",                   # dtype the floating weights were written in
+     "source": {"checkpoint": "/abs/run/checkpoints/step_00000060", "step": 60},  # checkpoint null for a live export
+     "stats": "dz_stats.json"}             # or null: the training data carried no statistics (see below)
+  (An older export wrote the DreamZeroConfig fields alone, at the top level; readers accept that too.)
+
+dz_stats.json: how the training data normalized the model's state inputs and action outputs, per prepared dataset
+(one entry per `dz train --data` folder; `embodiment_id` is the model slot its clips trained):
+    {"format": "dz-stats/1",
+     "datasets": [
+       {"embodiment_id": 0, "embodiment_tag": "oxe_droid",
+        "normalization": "q99",            # q99 | mean_std | min_max | none (dreamzero.train.data.stats)
+        "action_horizon": 24,              # dataset steps per action chunk
+        "state_dim": 64, "action_dim": 32, # padded widths of the model's state and action vectors
+        "state": [{"key": "joint_position", "source_key": "observation.state", "dims": [0, 7],
+                   "mean": [...], "std": [...], "min": [...], "max": [...], "q01": [...], "q99": [...]}, ...],
+        "action": [{"key": "joint_position", "source_key": "action", "dims": [0, 7], "relative": true,
+                    "mean": [...], ... "q99": [...]}, ...],
+        "dataset": "/abs/path/of/the/LeRobot/dataset", "prepared": "/abs/path/of/the/prepared/folder"}]}
+  Each entry of "state" / "action" is one sub-key of the dataset (meta/modality.json), in the order the model's
+  vector holds them: model dims [dims[0], dims[1]) hold that sub-key; the dims after the last sub-key are padding
+  (zeros in, ignore out). Each statistic is a list of dims[1] - dims[0] floats.
+  Normalizing a state you send (x raw -> y model input; the same for actions in training), per dim:
+      q99:      y = clip(2 (x - q01) / (q99 - q01) - 1, -1, 1)    where q99 != q01, else y = x
+      min_max:  y = clip(2 (x - min) / (max - min) - 1, -1, 1)    where max != min, else y = x
+      mean_std: y = (x - mean) / std                              where std != 0,   else y = x
+      none:     y = x
+  Un-normalizing the actions the model returns (y -> x) inverts that (dreamzero.train.data.stats.unnormalize):
+      q99:      x = (y + 1) / 2 (q99 - q01) + q01                 where q99 != q01, else x = y   (min_max alike)
+      mean_std: x = y std + mean                                  where std != 0,   else x = y
+  "relative": true marks an action sub-key trained relative to the state: x is then the action minus the raw
+  (un-normalized) state of the state sub-key with the same "key" at the first step of the chunk; add that state
+  back to get the absolute action. Datasets without actions (videos) have "action": [].
+  "stats" is null in dz_config.json when the training data was prepared before statistics were recorded (rerun
+  `dz prepare-data` and train again, or normalize by the dataset's own meta/stats.json).
 """
 from __future__ import annotations
 
