@@ -65,34 +65,58 @@ dz_stats.json: how the training data normalized the model's state inputs and act
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import torch
 
-from ..atomic import atomic_write_json
 from ..checkpoint import resolve_checkpoint, save_checkpoint, write_manifest
+from ..checkpoint.exported import STATS_FILE, find_export, read_export, write_export_metadata
 from ..dreamzero import DreamZero
-from .trainer import model_config_from_dict
+from .trainer import latest_checkpoint, model_config_from_dict
 
-__all__ = ["export_checkpoint", "export_trainer", "load_trained_config"]
-
-
-def load_trained_config(ckpt_dir: str):
-    """The DreamZeroConfig a training checkpoint was written with (from its trainer_state.json)."""
-    path = os.path.join(ckpt_dir, "trainer_state.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{ckpt_dir} is not a training checkpoint folder (no trainer_state.json)")
-    with open(path) as f:
-        return model_config_from_dict(json.load(f)["model_config"])
+__all__ = ["export_checkpoint", "export_trainer", "load_trained_config", "resolve_training_checkpoint"]
 
 
-def _write(model: torch.nn.Module, out: str, layout: str, dtype: torch.dtype | None) -> str:
+def resolve_training_checkpoint(path: str) -> str:
+    """The checkpoint folder `path` names: itself (a step_XXXXXXXX folder with trainer_state.json) or, for a run
+    folder, the one its checkpoints/latest names. FileNotFoundError (saying what to pass) otherwise."""
+    if os.path.exists(os.path.join(path, "trainer_state.json")):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist: pass the --out folder of `dz train` (or one of its "
+                                f"checkpoints/step_XXXXXXXX folders)")
+    latest = latest_checkpoint(path)
+    if latest is None:
+        hint = (" (it is an export already: load it with load_model or `dz serve`)" if find_export(path) else
+                ": pass the --out folder of `dz train` (or one of its checkpoints/step_XXXXXXXX folders)")
+        raise FileNotFoundError(f"{path} is neither a training checkpoint (no trainer_state.json) nor a run folder "
+                                f"(no checkpoints/latest){hint}")
+    return latest
+
+
+def _trainer_state(ckpt_dir: str) -> dict:
+    with open(os.path.join(ckpt_dir, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def load_trained_config(path: str):
+    """The DreamZeroConfig a model was trained with: from a training checkpoint folder (its trainer_state.json), a
+    run folder (its latest checkpoint) or an export folder (its dz_config.json)."""
+    if find_export(path) is not None and not os.path.exists(os.path.join(path, "trainer_state.json")):
+        return read_export(path).config
+    return model_config_from_dict(_trainer_state(resolve_training_checkpoint(path))["model_config"])
+
+
+def _write(model: torch.nn.Module, out: str, layout: str, dtype: torch.dtype | None, *, config_name: str | None,
+           source: dict, datasets: list | None) -> str:
     path = save_checkpoint(model, out, layout=layout, dtype=dtype)
     folder = out if not out.endswith(".safetensors") else os.path.dirname(os.path.abspath(out))
-    atomic_write_json(os.path.join(folder, "dz_config.json"), dataclasses.asdict(model.cfg))
-    _write_checksums(folder, path, ["dz_config.json"])
+    written = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    write_export_metadata(folder, model.cfg, weights=path, layout=layout, dtype=str(written).replace("torch.", ""),
+                          config_name=config_name, source=source, datasets=datasets)
+    extra = ["dz_config.json"] + ([STATS_FILE] if os.path.exists(os.path.join(folder, STATS_FILE)) else [])
+    _write_checksums(folder, path, extra)
     return path
 
 
@@ -107,23 +131,21 @@ def _write_checksums(folder: str, path: str, extra: list) -> None:
 
 def export_checkpoint(ckpt_dir: str, out: str, layout: str = "dreamzero", dtype: torch.dtype | None = None) -> str:
     """Consolidate the training checkpoint folder `ckpt_dir` (a step_XXXXXXXX folder, or a run's out_dir whose
-    checkpoints/latest names one) into safetensors at `out` (folder or .safetensors file). Returns the written path.
+    checkpoints/latest names one) into an export folder `out` (or a .safetensors file name, whose folder receives
+    the JSON files). Returns the written weights path.
 
     dtype: convert floating weights (e.g. torch.bfloat16 for inference); None keeps fp32.
     """
     import torch.distributed.checkpoint as dcp
 
-    from .trainer import checkpoint_problem, latest_checkpoint
-    if not os.path.exists(os.path.join(ckpt_dir, "trainer_state.json")):
-        latest = latest_checkpoint(ckpt_dir)
-        if latest is None:
-            raise FileNotFoundError(f"{ckpt_dir}: neither a checkpoint folder nor a run folder with a complete "
-                                    f"checkpoint under checkpoints/")
-        ckpt_dir = latest
+    from .trainer import checkpoint_problem
+
+    ckpt_dir = resolve_training_checkpoint(ckpt_dir)
     problem = checkpoint_problem(ckpt_dir)
     if problem is not None:
         raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint: {problem}")
-    cfg = load_trained_config(ckpt_dir)
+    state = _trainer_state(ckpt_dir)
+    cfg = model_config_from_dict(state["model_config"])
     with torch.device("meta"):
         model = DreamZero(cfg)
     model.to_empty(device="cpu")
@@ -132,7 +154,9 @@ def export_checkpoint(ckpt_dir: str, out: str, layout: str = "dreamzero", dtype:
     with _quiet_single_process():
         dcp.load({"model": sd}, checkpoint_id=ckpt_dir, no_dist=True)
     model.load_state_dict(sd)
-    return _write(model, out, layout, dtype)
+    return _write(model, out, layout, dtype, config_name=state.get("train_config", {}).get("model"),
+                  source={"checkpoint": os.path.abspath(ckpt_dir), "step": state.get("step")},
+                  datasets=state.get("data_stats"))
 
 
 def export_trainer(trainer, out: str, layout: str = "dreamzero", dtype: torch.dtype | None = None) -> str | None:
@@ -143,6 +167,7 @@ def export_trainer(trainer, out: str, layout: str = "dreamzero", dtype: torch.dt
         with torch.device("meta"):
             model = DreamZero(trainer.model_cfg)
         model.load_state_dict(sd, assign=True)
-        path = _write(model, out, layout, dtype)
+        path = _write(model, out, layout, dtype, config_name=trainer.cfg.model,
+                      source={"checkpoint": None, "step": trainer.step}, datasets=trainer.data.normalization())
     trainer._barrier()
     return path
