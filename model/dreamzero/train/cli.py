@@ -206,9 +206,13 @@ def _train_parser():
 @command("dz train")
 def train_main(argv: list) -> int:
     """Train (one process, or each rank of a torchrun launch)."""
-    from .trainer import TrainConfig, Trainer
+    from .trainer import TrainConfig, Trainer, resolve_model_config
 
     a = _train_parser().parse_args(argv)
+    try:                                                        # a bad name is said before the data is read
+        resolve_model_config(a.config, _overrides(a.override))
+    except (TypeError, ValueError) as e:
+        raise CommandError(f"--override does not fit config {a.config!r}: {e}") from e
     for d in a.data:
         if not os.path.isdir(d):
             raise CommandError(f"--data {d} does not exist: prepare a dataset first (`dz prepare-data <LeRobot "
