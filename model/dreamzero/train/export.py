@@ -41,14 +41,16 @@ dz_stats.json: how the training data normalized the model's state inputs and act
         "normalization": "q99",            # q99 | mean_std | min_max | none (dreamzero.train.data.stats)
         "action_horizon": 24,              # dataset steps per action chunk
         "state_dim": 64, "action_dim": 32, # padded widths of the model's state and action vectors
-        "state": [{"key": "joint_position", "source_key": "observation.state", "dims": [0, 7],
-                   "mean": [...], "std": [...], "min": [...], "max": [...], "q01": [...], "q99": [...]}, ...],
-        "action": [{"key": "joint_position", "source_key": "action", "dims": [0, 7], "relative": true,
-                    "mean": [...], ... "q99": [...]}, ...],
+        "state": [{"key": "joint_position", "source_key": "observation.state", "source_dims": [0, 7],
+                   "dims": [0, 7], "mean": [...], "std": [...], "min": [...], "max": [...], "q01": [...],
+                   "q99": [...]}, ...],
+        "action": [{"key": "joint_position", "source_key": "action", "source_dims": [0, 7], "dims": [0, 7],
+                    "relative": true, "mean": [...], ... "q99": [...]}, ...],
         "dataset": "/abs/path/of/the/LeRobot/dataset", "prepared": "/abs/path/of/the/prepared/folder"}]}
   Each entry of "state" / "action" is one sub-key of the dataset (meta/modality.json), in the order the model's
-  vector holds them: model dims [dims[0], dims[1]) hold that sub-key; the dims after the last sub-key are padding
-  (zeros in, ignore out). Each statistic is a list of dims[1] - dims[0] floats.
+  vector holds them: model dims [dims[0], dims[1]) hold that sub-key, which is columns [source_dims[0],
+  source_dims[1]) of the dataset's `source_key` column; the dims after the last sub-key are padding (zeros in,
+  ignore out). Each statistic is a list of dims[1] - dims[0] floats.
   Normalizing a state you send (x raw -> y model input; the same for actions in training), per dim:
       q99:      y = clip(2 (x - q01) / (q99 - q01) - 1, -1, 1)    where q99 != q01, else y = x
       min_max:  y = clip(2 (x - min) / (max - min) - 1, -1, 1)    where max != min, else y = x

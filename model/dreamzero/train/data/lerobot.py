@@ -568,7 +568,8 @@ class LeRobotDataset:
             for s in subkeys:
                 st = self._norm_stats(modality, s)
                 width = s.end - s.start
-                e = {"key": s.name, "source_key": s.original_key, "dims": [col, col + width]}
+                e = {"key": s.name, "source_key": s.original_key, "source_dims": [s.start, s.end],
+                     "dims": [col, col + width]}
                 if modality == "action":
                     e["relative"] = s.name in self.relative_keys
                 e.update({k: [float(v) for v in np.asarray(st[k], np.float64).reshape(-1)] for k in STAT_NAMES
