@@ -161,9 +161,10 @@ def cases(ctx):
 
         impls = {row: make(row, pk, mk) for row, pk, mk in _row_configs()}
         impls[MODELLED_2GPU] = make(MODELLED_2GPU, {}, {}, policy_cls=_OneBranchPolicy)
-        bcfg = bench_config(ctx, name)
-        yield Case(case=f"{name}-control-step-b{batch}", params={"config": bcfg.name,
-                                                                 "batch": batch, "chunk": last_chunk_before_reset(bcfg),
-                                                                 "paper_speedup_h100_gb200": PAPER,
-                                                                 "note": CPU_NOTE if ctx.device == "cpu" else ""},
+        bcfg = bench_config(ctx, name)                          # the config this run builds: tiny when small
+        yield Case(case=f"{bcfg.name}-control-step-b{batch}", params={"config": bcfg.name,
+                                                                      "batch": batch,
+                                                                      "chunk": last_chunk_before_reset(bcfg),
+                                                                      "paper_speedup_h100_gb200": PAPER,
+                                                                      "note": CPU_NOTE if ctx.device == "cpu" else ""},
                    flops=None, bytes=None, impls=impls)
