@@ -9,7 +9,7 @@
 | `CUDA_HOME` | setup.py | unset | CUDA toolkit root, used to find nvcc when `CUDACXX` is unset |
 | `DZ_DISABLE_CUDA_EXT` | dz_kernels._ext | `0` | `1` makes `cuda_ext()` report the extension as absent (forces the cupy/torch fallbacks) |
 | `DZ_CSRC_DIR` | dz_kernels._ext | the package's csrc | folder holding the `.cu` sources that the cupy (NVRTC) fallback compiles |
-| `TRITON_INTERPRET` | Triton, dz_kernels, tests, dz_bench | `1` without CUDA, else unset | `1` runs Triton kernels in the CPU interpreter; unset on a machine without CUDA, dz_kernels sets it to `1` before defining its kernels (`0` keeps them compilable: the ahead-of-time checks) |
+| `TRITON_INTERPRET` | Triton, dz_kernels, tests, dz_bench | `1` without CUDA, else unset | `1` runs Triton kernels in the CPU interpreter; when unset on a machine without CUDA, `import dz_kernels` sets it to `1` (if triton is not imported yet); `0` keeps the kernels compilable (the ahead-of-time checks) |
 | `DZ_COMMIT` | dz_bench | `git rev-parse HEAD` | commit written into benchmark records (for a copy of the tree without `.git`) |
 | `DZ_CONFIG_DIR` | dz_kernels.configs | unset | folder whose `<family>.json` replace the packaged kernel config tables (e.g. a tuning run's output) |
 | `WORLD_SIZE` | dreamzero.train | `1` | processes in a distributed run (set by torchrun); above 1 the trainer joins the process group |
@@ -162,18 +162,29 @@ def triton_interpret() -> bool:
     return _flag("TRITON_INTERPRET")
 
 
-def interpret_without_cuda() -> bool:
-    """The CPU rule of dz_kernels: when TRITON_INTERPRET is unset (or empty) and torch sees no CUDA device, set it to
-    1, so that the Triton kernels defined after this run in Triton's CPU interpreter on CPU tensors. A value given
-    (0 included: the ahead-of-time compile checks) is kept. Every op family (attention, fused, kv_cache, quant) runs
-    this before it defines a kernel (dz_kernels/_interpreter.py), so `apply_` and the ops work on a CPU without the
-    user setting anything; triton reads the variable when it decorates a kernel. Returns whether it is on now."""
-    if not os.environ.get("TRITON_INTERPRET", "").strip():
-        import torch
+def interpret_without_cuda() -> str:
+    """The CPU rule of dz_kernels, run when `dz_kernels` is imported: when TRITON_INTERPRET is unset (or empty),
+    triton is not imported yet and torch sees no CUDA device, set TRITON_INTERPRET=1, so that triton (which reads
+    it when it is imported and when it defines a kernel) runs every kernel in its CPU interpreter on CPU tensors.
+    A value given (0 included: the ahead-of-time compile checks) is kept. Returns what it found:
+      "given"   the variable was set;      "set"    it set TRITON_INTERPRET=1;     "cuda"  CUDA is available;
+      "late"    no CUDA, but triton was imported before with the variable unset: the interpreter cannot be turned
+                on any more in this process (import dz_kernels first, or set TRITON_INTERPRET=1 before Python starts);
+      "no-torch" torch is not installed (nothing of dz_kernels runs kernels then)."""
+    if os.environ.get("TRITON_INTERPRET", "").strip():
+        return "given"
+    import sys
 
-        if not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
-    return triton_interpret()
+    try:
+        import torch
+    except ImportError:
+        return "no-torch"
+    if torch.cuda.is_available():
+        return "cuda"
+    if "triton" in sys.modules:
+        return "late"
+    os.environ["TRITON_INTERPRET"] = "1"
+    return "set"
 
 
 def commit_override() -> str | None:

@@ -13,7 +13,6 @@ with a fake (meta) implementation and an autograd formula, a public function, an
 Modulation tensors (shift, scale, gate) may be per token ``[B, L, C]`` or per sample ``[B, 1, C]`` (or any view
 that broadcasts, stride 0 included); they are read in place, never expanded in memory.
 """
-from .. import _interpreter  # noqa: F401  (first: Triton's CPU interpreter when there is no GPU)
 from .residual import gated_residual, gated_residual_reference
 from .gelu import gelu_tanh, gelu_tanh_reference
 from .layernorm import (

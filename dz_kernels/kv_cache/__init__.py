@@ -7,7 +7,6 @@
   (csrc/qk_norm_rope.cu via cuda.py) and plain PyTorch backends, registered as torch.library custom ops.
 - reference.py: the plain chain (dreamzero.backend.rms_norm + apply_rope + the cache write), the oracle.
 """
-from .. import _interpreter  # noqa: F401  (first: Triton's CPU interpreter when there is no GPU)
 from .cache import FusedKVCache
 from .ops import BACKENDS, kv_cache_write, qk_norm_rope_kv_write, resolve_backend
 from .reference import (

@@ -7,7 +7,6 @@
     modelopt_io.py  ModelOpt FP8 / NVFP4 checkpoint tensors (weight, weight_scale, weight_scale_2, input_scale)
 Every kernel is also a `torch.ops.dz.*` custom op with a fake implementation (torch.compile, CUDA graphs).
 """
-from .. import _interpreter  # noqa: F401  (first: Triton's CPU interpreter when there is no GPU)
 from .api import (  # noqa: F401
     DEFAULT_EXCLUDED, Float8BlockScaled, Float8DynamicActivationFloat8Weight, Float8Linear, NVFP4, NVFP4Linear,
     NVFP4WeightOnly, calibrate_, default_filter, dequantize_, quantize_,
