@@ -1,6 +1,6 @@
 """Run one benchmark and read its report.
 
-    python examples/bench_and_report.py [--bench kv_cache] [--out DIR]
+    python examples/bench_and_report.py [--bench kv_cache] [--out DIR] [--small]
 
 The same as `dz bench kv_cache --out DIR` (or `bash scripts/bench.sh kv_cache`), from Python: the harness runs every
 implementation of every case of the bench on the same inputs (ours are "dz..."; the others are the peers it must
@@ -26,9 +26,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bench", default="kv_cache", help="a bench name (`dz bench --list`)")
     p.add_argument("--out", default=None, help="results root (default: a new temporary folder)")
+    p.add_argument("--small", action="store_true", help="small shapes also on a GPU (the default on a CPU)")
     a = p.parse_args(argv)
     out = a.out or tempfile.mkdtemp(prefix="dz-bench-")
-    ctx = harness.BenchContext.detect()               # CUDA with the real shapes, else the CPU with small ones
+    ctx = harness.BenchContext.detect(small=True if a.small else None)   # CUDA: real shapes; CPU: small ones
     harness.run_benches([a.bench], ctx=ctx, out_dir=out, progress=False)
 
     folder = os.path.join(out, harness.device_slug(ctx))

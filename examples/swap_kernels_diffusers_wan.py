@@ -6,10 +6,10 @@ A small random `diffusers.WanTransformer3DModel` (text-to-video, or image-to-vid
 from `WanTransformer3DModel.from_pretrained(<Wan2.1 *-Diffusers folder>, subfolder="transformer")`) runs one
 denoising forward; `dz_kernels.apply_` swaps in the fused attention processor and block forward (LayerNorm +
 modulate, gated residuals, q/k RMSNorm, GELU); the same forward runs again and is compared with the first; `undo()`
-restores diffusers' own classes and processors exactly. On a CPU our Triton kernels run in Triton's interpreter
-(turned on by `import dz_kernels` when there is no GPU, which is why it comes before diffusers, which imports
-triton): correct, not fast. On a GPU the model runs in bfloat16 and the comparison uses
-the low-precision bar of dz_kernels.testing.
+restores diffusers' own classes and processors exactly. Float32 on both, so the outputs agree to 1e-4 (in bfloat16
+compare each against a float64 run with dz_kernels.testing.assert_within_lowp_bar, as tests/test_apply_diffusers.py
+does). On a CPU our Triton kernels run in Triton's interpreter (turned on by `import dz_kernels` when there is no
+GPU, which is why it comes before diffusers, which imports triton): correct, not fast.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = small_wan(a.i2v, a.layers).to(device, dtype)
+    dtype = torch.float32
+    model = small_wan(a.i2v, a.layers).to(device)
     x = inputs(a.i2v, device, dtype)
     with torch.no_grad():
         before = model(**x, return_dict=False)[0]
@@ -66,14 +66,7 @@ def main(argv=None) -> int:
     db = sqnr_db(before.float(), swapped.float())
     print(f"{'I2V' if a.i2v else 'T2V'} Wan, {a.layers} blocks, {device} {str(dtype).replace('torch.', '')}: output "
           f"{list(before.shape)}, max |swapped - diffusers| {err:.2e}, SQNR {db:.1f} dB")
-    if dtype == torch.float32:
-        torch.testing.assert_close(swapped, before, rtol=1e-4, atol=1e-4)
-    else:
-        from dz_kernels.testing import assert_within_lowp_bar
-        ref = small_wan(a.i2v, a.layers).to(device, torch.float64)
-        with torch.no_grad():
-            exact = ref(**{k: v.double() for k, v in x.items()}, return_dict=False)[0]
-        assert_within_lowp_bar(swapped, exact, before)
+    torch.testing.assert_close(swapped, before, rtol=1e-4, atol=1e-4)
     assert torch.equal(after, before), "undo() did not restore diffusers' own forward"
     print("outputs match; undo() restored diffusers' model exactly")
     return 0

@@ -52,7 +52,7 @@ def test_quantize_to_modelopt(tmp_path):
 
 
 def test_bench_and_report(tmp_path):
-    out = run_example("bench_and_report.py", "--bench", "kv_cache", "--out", tmp_path)
+    out = run_example("bench_and_report.py", "--bench", "kv_cache", "--out", tmp_path, "--small")
     assert "kv_cache on " in out and "report: " in out
     (slug,) = os.listdir(tmp_path)
     for ext in ("json", "md", "png"):
