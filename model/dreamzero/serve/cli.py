@@ -67,7 +67,7 @@ def build_policy(args) -> tuple:
                                allow_missing_heads=args.allow_missing_heads)
         except OSError as e:
             raise CommandError(f"cannot read {path}: {e}") from e
-        name = info.config_name if info is not None and args.config is None else model.cfg.name
+        name = args.config or (info.config_name if info is not None else model.cfg.name)
     else:
         from ..dreamzero import DreamZero
 

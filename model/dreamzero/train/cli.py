@@ -176,7 +176,7 @@ def _train_parser():
     from .trainer import TrainConfig
 
     p = ArgumentParser(prog="dz train", description="Train DreamZero (flow matching with teacher forcing; "
-                                "FSDP2 when launched by torchrun with several ranks).")
+                       "FSDP2 when launched by torchrun with several ranks).")
     p.add_argument("--data", action="append", required=True, help="prepared folder (repeatable: a mixture)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard")
     p.add_argument("--config", default="droid-14b", help="model config or trainer preset (e.g. tiny-synthetic)")
