@@ -334,13 +334,19 @@ def load_model(config=None, path=None, layout: str | None = None, *, dtype: torc
     return (model, report) if return_report else model
 
 
+# Config fields a config given for an export may change: the attention rules and what describes the preset (not used
+# by the model's math); every other field sets a shape or the computation.
+_FREE_FIELDS = ("name", "train_rule", "inference_rule", "backbone", "robot", "num_views", "view_size", "action_hz",
+                "robot_action_dim", "robot_state_dim", "finetune", "init_from")
+
+
 def _check_export_config(cfg, info, path) -> None:
-    """A config given for an export must have its shapes (the name and the inference rule may differ)."""
+    """A config given for an export must be the export's, up to _FREE_FIELDS."""
     import dataclasses
 
     ours, theirs = dataclasses.asdict(cfg), dataclasses.asdict(info.config)
-    diff = [f"{k} {ours[k]} (export: {theirs[k]})" for k in ours
-            if k not in ("name", "inference_rule") and ours[k] != theirs[k]]
+    diff = [f"{k} {ours[k]} (export: {theirs.get(k)})" for k in ours
+            if k not in _FREE_FIELDS and ours[k] != theirs.get(k)]
     if diff:
         raise CheckpointError(f"{path} was exported from config {info.config_name!r}; the config given differs: "
                               f"{', '.join(diff)}. Load it with its own config: load_model({str(path)!r}) "
