@@ -34,7 +34,8 @@ def test_train_export_serve_drive_an_episode(tmp_path):
     out = run_example("train_export_serve.py", "--out", tmp_path, "--steps", "10")
     assert "trained 10 steps" in out and "serving tiny-synthetic on ws://127.0.0.1:" in out
     assert "chunk 1: 24 actions" in out and "chunk 2: 24 actions" in out and out.rstrip().endswith("done")
-    assert sorted(os.listdir(tmp_path / "export")) == ["dz_config.json", "dz_stats.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "export")) == ["SHA256SUMS", "dz_config.json", "dz_stats.json",
+                                                      "model.safetensors"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers (the 'encoders' extra)")

@@ -41,7 +41,8 @@ def run(tmp_path_factory):
 
 def test_an_export_carries_its_config_and_statistics(run, tmp_path):
     path = export_checkpoint(run["out"], str(tmp_path / "export"))
-    assert sorted(os.listdir(tmp_path / "export")) == ["dz_config.json", "dz_stats.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "export")) == ["SHA256SUMS", "dz_config.json", "dz_stats.json",
+                                                      "model.safetensors"]
     meta = json.load(open(tmp_path / "export" / "dz_config.json"))
     assert meta["format"] == "dz-export/1" and meta["config_name"] == PRESET and meta["layout"] == "dreamzero"
     assert meta["weights"] == "model.safetensors" and meta["dtype"] == "float32" and meta["stats"] == "dz_stats.json"
@@ -147,6 +148,7 @@ def test_an_older_export_with_the_config_alone_loads(run, tmp_path):
     with open(tmp_path / "old" / "dz_config.json", "w") as f:
         json.dump(dataclasses.asdict(run["cfg"]), f)            # what exports wrote before dz-export/1
     os.unlink(tmp_path / "old" / "dz_stats.json")
+    os.unlink(tmp_path / "old" / "SHA256SUMS")                  # (nor did they carry checksums)
     info = read_export(tmp_path / "old")
     assert info.config == run["cfg"] and info.stats is None
     assert load_model(str(tmp_path / "old")).cfg == run["cfg"]
