@@ -255,9 +255,9 @@ def export_main(argv: list) -> int:
     a = p.parse_args(argv)
     try:
         ckpt = resolve_training_checkpoint(a.checkpoint)
-    except FileNotFoundError as e:
+        path = export_checkpoint(ckpt, a.out, layout=a.layout, dtype=_dtype(a.dtype))
+    except FileNotFoundError as e:                 # no such folder, not a run, an incomplete checkpoint
         raise CommandError(str(e)) from e
-    path = export_checkpoint(ckpt, a.out, layout=a.layout, dtype=_dtype(a.dtype))
     print(f"exported {path}; serve it with `dz serve {os.path.dirname(path)}`")
     return 0
 
