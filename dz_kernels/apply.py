@@ -69,11 +69,36 @@ def _qk_norm_rope_fused(q, k, wq, wk, eps, cos, sin, num_heads):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
+_LATE_INTERPRETER = (
+    "this machine has no CUDA, so dz_kernels' Triton kernels run in Triton's CPU interpreter, which must be on when "
+    "triton is first imported; triton was imported before dz_kernels (diffusers and torch._dynamo import it) without "
+    "TRITON_INTERPRET=1. Import dz_kernels before them, or set TRITON_INTERPRET=1 before starting Python")
+
+
+def _check_kernels_can_run() -> None:
+    """Without CUDA the kernels need the interpreter, on from triton's import (dz_kernels' import sets it when it
+    comes first): say so before swapping anything, rather than fail inside a kernel later."""
+    import sys
+
+    import dz_kernels
+    from . import env
+
+    if dz_kernels.INTERPRETER == "late":
+        raise RuntimeError("apply_: " + _LATE_INTERPRETER)
+    std = sys.modules.get("triton.language.standard")
+    if env.triton_interpret() and std is not None and hasattr(std, "sum") and \
+            type(std.sum).__name__ != "InterpretedFunction":
+        raise RuntimeError("apply_: TRITON_INTERPRET=1 was set after triton was imported; " + _LATE_INTERPRETER)
+
+
 def apply_(model, config: ApplyConfig = ApplyConfig()) -> ApplyHandle:
-    """Swap the fast ops into `model` in place; returns a handle whose undo() reverts it."""
+    """Swap the fast ops into `model` in place; returns a handle whose undo() reverts it. On a machine without CUDA
+    the kernels run in Triton's CPU interpreter (dz_kernels turns it on when imported before triton; see
+    dz_kernels/__init__.py); a process where that is no longer possible gets a RuntimeError saying what to do."""
     if not isinstance(config, ApplyConfig):
         raise TypeError(f"apply_: config must be a dz_kernels.ApplyConfig (ApplyConfig() swaps every op in), got "
                         f"{type(config).__name__}")
+    _check_kernels_can_run()
     undo = []
     try:
         if hasattr(model, "ops") and dataclasses.is_dataclass(model.ops):

@@ -128,9 +128,12 @@ def env_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"]:           # `dz --debug <command> ...`: the command takes the flag (its traceback)
+        argv = argv[1:2] + ["--debug"] + argv[2:]
     commands = all_commands()
     parser = argparse.ArgumentParser(prog="dz", description="dz_kernels command line.",
-                                     epilog="Run `dz <command> --help` for a command's own options.")
+                                     epilog="Run `dz <command> --help` for a command's own options; `dz --debug "
+                                            "<command> ...` shows the traceback of an error.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, (_, help_text) in commands.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -9,7 +9,7 @@
 | `CUDA_HOME` | setup.py | unset | CUDA toolkit root, used to find nvcc when `CUDACXX` is unset |
 | `DZ_DISABLE_CUDA_EXT` | dz_kernels._ext | `0` | `1` makes `cuda_ext()` report the extension as absent (forces the cupy/torch fallbacks) |
 | `DZ_CSRC_DIR` | dz_kernels._ext | the package's csrc | folder holding the `.cu` sources that the cupy (NVRTC) fallback compiles |
-| `TRITON_INTERPRET` | Triton, tests, dz_bench | unset | `1` runs Triton kernels in the CPU interpreter; tests/conftest.py and `python -m dz_bench` set it when there is no GPU |
+| `TRITON_INTERPRET` | Triton, dz_kernels, tests, dz_bench | `1` without CUDA, else unset | `1` runs Triton kernels in the CPU interpreter; when unset on a machine without CUDA, `import dz_kernels` sets it to `1` (if triton is not imported yet); `0` keeps the kernels compilable (the ahead-of-time checks) |
 | `DZ_COMMIT` | dz_bench | `git rev-parse HEAD` | commit written into benchmark records (for a copy of the tree without `.git`) |
 | `DZ_CONFIG_DIR` | dz_kernels.configs | unset | folder whose `<family>.json` replace the packaged kernel config tables (e.g. a tuning run's output) |
 | `WORLD_SIZE` | dreamzero.train | `1` | processes in a distributed run (set by torchrun); above 1 the trainer joins the process group |
@@ -44,7 +44,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CUDA_HOME", "setup.py", "", "CUDA toolkit root (nvcc at $CUDA_HOME/bin/nvcc)"),
     EnvVar("DZ_DISABLE_CUDA_EXT", "dz_kernels._ext", "0", "report dz_kernels._C as absent (use the fallbacks)"),
     EnvVar("DZ_CSRC_DIR", "dz_kernels._ext", "", "folder of the .cu sources for the cupy/NVRTC fallback"),
-    EnvVar("TRITON_INTERPRET", "triton, tests, dz_bench", "", "run Triton kernels in the CPU interpreter"),
+    EnvVar("TRITON_INTERPRET", "triton, dz_kernels, tests, dz_bench", "1 without CUDA",
+           "run Triton kernels in the CPU interpreter (set by dz_kernels when unset and no CUDA)"),
     EnvVar("DZ_COMMIT", "dz_bench", "", "commit recorded in benchmark records"),
     EnvVar("DZ_CONFIG_DIR", "dz_kernels.configs", "", "folder of kernel config tables replacing the packaged ones"),
     EnvVar("WORLD_SIZE", "dreamzero.train", "1", "processes in a distributed run (set by torchrun)"),
@@ -159,6 +160,31 @@ def csrc_dir_override() -> str | None:
 def triton_interpret() -> bool:
     """TRITON_INTERPRET: True when Triton kernels run in the CPU interpreter."""
     return _flag("TRITON_INTERPRET")
+
+
+def interpret_without_cuda() -> str:
+    """The CPU rule of dz_kernels, run when `dz_kernels` is imported: when TRITON_INTERPRET is unset (or empty),
+    triton is not imported yet and torch sees no CUDA device, set TRITON_INTERPRET=1, so that triton (which reads
+    it when it is imported and when it defines a kernel) runs every kernel in its CPU interpreter on CPU tensors.
+    A value given (0 included: the ahead-of-time compile checks) is kept. Returns what it found:
+      "given"   the variable was set;      "set"    it set TRITON_INTERPRET=1;     "cuda"  CUDA is available;
+      "late"    no CUDA, but triton was imported before with the variable unset: the interpreter cannot be turned
+                on any more in this process (import dz_kernels first, or set TRITON_INTERPRET=1 before Python starts);
+      "no-torch" torch is not installed (nothing of dz_kernels runs kernels then)."""
+    if os.environ.get("TRITON_INTERPRET", "").strip():
+        return "given"
+    import sys
+
+    try:
+        import torch
+    except ImportError:
+        return "no-torch"
+    if torch.cuda.is_available():
+        return "cuda"
+    if "triton" in sys.modules:
+        return "late"
+    os.environ["TRITON_INTERPRET"] = "1"
+    return "set"
 
 
 def commit_override() -> str | None:

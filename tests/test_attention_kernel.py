@@ -484,14 +484,14 @@ def test_bad_input_errors():
 
 def test_kernels_compile_for_hopper():
     """The GPU code path (bf16 tensor-core dots, atomics, shared memory at the default H100 tiles) compiles for
-    sm_90 with Triton's bundled ptxas; the interpreter never sees it. Runs in a subprocess without
-    TRITON_INTERPRET (see dz_kernels.attention.compile_check, which compiles every kernel, dtype and head dim; the
-    dq kernel uses nothing the two compiled here do not)."""
+    sm_90 with Triton's bundled ptxas; the interpreter never sees it. Runs in a subprocess with TRITON_INTERPRET=0
+    (see dz_kernels.attention.compile_check, which compiles every kernel, dtype and head dim; the dq kernel uses
+    nothing the two compiled here do not)."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-m", "dz_kernels.attention.compile_check", "--arch", "90", "--dtypes",
                            "bf16", "--head-dims", "128", "--kernels", "fwd,dkdv-atomic-dq"],
                           env=env, capture_output=True, text=True, timeout=600)

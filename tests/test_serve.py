@@ -687,11 +687,13 @@ def test_serve_command_argument_errors(capsys, tmp_path):
         with pytest.raises(SystemExit) as e:
             serve_main(argv)
         assert e.value.code == 2
-        assert "exactly one of --random-weights and --checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="cannot load checkpoint"):
-        serve_main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--device", "cpu"])
-    with pytest.raises(SystemExit, match="static mask is defined for 16 steps"):
-        serve_main(["--random-weights", "--dit-cache", "static", "--steps", "4", "--device", "cpu"])
+        assert "exactly one of EXPORT (an export folder), --checkpoint PATH and --random-weights" in \
+            capsys.readouterr().err
+    # ordinary mistakes: one line with the next step, exit code 2
+    assert serve_main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--device", "cpu"]) == 2
+    assert "missing.safetensors does not exist: give an export folder" in capsys.readouterr().err
+    assert serve_main(["--random-weights", "--dit-cache", "static", "--steps", "4", "--device", "cpu"]) == 2
+    assert "static mask is defined for 16 steps" in capsys.readouterr().err
 
 
 def test_serve_loads_a_checkpoint(model, tmp_path):
@@ -702,8 +704,8 @@ def test_serve_loads_a_checkpoint(model, tmp_path):
                                           "dz serve then takes --random-weights only").save_checkpoint
 
     path = save_checkpoint(model, tmp_path / "tiny")
-    policy, name = build_policy(serve_parser().parse_args(["--checkpoint", str(path), "--device", "cpu",
-                                                           "--steps", "1"]))
+    policy, name = build_policy(serve_parser().parse_args(["--checkpoint", str(path), "--config", "tiny",
+                                                           "--device", "cpu", "--steps", "1"]))
     assert name == "tiny" and policy.config.num_steps == 1 and policy.dtype == torch.float32
     want = model.state_dict()
     got = policy.model.state_dict()
@@ -719,7 +721,7 @@ def test_client_command_without_a_server(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert client_main(["--url", f"ws://127.0.0.1:{port}", "--timeout", "5"]) == 1
+    assert client_main(["--url", f"ws://127.0.0.1:{port}", "--timeout", "5"]) == 2
     assert "cannot connect" in capsys.readouterr().err
 
 

@@ -230,10 +230,10 @@ def test_export_loads_in_the_inference_path(prepared, tmp_path):
     for k, v in m1.state_dict().items():
         assert torch.equal(v, live[k]), k
         assert m2.state_dict()[k].dtype == torch.bfloat16
-    assert json.load(open(tmp_path / "exp1" / "dz_config.json"))["action_dim"] == cfg.action_dim
+    assert json.load(open(tmp_path / "exp1" / "dz_config.json"))["model_config"]["action_dim"] == cfg.action_dim
     # each export carries SHA256SUMS (sha256sum's format) over what it wrote; a flipped bit fails the load
     sums = dict(reversed(line.split("  ")) for line in (tmp_path / "exp1" / "SHA256SUMS").read_text().splitlines())
-    assert sorted(sums) == ["dz_config.json", "model.safetensors"]
+    assert sorted(sums) == ["dz_config.json", "dz_stats.json", "model.safetensors"]
     assert sums["model.safetensors"] == hashlib.sha256(open(p1, "rb").read()).hexdigest()
     raw = bytearray(open(p1, "rb").read())
     raw[-5] ^= 0x10                                     # one bit of the last weight

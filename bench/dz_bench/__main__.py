@@ -10,10 +10,24 @@ many seconds (the rest are recorded as skipped).
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
 import sys
+import textwrap
 import time
 
 from dz_kernels import env
+
+
+def first_sentence(doc: str, name: str = "") -> str:
+    """The first sentence of a bench module's docstring, whole (up to the first '. ' before a capital letter or the
+    end of its first paragraph), without a leading "<name>: "."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    if name and para.lower().startswith(name.lower() + ":"):
+        para = para[len(name) + 1:].strip()
+    m = re.search(r"\.(?=\s+[A-Z(])", para)
+    return para[:m.end()] if m else para
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     import_errors = harness.load_cases()
     reg = harness.registry()
     if args.list:
+        width = max(60, min(120, shutil.get_terminal_size((120, 20)).columns))
         for name in sorted(reg):
-            fn = reg[name]
-            doc = (sys.modules[fn.__module__].__doc__ or "").strip().splitlines()
-            print(f"{name:24s} {doc[0] if doc else ''}")
+            text = first_sentence(sys.modules[reg[name].__module__].__doc__ or "", name)
+            print(textwrap.fill(text, width=width, initial_indent=f"{name:14s}", subsequent_indent=" " * 14,
+                                break_on_hyphens=False))
         for name, err in sorted(import_errors.items()):
             print(f"{name:24s} BROKEN: {err}")
         return 0
@@ -79,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.min_samples is not None:
         ctx.min_samples = args.min_samples
     ctx.rows_file = args.rows
+    folder = os.path.join(args.out or harness.RESULTS_DIR, harness.device_slug(ctx))
+    existed = {n for n in names if os.path.exists(os.path.join(folder, f"{n}.json"))}
     results = harness.run_benches(names, ctx=ctx, out_dir=args.out, progress=not args.no_progress)
     n_err = 0
     for name, records in results.items():
@@ -89,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}/{r['case']}/{r['impl']}: {r['error']}", file=sys.stderr)
         n_err += counts.get("error", 0)
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        print(f"{name}: {len(records)} rows ({summary}) on {records[0]['device_slug'] if records else '?'}")
+        where = os.path.join(folder, name)
+        where = (where if os.path.relpath(where).startswith("..") else os.path.relpath(where)) + ".{json,md,png}"
+        print(f"{name}: {len(records)} rows ({summary}) on {records[0]['device_slug'] if records else '?'} -> "
+              f"{where}" + (" (replacing the previous records)" if name in existed else ""))
+        if records and any(r.get("triton_interpreter") for r in records):
+            print(f"  {name}: our Triton kernels ran in the CPU interpreter: not speed figures (see {name}.md)")
     return 1 if (n_err and args.fail_on_error) else 0
 
 

@@ -21,8 +21,10 @@ Timing: on CUDA, CUDA events around each call after a warm-up, the L2 flushed be
 triton.testing.do_bench, kept here so that the number of samples is known and at least `min_samples` even for calls
 of seconds); on CPU, time.perf_counter over at least `min_samples` calls. Every record carries its sample count
 (`samples`), the time of the factory (`setup_s`, where compilation ahead of time lands) and of the first call
-(`first_call_s`, where lazy compilation lands). Each record is a dict with the fields listed in RECORD_FIELDS; a
-failing impl becomes an "error" row and the run goes on.
+(`first_call_s`, where lazy compilation lands), and whether our Triton kernels ran in Triton's CPU interpreter
+during the first call (`triton_interpreter`: True/False where the interpreter is on, None elsewhere; such a time
+is not a speed figure). Each record is a dict with the fields listed in RECORD_FIELDS; a failing impl becomes an
+"error" row and the run goes on.
 
 Rows are written as they are measured: each one is printed (with `echo=True`) and appended to
 `<out>/<device-slug>/<bench>.rows.jsonl` the moment it is measured (its speedup counts the peers measured before it
@@ -32,6 +34,7 @@ new rows after it; the rows left are recorded as "skipped" rows that say so.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib
@@ -69,6 +72,7 @@ RECORD_FIELDS = (
     "bench", "case", "impl", "is_peer", "status", "device", "device_slug", "small", "params", "flops", "bytes",
     "median_ms", "p20_ms", "p80_ms", "samples", "setup_s", "first_call_s", "tflops", "gbps", "max_err",
     "speedup_vs_best_peer", "best_peer", "unavailable", "error", "timer", "versions", "commit", "timestamp",
+    "triton_interpreter",
 )
 
 
@@ -363,10 +367,39 @@ def _json_safe(value):
     return str(value)
 
 
+@contextlib.contextmanager
+def _interpreted_launches():
+    """Counts the Triton kernel launches run by the CPU interpreter inside the block: yields a one-item list, [None]
+    when the interpreter is off here (then nothing is counted)."""
+    box: list = [None]
+    from dz_kernels import env
+
+    if not env.triton_interpret():
+        yield box
+        return
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        yield box
+        return
+    original = InterpretedFunction.run
+    box[0] = 0
+
+    def run(self, *args, **kwargs):
+        box[0] += 1
+        return original(self, *args, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield box
+    finally:
+        InterpretedFunction.run = original
+
+
 def _run_impl(name: str, factory, case: Case, ctx: BenchContext, base: dict) -> dict:
     row = dict(base, impl=name, is_peer=not is_ours(name), status="ok", median_ms=None, p20_ms=None, p80_ms=None,
                samples=None, setup_s=None, first_call_s=None, tflops=None, gbps=None, max_err=None,
-               unavailable=None, error=None, timer=None)
+               unavailable=None, error=None, timer=None, triton_interpreter=None)
     fn = None
     try:
         t0 = time.perf_counter()
@@ -376,9 +409,12 @@ def _run_impl(name: str, factory, case: Case, ctx: BenchContext, base: dict) -> 
         if not callable(fn):
             raise TypeError(f"factory of {name!r} returned {type(fn).__name__}, not a callable")
         t0 = time.perf_counter()
-        out = fn()
+        with _interpreted_launches() as launches:
+            out = fn()
         ctx.sync()
         row["first_call_s"] = time.perf_counter() - t0
+        if launches[0] is not None:
+            row["triton_interpreter"] = launches[0] > 0
         if case.check is not None:
             row["max_err"] = float(case.check(out))
         del out
@@ -433,6 +469,8 @@ def _echo(row: dict) -> None:
         parts.append(f"err {err:.3g}" if isinstance(err, (int, float)) else f"err {err}")
     if row.get("first_call_s") is not None and row["first_call_s"] + (row.get("setup_s") or 0) > 5:
         parts.append(f"setup {row.get('setup_s') or 0:.1f} s + first call {row['first_call_s']:.1f} s")
+    if row.get("triton_interpreter"):
+        parts.append("Triton interpreter: not a speed figure")
     if row.get("unavailable") or row.get("error"):
         parts.append(str(row.get("unavailable") or row.get("error")))
     print("  " + ", ".join(parts), flush=True)

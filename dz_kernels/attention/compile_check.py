@@ -10,7 +10,8 @@ fp32 and head dims 16..128 down to a cubin with Triton's bundled ptxas, and prin
 
 --config compiles one TileConfig given as a JSON object of its fields instead (e.g. '{"fwd_ws": true}' or
 '{"fwd": [128, 128], "heads_first": true}'): how a tuning candidate is checked here before a GPU times it.
-Run it with TRITON_INTERPRET unset: under the interpreter the kernels are interpreted functions, not compilable.
+Run it with TRITON_INTERPRET=0: under the interpreter the kernels are interpreted functions, not compilable (and on
+a machine without CUDA, dz_kernels turns the interpreter on when the variable is unset).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def compile_all(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), head_dims=(16, 
     """Compile each kernel (all, or those named in `kernels`) for each (dtype, head dim) at the table's configs
     (or at TileConfig.from_dict(config)); returns [(kernel, dtype, head dim, shared bytes)]."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the kernels are interpreted functions "
-                           "under the interpreter)")
+        raise RuntimeError("compile_check needs TRITON_INTERPRET=0 (the kernels are interpreted functions under the "
+                           "interpreter, which dz_kernels turns on without CUDA when the variable is unset)")
     import torch
     import triton
     from triton.backends.compiler import GPUTarget

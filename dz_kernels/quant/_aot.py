@@ -6,8 +6,9 @@
     nvfp4_w4a16 split-K (small M)    for sm_90   (the same, on [16, BLOCK_K] activation tiles)
     nvfp4_w4a4, dot_scaled           for sm_100  (Blackwell: expects tcgen05.mma kind::mxf4nvf4 block16)
     nvfp4_w4a4, register dequant     for sm_90
-and prints a JSON object {name: [distinct MMA instructions found in the PTX]}. It must run without
-TRITON_INTERPRET (the interpreter replaces @triton.jit functions by Python ones that cannot be compiled).
+and prints a JSON object {name: [distinct MMA instructions found in the PTX]}. It must run with TRITON_INTERPRET=0
+(the interpreter replaces @triton.jit functions by Python ones that cannot be compiled, and dz_kernels turns it on
+without CUDA when the variable is unset).
 The tests use it to check that the GPU paths compile and reach the intended tensor-core instructions on a CPU-only
 machine; whether they compute the right numbers there is checked by the CUDA tests where a GPU is present.
 """
@@ -53,7 +54,8 @@ def main(names=NAMES) -> dict:
     from .._common import kernels_interpreted
 
     if kernels_interpreted():
-        raise RuntimeError("the kernels were built for the Triton interpreter: run without TRITON_INTERPRET=1")
+        raise RuntimeError("the kernels were built for the Triton interpreter: run with TRITON_INTERPRET=0 (dz_kernels "
+                           "turns the interpreter on without CUDA when the variable is unset)")
     from . import triton_fp8 as fp8, triton_nvfp4 as nvfp4
 
     epi = {"HAS_BIAS": True, "ACT": 1, "HAS_GATE": True, "HAS_RES": True}

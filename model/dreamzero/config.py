@@ -213,16 +213,45 @@ PRESETS = ("droid-14b", "agibot-14b", "yam-14b", "droid-5b")   # the release's m
 TINY_OF = {"i2v": "tiny", "ti2v": "tiny-ti2v"}                   # the tiny test variant of each backbone
 
 
+# Variants: a config of _CONFIGS with fields changed, under their own name (the trainer's presets). "tiny-synthetic"
+# is the tiny model shaped for the synthetic dataset of dreamzero.train.synthetic (7 joints + gripper, DROID timing of
+# 24 actions per chunk at 15 Hz). A variant's config keeps its base's `name` (a trainer checkpoint compares equal to
+# the one it resumes); an export records the variant's name beside it (dreamzero.train.export).
+VARIANTS = {"tiny-synthetic": ("tiny", {"actions_per_chunk": 24, "action_dim": 10, "state_dim": 10})}
+
+
+class ConfigNameError(KeyError):
+    """An unknown config name; the message lists every known name (configs and variants)."""
+
+    def __str__(self) -> str:           # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 def get_config(name: str, **overrides) -> DreamZeroConfig:
-    """A named configuration (PRESETS, 'tiny', 'tiny-ti2v'), with optional field overrides."""
+    """A named configuration (PRESETS, 'tiny', 'tiny-ti2v') or variant ('tiny-synthetic'), with optional field
+    overrides. Raises ConfigNameError (a KeyError) naming every known config for an unknown name."""
+    if name in VARIANTS:
+        base, fields = VARIANTS[name]
+        overrides = {**fields, **overrides}
+        name = base
     if name not in _CONFIGS:
-        raise KeyError(f"unknown config {name!r}; known: {sorted(_CONFIGS)}")
+        raise ConfigNameError(f"unknown config {name!r}; known: {', '.join(config_names())}")
     cfg = _CONFIGS[name]
     return cfg.replace(**overrides) if overrides else cfg
 
 
 def config_names() -> list:
-    return sorted(_CONFIGS)
+    """Every name get_config takes: the configs and the variants, sorted."""
+    return sorted([*_CONFIGS, *VARIANTS])
+
+
+def config_from_dict(d: dict) -> DreamZeroConfig:
+    """A DreamZeroConfig from its dataclasses.asdict() form (as JSON gives it back). Unknown fields raise ValueError
+    naming them (a file written by a newer version)."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(DreamZeroConfig)})
+    if unknown:
+        raise ValueError(f"unknown DreamZeroConfig fields {unknown} (written by a newer dz_kernels?)")
+    return DreamZeroConfig(**d)
 
 
 def tiny_config(name: str, **overrides) -> DreamZeroConfig:

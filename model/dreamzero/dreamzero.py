@@ -86,6 +86,35 @@ class DreamZero(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
+    def example_inputs(self, batch: int = 1, *, seed: int = 0, dtype=None, device=None) -> dict:
+        """Random inputs of the shapes this model takes, for a first run of the policy (README "Using it"):
+
+            text          [B, text_len, text_dim]          umT5 features of the instruction
+            clip          [B, clip_tokens, clip_dim]       CLIP features of the first image
+            first_latent  [B, 16, 1, H, W]                 VAE latent of the first frame (H, W = latent size)
+            observation   [B, 16, frames_per_chunk, H, W]  VAE latents of the frames observed during a chunk
+            state         [B, states_per_chunk, state_dim] robot state (normalized as in training)
+            embodiment    int64 [B], zeros                 the embodiment slot (required with several slots)
+
+        Seeded normal values in the model's dtype and on its device (or `dtype` / `device`); on the meta device
+        (a model not materialized) tensors of the right shapes without values."""
+        cfg = self.cfg
+        p = self.patch_embedding.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        g = torch.Generator().manual_seed(seed)
+        H, W = cfg.latent_height, cfg.latent_width
+
+        def r(*shape):
+            if torch.device(device).type == "meta":
+                return torch.empty(shape, dtype=dtype, device="meta")
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+        return {"text": r(batch, cfg.text_len, cfg.text_dim), "clip": r(batch, cfg.clip_tokens, cfg.clip_dim),
+                "first_latent": r(batch, cfg.latent_channels, 1, H, W),
+                "observation": r(batch, cfg.latent_channels, cfg.frames_per_chunk, H, W),
+                "state": r(batch, cfg.states_per_chunk, cfg.state_dim),
+                "embodiment": torch.zeros(batch, dtype=torch.long, device=device)}
+
     def new_cache(self, batch: int, dtype=None, device=None, overflow: str = "reset"):
         """A KV cache for this model (the class in ops.kv_cache: the reference KVCache or a fused one)."""
         p = self.patch_embedding.weight
@@ -249,8 +278,9 @@ class DreamZero(nn.Module):
         emb = torch.as_tensor(embodiment, device=device)
         if emb.dtype not in (torch.int32, torch.int64) or emb.shape != (batch,):
             raise ValueError(f"embodiment must be an int tensor of shape [{batch}], got {emb.dtype} {tuple(emb.shape)}")
-        if not torch.compiler.is_compiling() and emb.numel() and (int(emb.min()) < 0 or
-                                                                   int(emb.max()) >= self.cfg.num_embodiments):
+        has_values = emb.numel() and emb.device.type != "meta"          # a meta tensor has a shape only
+        if not torch.compiler.is_compiling() and has_values and (int(emb.min()) < 0 or
+                                                                 int(emb.max()) >= self.cfg.num_embodiments):
             raise ValueError(f"embodiment ids must be in [0, {self.cfg.num_embodiments}), got {emb.tolist()}")
         return emb.long()
 

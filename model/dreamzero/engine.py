@@ -235,7 +235,9 @@ class Policy:
         """A new instruction or episode: text features [B, text_len, text_dim] (the umT5 output), CLIP features
         [B, clip_tokens, clip_dim] of the first image, its latent [B, Z, 1, H, W], optional negative-prompt features
         (default: PolicyConfig.negative_prompt, see the module doc), optional I2V conditioning [B, 20, F, H, W]
-        (default: default_i2v_cond; a model without I2V channels, the 5B, takes none)."""
+        (default: default_i2v_cond; a model without I2V channels, the 5B, takes none), and the embodiment ids int64
+        [B] (required when the model has several embodiment slots: 'tiny' has 2). `model.example_inputs(B)` makes
+        random inputs of these shapes; the README lists them per config."""
         B = text.shape[0]
         c = self.cfg
         if first_latent.dim() != 5 or first_latent.shape[1:3] != (c.latent_channels, 1):
@@ -245,6 +247,9 @@ class Policy:
         if negative_text is not None and negative_text.shape != text.shape:
             raise ValueError(f"negative_text {list(negative_text.shape)} must match text {list(text.shape)}")
         self._check_cond(cond, B, first_latent)
+        if embodiment is None and c.num_embodiments > 1:
+            raise ValueError(f"the model has {c.num_embodiments} embodiment slots: pass embodiment= ids [{B}] to reset "
+                             f"(int64 in [0, {c.num_embodiments}), e.g. torch.zeros({B}, dtype=torch.long))")
         dev, dt = self.device, self.dtype
         self.batch = B
         self.embodiment = None if embodiment is None else torch.as_tensor(embodiment, device=dev)

@@ -280,21 +280,74 @@ def _common_dtype(model) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def load_model(config, path, layout: str | None = None, *, dtype: torch.dtype | None = None, device="cpu",
-               strict: bool = True, allow_missing_heads: bool = False, lora_alpha: float | None = None,
+def load_model(config=None, path=None, layout: str | None = None, *, dtype: torch.dtype | None = None,
+               device="cpu", strict: bool = True, allow_missing_heads: bool = False, lora_alpha: float | None = None,
                return_report: bool = False):
     """Build a DreamZero on the meta device (nothing allocated, no random init) and load `path` into it.
 
-    config: a config name ('tiny', 'droid-14b', ...) or a DreamZeroConfig. dtype None keeps the checkpoint's dtypes.
-    Returns the model (in eval mode), or (model, LoadReport) with return_report=True.
-    """
-    from ..config import get_config
-    from ..dreamzero import DreamZero
+        model = load_model("/runs/x/export")              # an export folder of `dz export`: it carries its config
+        model = load_model("droid-14b", "/ckpt/release")  # any safetensors checkpoint, with the model config
 
-    cfg = get_config(config) if isinstance(config, str) else config
+    config: a config name ('tiny', 'droid-14b', a preset such as 'tiny-synthetic'), a DreamZeroConfig, or None for
+        the config an export carries (dz_config.json beside the weights). Given explicitly for an export, it must
+        have the export's shapes.
+    path: a .safetensors file, an index, or a folder; with a single argument, `load_model(path)` loads the export
+        folder (or weights file of one) `path`. A training checkpoint or run folder is refused with the next step
+        (`dz export`): its DCP files are not inference weights.
+    dtype None keeps the checkpoint's dtypes. Returns the model (in eval mode), or (model, LoadReport) with
+    return_report=True.
+    """
+    import os
+
+    from ..config import DreamZeroConfig, config_names, get_config
+    from ..dreamzero import DreamZero
+    from .exported import find_export, read_export, refuse_training_checkpoint
+
+    if path is None:
+        if isinstance(config, (str, os.PathLike)) and os.path.exists(config):
+            config, path = None, config
+        elif isinstance(config, str) and config in config_names():
+            raise TypeError(f"load_model({config!r}) needs the checkpoint too: load_model({config!r}, path)")
+        elif config is None or isinstance(config, DreamZeroConfig):
+            raise TypeError("load_model needs the checkpoint path: load_model(path) for an export folder, or "
+                            "load_model(config, path)")
+        else:
+            raise CheckpointError(f"{config}: no such export folder or checkpoint")
+    refuse_training_checkpoint(path)
+    info = read_export(path) if find_export(path) is not None else None
+    if config is None:
+        if info is None:
+            raise CheckpointError(f"{path} carries no dz_config.json (it is not a `dz export` folder): pass the model "
+                                  f"config, e.g. load_model('droid-14b', {str(path)!r})")
+        cfg, path = info.config, info.weights
+        layout = layout or info.layout
+    else:
+        cfg = get_config(config) if isinstance(config, str) else config
+        if info is not None:
+            _check_export_config(cfg, info, path)
+            layout = layout or info.layout
     with torch.device("meta"):
         model = DreamZero(cfg)
     report = load_checkpoint(model, path, layout, dtype=dtype, device=device, strict=strict,
                              allow_missing_heads=allow_missing_heads, lora_alpha=lora_alpha)
     model.eval()
     return (model, report) if return_report else model
+
+
+# Config fields a config given for an export may change: the attention rules and what describes the preset (not used
+# by the model's math); every other field sets a shape or the computation.
+_FREE_FIELDS = ("name", "train_rule", "inference_rule", "backbone", "robot", "num_views", "view_size", "action_hz",
+                "robot_action_dim", "robot_state_dim", "finetune", "init_from")
+
+
+def _check_export_config(cfg, info, path) -> None:
+    """A config given for an export must be the export's, up to _FREE_FIELDS."""
+    import dataclasses
+
+    ours, theirs = dataclasses.asdict(cfg), dataclasses.asdict(info.config)
+    diff = [f"{k} {ours[k]} (export: {theirs.get(k)})" for k in ours
+            if k not in _FREE_FIELDS and ours[k] != theirs.get(k)]
+    if diff:
+        raise CheckpointError(f"{path} was exported from config {info.config_name!r}; the config given differs: "
+                              f"{', '.join(diff)}. Load it with its own config: load_model({str(path)!r}) "
+                              f"(dz serve {info.folder})")

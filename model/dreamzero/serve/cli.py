@@ -1,13 +1,22 @@
-"""The `dz serve` and `dz client` commands (wired into `dz` by dreamzero.cli_commands)."""
+"""The `dz serve` and `dz client` commands (wired into `dz` by dreamzero.cli_commands).
+
+    dz serve /runs/x/export                     # an export folder of `dz export`: weights + config (+ statistics)
+    dz serve --config droid-14b --checkpoint /ckpt/release --allow-missing-heads
+    dz serve --config tiny --random-weights
+"""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 
+from ..cli_support import ArgumentParser, CommandError, command
 from .client import PolicyClient, ServerError
 from .demo import run_demo
 from .protocol import DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PENDING, DEFAULT_PORT
@@ -21,15 +30,17 @@ def _torch_dtype(name: str):
 
 
 def build_policy(args) -> tuple:
-    """The model and Policy a `dz serve` command line asks for; returns (policy, model_name)."""
+    """The model and Policy a `dz serve` command line asks for; returns (policy, model_name). Ordinary mistakes
+    raise CommandError (or the CheckpointError of the loader, which names the file)."""
     import torch
 
+    from ..config import config_names, get_config
     from ..engine import Policy, PolicyConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _torch_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"dz serve: --device {device}, but this machine has no CUDA device")
+        raise CommandError(f"--device {device}, but this machine has no CUDA device: use --device cpu")
     kw = dict(num_steps=args.steps, cfg_mode=args.cfg_mode, dit_cache=args.dit_cache, actions_only=args.actions_only,
               return_video=args.return_video, fused_control=args.fused_control, sampler=args.sampler,
               smooth=not args.no_smooth, compile=args.compile)
@@ -38,63 +49,51 @@ def build_policy(args) -> tuple:
     try:
         pc = PolicyConfig(**kw)
     except ValueError as e:
-        raise SystemExit(f"dz serve: {e}") from e
-    cfg = _model_config(args)
-    if args.checkpoint:
+        raise CommandError(f"{e} (`dz serve --help` lists the policy options)") from e
+    path = getattr(args, "export", None) or args.checkpoint
+    if path:
+        from ..checkpoint import find_export, load_model, read_export, refuse_training_checkpoint
+
+        if not os.path.exists(path):
+            raise CommandError(f"{path} does not exist: give an export folder of `dz export` (or a safetensors "
+                               f"checkpoint with --config NAME)")
+        refuse_training_checkpoint(path)
+        info = read_export(path) if find_export(path) is not None else None
+        if info is None and args.config is None:
+            raise CommandError(f"{path} carries no dz_config.json (it is not a `dz export` folder): say which model "
+                               f"it holds with --config, one of {', '.join(config_names())}")
         try:
-            from .. import checkpoint as ckpt
-        except ImportError as e:
-            raise SystemExit(f"dz serve: --checkpoint needs dreamzero.checkpoint, which failed to import ({e}); "
-                             "use --random-weights") from e
-        if not hasattr(ckpt, "load_model"):
-            raise SystemExit("dz serve: dreamzero.checkpoint has no load_model(); use --random-weights")
-        try:
-            model = ckpt.load_model(cfg, args.checkpoint, args.checkpoint_layout, dtype=dtype, device=device,
-                                    allow_missing_heads=args.allow_missing_heads)
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"dz serve: cannot load checkpoint {args.checkpoint!r}: {e}") from e
+            model = load_model(args.config, path, args.checkpoint_layout, dtype=dtype, device=device,
+                               allow_missing_heads=args.allow_missing_heads)
+        except OSError as e:
+            raise CommandError(f"cannot read {path}: {e}") from e
+        name = args.config or (info.config_name if info is not None else model.cfg.name)
     else:
         from ..dreamzero import DreamZero
 
+        cfg = get_config(args.config or "tiny")
         torch.manual_seed(args.weight_seed)
         with torch.device(device):
             model = DreamZero(cfg)
         model = model.to(dtype)
+        name = args.config or cfg.name
     model.eval()
-    return Policy(model, pc), cfg.name
-
-
-def _model_config(args):
-    """--config NAME, else the dz_config.json that `dz export` writes beside a checkpoint, else tiny."""
-    import os
-
-    from ..config import get_config
-
-    if args.config is not None:
-        return get_config(args.config)
-    if args.checkpoint:
-        ckpt = args.checkpoint
-        folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
-        path = os.path.join(folder, "dz_config.json")
-        if os.path.isfile(path):
-            from ..train.trainer import model_config_from_dict
-            try:
-                with open(path) as f:
-                    return model_config_from_dict(json.load(f))
-            except (OSError, ValueError, TypeError, KeyError) as e:
-                raise SystemExit(f"dz serve: cannot read the model config {path}: {e}; pass --config NAME") from e
-    return get_config("tiny")
+    return Policy(model, pc), name
 
 
 def serve_parser() -> argparse.ArgumentParser:
     from ..config import config_names
 
-    p = argparse.ArgumentParser(prog="dz serve", description="Serve a DreamZero policy over a websocket (msgpack).")
+    p = ArgumentParser(prog="dz serve", description="Serve a DreamZero policy over a websocket (msgpack).")
     src = p.add_argument_group("weights (one of)")
+    src.add_argument("export", nargs="?", metavar="EXPORT",
+                     help="an export folder of `dz export` (weights + dz_config.json): its model config is used")
     src.add_argument("--random-weights", action="store_true", help="random weights (seeded by --weight-seed)")
-    src.add_argument("--checkpoint", metavar="PATH", help="safetensors checkpoint (dreamzero.checkpoint.load_model)")
-    p.add_argument("--config", default=None, choices=config_names(),
-                   help="model config (default: the checkpoint's dz_config.json, else tiny)")
+    src.add_argument("--checkpoint", metavar="PATH",
+                     help="an export folder, or any safetensors checkpoint with --config (dreamzero.checkpoint)")
+    p.add_argument("--config", default=None, choices=config_names(), metavar="NAME",
+                   help=f"model config or preset: {', '.join(config_names())} (default: the export's own; tiny with "
+                        "--random-weights)")
     p.add_argument("--protocol", default="native", choices=["native", "openpi"],
                    help="native: this package's feature-level protocol; openpi: the openpi / RoboArena protocol of "
                         "the DROID evaluation clients (raw camera frames and joint states in, joint targets out)")
@@ -137,12 +136,38 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before the model is built when the port is taken (the server's own bind says it again, if it races)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return                        # a name that does not resolve: the server's bind reports it
+    for family, kind, proto, _, addr in infos[:1]:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise CommandError(_busy(host, port)) from e
+
+
+def _busy(host: str, port: int) -> str:
+    return (f"port {port} on {host} is already in use (another `dz serve`?): stop that server, or pick another "
+            f"--port (--port 0 takes any free one)")
+
+
+@command("dz serve")
 def serve_main(argv: list[str]) -> int:
     """`dz serve`: build the policy, listen, serve until SIGINT/SIGTERM."""
     parser = serve_parser()
     args = parser.parse_args(argv)
-    if args.random_weights == bool(args.checkpoint):
-        parser.error("give exactly one of --random-weights and --checkpoint PATH")
+    if args.export and args.checkpoint:
+        parser.error("give the export folder once: as EXPORT or as --checkpoint PATH")
+    if args.random_weights == bool(args.export or args.checkpoint):
+        parser.error("give exactly one of EXPORT (an export folder), --checkpoint PATH and --random-weights")
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.max_pending < 1:
@@ -153,6 +178,7 @@ def serve_main(argv: list[str]) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if args.protocol == "native" and (args.encoders or args.policy_metadata or args.embodiment_tag):
         parser.error("--encoders, --policy-metadata and --embodiment-tag belong to --protocol openpi")
+    _check_port_free(args.host, args.port)
     policy, name = build_policy(args)
     if args.protocol == "openpi":
         from .openpi_server import build_openpi_server
@@ -176,14 +202,20 @@ def serve_main(argv: list[str]) -> int:
               f"listening on {server.url}", flush=True)
         await server.wait_closed()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise CommandError(_busy(args.host, args.port)) from e
+        raise
     print("dz serve: stopped", flush=True)
     return 0
 
 
+@command("dz client")
 def client_main(argv: list[str]) -> int:
     """`dz client`: print the server's health and metadata, or run the demo episode (--demo)."""
-    p = argparse.ArgumentParser(prog="dz client", description="Talk to a DreamZero policy server.")
+    p = ArgumentParser(prog="dz client", description="Talk to a DreamZero policy server.")
     p.add_argument("--url", default=f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}", help="server URL")
     p.add_argument("--demo", action="store_true",
                    help="reset with random features of the right shapes, then a few steps; print actions and latency")
@@ -194,11 +226,18 @@ def client_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.chunks < 1 or args.batch < 1:
         p.error("--chunks and --batch must be >= 1")
+    scheme, sep, rest = args.url.partition("://")
+    if scheme.lower() in ("http", "https") and sep:
+        ws = ("wss" if scheme.lower() == "https" else "ws") + "://" + rest
+        raise CommandError(f"--url {args.url} is an HTTP URL; the policy server speaks websockets: --url {ws}")
+    if scheme.lower() not in ("ws", "wss") or not sep:
+        raise CommandError(f"--url {args.url} is not a websocket URL: use ws://HOST:PORT "
+                           f"(e.g. ws://{DEFAULT_HOST}:{DEFAULT_PORT})")
     try:
         client = PolicyClient(args.url, timeout=args.timeout)
     except (OSError, TimeoutError) as e:
-        print(f"dz client: cannot connect to {args.url}: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(f"cannot connect to {args.url} ({e}): is a server running there? start one with "
+                           f"`dz serve <export folder>` (or `dz serve --random-weights`)") from e
     with client:
         try:
             if args.demo:

@@ -20,7 +20,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 import sys
+
+from ..cli_support import ArgumentParser, CommandError, command
 
 __all__ = ["COMMANDS", "make_synthetic_data_main", "prepare_data_main", "train_main", "export_main"]
 
@@ -37,7 +41,7 @@ def _overrides(items) -> dict:
     out = {}
     for it in items or []:
         if "=" not in it:
-            raise SystemExit(f"--override takes FIELD=VALUE, got {it!r}")
+            raise CommandError(f"--override takes FIELD=VALUE, got {it!r} (e.g. --override num_layers=2)")
         k, v = it.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -50,17 +54,18 @@ def _dtype(name: str):
     import torch
     table = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
     if name not in table:
-        raise SystemExit(f"dtype must be one of {sorted(table)}, got {name!r}")
+        raise CommandError(f"dtype must be one of {sorted(table)}, got {name!r}")
     return table[name]
 
 
 # ------------------------------------------------------------------------------------------------ make-synthetic-data
+@command("dz make-synthetic-data")
 def make_synthetic_data_main(argv: list) -> int:
     """Write a small synthetic LeRobot dataset (see dreamzero.train.synthetic)."""
     from .synthetic import make_synthetic_dataset
 
-    p = argparse.ArgumentParser(prog="dz make-synthetic-data", description=make_synthetic_data_main.__doc__)
-    p.add_argument("out", help="folder to create")
+    p = ArgumentParser(prog="dz make-synthetic-data", description=make_synthetic_data_main.__doc__)
+    p.add_argument("out", help="folder to create (absent or empty)")
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--length", type=int, default=80, help="steps per episode")
     p.add_argument("--fps", type=float, default=15.0)
@@ -71,24 +76,25 @@ def make_synthetic_data_main(argv: list) -> int:
     p.add_argument("--no-release-meta", action="store_true", help="skip meta/modality.json and embodiment.json")
     p.add_argument("--idle-steps", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a LeRobot dataset already in OUT (with its prepared features)")
     a = p.parse_args(argv)
-    root = make_synthetic_dataset(a.out, num_episodes=a.episodes, length=a.length, fps=a.fps, view_size=a.view_size,
-                                  version=a.version, with_actions=not a.video_only, embodiment_tag=a.embodiment_tag,
-                                  release_meta=not a.no_release_meta, idle_steps=a.idle_steps, seed=a.seed)
+    try:
+        root = make_synthetic_dataset(a.out, num_episodes=a.episodes, length=a.length, fps=a.fps,
+                                      view_size=a.view_size, version=a.version, with_actions=not a.video_only,
+                                      embodiment_tag=a.embodiment_tag, release_meta=not a.no_release_meta,
+                                      idle_steps=a.idle_steps, seed=a.seed, overwrite=a.overwrite)
+    except (FileExistsError, ValueError) as e:
+        raise CommandError(str(e)) from e
     print(f"wrote a synthetic LeRobot {a.version} dataset of {a.episodes} episodes to {root}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ prepare-data
+@command("dz prepare-data")
 def prepare_data_main(argv: list) -> int:
     """Encode a LeRobot dataset's training clips once with the frozen VAE, CLIP and umT5 (stored beside it)."""
-    import torch
-
-    from .data import DataConfig
-    from .prepare import encoders_from_module, prepare_dataset
-    from .trainer import resolve_model_config
-
-    p = argparse.ArgumentParser(prog="dz prepare-data", description=prepare_data_main.__doc__)
+    p = ArgumentParser(prog="dz prepare-data", description=prepare_data_main.__doc__)
     p.add_argument("dataset", help="LeRobot dataset folder (meta/info.json inside)")
     p.add_argument("--config", default="droid-14b", help="model config or trainer preset (e.g. tiny-synthetic)")
     p.add_argument("--override", action="append", help="model config field override FIELD=VALUE (repeatable)")
@@ -118,6 +124,21 @@ def prepare_data_main(argv: list) -> int:
     p.add_argument("--episodes", type=int, nargs="*", default=None, help="only these episode indices")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if not os.path.isdir(a.dataset):
+        raise CommandError(f"{a.dataset} does not exist: give the folder of a LeRobot dataset (meta/info.json "
+                           f"inside), e.g. one made by `dz make-synthetic-data {a.dataset}`")
+    if not os.path.isfile(os.path.join(a.dataset, "meta", "info.json")):
+        raise CommandError(f"{a.dataset} is not a LeRobot dataset (no meta/info.json): give the dataset's root "
+                           f"folder")
+    if a.encoders == "release" and not a.encoder_path:
+        raise CommandError("--encoders release (the default) needs --encoder-path <a local "
+                           "Wan2.1-I2V-14B-480P-Diffusers folder>; for a quick run without it, --encoders tiny")
+    import torch
+
+    from .data import DataConfig
+    from .prepare import encoders_from_module, prepare_dataset
+    from .trainer import resolve_model_config
+
     mcfg = resolve_model_config(a.config, _overrides(a.override))
     kw = dict(video_fps=a.video_fps, tiling=a.tiling, normalization=a.normalization,
               idle_threshold=None if a.idle_threshold < 0 else a.idle_threshold, embodiment_id=a.embodiment_id,
@@ -144,11 +165,18 @@ def prepare_data_main(argv: list) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ train
+def _flag_names(message: str, fields: set) -> str:
+    """A TrainConfig message with its field names written as the flags of `dz train` (steps -> --steps)."""
+    names = {"out_dir": "--out", "model": "--config", **{f: "--" + f.replace("_", "-") for f in fields}}
+    return re.sub(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b",
+                  lambda m: names[m.group(1)], message)
+
+
 def _train_parser():
     from .trainer import TrainConfig
 
-    p = argparse.ArgumentParser(prog="dz train", description="Train DreamZero (flow matching with teacher forcing; "
-                                "FSDP2 when launched by torchrun with several ranks).")
+    p = ArgumentParser(prog="dz train", description="Train DreamZero (flow matching with teacher forcing; "
+                       "FSDP2 when launched by torchrun with several ranks).")
     p.add_argument("--data", action="append", required=True, help="prepared folder (repeatable: a mixture)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard")
     p.add_argument("--config", default="droid-14b", help="model config or trainer preset (e.g. tiny-synthetic)")
@@ -175,15 +203,27 @@ def _train_parser():
     return p
 
 
+@command("dz train")
 def train_main(argv: list) -> int:
     """Train (one process, or each rank of a torchrun launch)."""
-    from .trainer import TrainConfig, Trainer
+    from .trainer import TrainConfig, Trainer, resolve_model_config
 
     a = _train_parser().parse_args(argv)
+    try:                                                        # a bad name is said before the data is read
+        resolve_model_config(a.config, _overrides(a.override))
+    except (TypeError, ValueError) as e:
+        raise CommandError(f"--override does not fit config {a.config!r}: {e}") from e
+    for d in a.data:
+        if not os.path.isdir(d):
+            raise CommandError(f"--data {d} does not exist: prepare a dataset first (`dz prepare-data <LeRobot "
+                               f"dataset> --config {a.config} ...`) and pass the folder it prints")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = {k: v for k, v in vars(a).items() if k in fields and k not in ("data", "betas")}
-    cfg = TrainConfig(data=a.data, out_dir=a.out, model=a.config, model_overrides=_overrides(a.override),
-                      betas=tuple(a.betas), **kw)
+    try:
+        cfg = TrainConfig(data=a.data, out_dir=a.out, model=a.config, model_overrides=_overrides(a.override),
+                          betas=tuple(a.betas), **kw)
+    except ValueError as e:
+        raise CommandError(_flag_names(str(e), fields) + " (`dz train --help` lists the options)") from e
     trainer = Trainer(cfg)
     ms = trainer.train()
     if a.export:
@@ -201,18 +241,24 @@ def train_main(argv: list) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ export
+@command("dz export")
 def export_main(argv: list) -> int:
-    """Consolidate a sharded training checkpoint into safetensors for inference."""
-    from .export import export_checkpoint
+    """Consolidate a sharded training checkpoint into an export folder for inference: safetensors weights with the
+    model config (dz_config.json) and the training data's statistics (dz_stats.json); `dz serve <out>` serves it."""
+    from .export import export_checkpoint, resolve_training_checkpoint
 
-    p = argparse.ArgumentParser(prog="dz export", description=export_main.__doc__)
+    p = ArgumentParser(prog="dz export", description=export_main.__doc__)
     p.add_argument("checkpoint", help="a checkpoints/step_XXXXXXXX folder, or a run folder (its latest)")
     p.add_argument("out", help="output folder or .safetensors file")
     p.add_argument("--dtype", default="fp32", help="bf16 or fp32")
     p.add_argument("--layout", choices=("dreamzero", "wan", "diffusers"), default="dreamzero")
     a = p.parse_args(argv)
-    path = export_checkpoint(a.checkpoint, a.out, layout=a.layout, dtype=_dtype(a.dtype))
-    print(f"exported {path}")
+    try:
+        ckpt = resolve_training_checkpoint(a.checkpoint)
+        path = export_checkpoint(ckpt, a.out, layout=a.layout, dtype=_dtype(a.dtype))
+    except FileNotFoundError as e:                 # no such folder, not a run, an incomplete checkpoint
+        raise CommandError(str(e)) from e
+    print(f"exported {path}; serve it with `dz serve {os.path.dirname(path)}`")
     return 0
 
 

@@ -10,7 +10,8 @@ Per clip (data.LeRobotDataset.clip) the frozen models give:
 and the low-dimensional parts: actions, action_mask, state, has_action, embodiment, episode, anchor.
 
 Layout of a prepared folder (default `<dataset>/dz_prepared/<name>`):
-    prepared.json                 format, model shapes, data config, source, per-file clip counts
+    prepared.json                 format, model shapes, data config, source, per-file clip counts, and the state/
+                                  action normalization with its statistics (LeRobotDataset.normalization_info)
     episode_XXXXXX.safetensors    the clips of one episode, stacked on dim 0; text [m, ...] + text_index [n]
 Every file is written atomically (dreamzero.atomic); prepared.json is rewritten after each episode and
 marked complete at the end, so an interrupted preparation leaves an index of finished episodes only, a rerun with
@@ -157,6 +158,7 @@ def prepare_dataset(root: str, model_cfg, encoders: FeatureEncoders, data_cfg: D
         except ImportError:
             pass
     F_lat = model_cfg.num_frames(data_cfg.num_chunks)
+    normalization = ds.normalization_info()     # recorded so that an export can un-normalize actions
 
     def write_index(complete: bool) -> None:
         # rewritten after every episode (atomically), so an interrupted run resumes where it stopped; the trainer
@@ -170,7 +172,7 @@ def prepare_dataset(root: str, model_cfg, encoders: FeatureEncoders, data_cfg: D
                        "state": [data_cfg.num_chunks * data_cfg.states_per_chunk, data_cfg.state_dim]},
             "num_chunks": data_cfg.num_chunks, "embodiment_id": data_cfg.embodiment_id,
             "embodiment_tag": ds.embodiment_tag, "has_action": ds.has_action,
-            "num_clips": sum(f["clips"] for f in files), "files": files})
+            "num_clips": sum(f["clips"] for f in files), "files": files, "normalization": normalization})
 
     for e in it:
         fname = f"episode_{e:06d}.safetensors"
@@ -299,6 +301,15 @@ class PreparedDataset:
             raise DataError(f"the prepared data in {self.folders} does not fit model {cfg.name}: "
                             + "; ".join(problems))
         return self.num_chunks
+
+    def normalization(self) -> list:
+        """Per prepared folder, how its state and action vectors were normalized (the "datasets" entries of an
+        export's dz_stats.json, see dreamzero.train.export); None for a folder prepared before this was recorded."""
+        out = []
+        for folder, m in zip(self.folders, self.index):
+            n = m.get("normalization")
+            out.append(None if n is None else {**n, "prepared": folder})
+        return out
 
     def check_embodiments(self, num_slots: int) -> None:
         for folder, m in zip(self.folders, self.index):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from fractions import Fraction
 
 import numpy as np
@@ -104,11 +105,29 @@ def _render(state: np.ndarray, cam: int, size: tuple) -> np.ndarray:
     return out
 
 
+def _clear(root: str, overwrite: bool) -> None:
+    """Refuse a non-empty `root`, or with `overwrite` remove the LeRobot dataset there."""
+    if not os.path.isdir(root) or not os.listdir(root):
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise FileExistsError(f"{root} is a file, not a folder: pick a new folder for the dataset")
+        return
+    if not overwrite:
+        raise FileExistsError(f"{root} is not empty: pick a new folder, or replace the dataset there with "
+                              f"--overwrite (overwrite=True)")
+    if not os.path.isfile(os.path.join(root, "meta", "info.json")):
+        raise FileExistsError(f"{root} is not empty and holds no LeRobot dataset (no meta/info.json): not replacing "
+                              f"it; pick a new folder")
+    shutil.rmtree(root)
+
+
 def make_synthetic_dataset(root: str, *, num_episodes: int = 4, length: int = 80, fps: float = 15.0,
                            view_size: tuple = (16, 24), version: str = "v2.1", with_actions: bool = True,
                            embodiment_tag: str = "oxe_droid", release_meta: bool = True, idle_steps: int = 6,
-                           seed: int = 0, tasks=SYNTHETIC_TASKS) -> str:
+                           seed: int = 0, tasks=SYNTHETIC_TASKS, overwrite: bool = False) -> str:
     """Write a synthetic LeRobot dataset under `root` (see the module doc); returns `root`.
+
+    `root` must be absent or empty; overwrite=True replaces a LeRobot dataset there (a folder with meta/info.json,
+    removed whole, prepared features included), never a folder of anything else (FileExistsError).
 
     num_episodes / length: episodes of `length` steps at `fps`; view_size: (H, W) of each camera (even);
     version: "v2.1" or "v3.0"; with_actions False writes a video-only dataset (no action column: e.g. human videos);
@@ -118,6 +137,7 @@ def make_synthetic_dataset(root: str, *, num_episodes: int = 4, length: int = 80
         raise ValueError(f"version must be 'v2.1' or 'v3.0', got {version!r}")
     if num_episodes < 1 or length < 2:
         raise ValueError("need at least one episode of at least 2 steps")
+    _clear(root, overwrite)
     rng = np.random.default_rng(seed)
     H, W = view_size
     os.makedirs(os.path.join(root, "meta"), exist_ok=True)

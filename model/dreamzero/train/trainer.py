@@ -49,7 +49,7 @@ from dz_kernels import env
 
 from ..atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from ..backend import install_ops
-from ..config import DreamZeroConfig, get_config
+from ..config import VARIANTS, DreamZeroConfig, get_config
 from ..dreamzero import DreamZero
 from ..schedulers import FlowMatchTrainingSchedule
 from .prepare import PreparedDataset
@@ -123,15 +123,12 @@ class TrainConfig:
         return d
 
 
-# model presets of the trainer: name -> (config name, overrides). "tiny-synthetic" is the tiny model shaped for the
-# synthetic dataset (synthetic.py: 7 joints + gripper, DROID timing of 24 actions per chunk at 15 Hz).
-PRESETS = {"tiny-synthetic": ("tiny", {"actions_per_chunk": 24, "action_dim": 10, "state_dim": 10})}
+PRESETS = VARIANTS          # the trainer's presets are config.py's variants (e.g. "tiny-synthetic")
 
 
 def resolve_model_config(name: str, overrides: dict | None = None) -> DreamZeroConfig:
-    """A config name of config.py or a trainer preset, with field overrides on top."""
-    base, over = PRESETS.get(name, (name, {}))
-    return get_config(base, **{**over, **(overrides or {})})
+    """A config name or variant of config.py (e.g. 'tiny-synthetic'), with field overrides on top."""
+    return get_config(name, **(overrides or {}))
 
 
 def lr_at(step: int, total: int, lr: float, warmup_ratio: float) -> float:
@@ -539,6 +536,7 @@ class Trainer:
                 "step": self.step, "world_size": self.world, "global_batch": self.global_batch,
                 "num_items": len(self.data), "num_chunks": self.num_chunks,
                 "model_config": dataclasses.asdict(self.model_cfg), "train_config": self.cfg.to_dict(),
+                "data_stats": self.data.normalization(),
                 "history_tail": self.history[-20:], "files": files})
             fsync_tree(tmp)
             old = None

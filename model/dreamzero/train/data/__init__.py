@@ -12,10 +12,11 @@ from .config import NORM_MODES, RELEASE_KEYS, RELEASE_RELATIVE_KEYS, VAE_TEMPORA
 from .files import decode_frames, read_json, read_jsonl, read_parquet
 from .lerobot import Clip, Episode, LeRobotDataset, Modality, SubKey
 from .prompts import DEFAULT_INSTRUCTION, build_prompt
-from .stats import STAT_NAMES, compute_feature_stats, normalize
+from .stats import STAT_NAMES, compute_feature_stats, normalize, unnormalize
 from .tiling import resize_frames, tile_views
 
 __all__ = [
-    "DataError", "DataConfig", "Modality", "Episode", "Clip", "LeRobotDataset", "normalize", "tile_views",
+    "DataError", "DataConfig", "Modality", "Episode", "Clip", "LeRobotDataset", "normalize", "unnormalize",
+    "tile_views",
     "decode_frames", "read_parquet", "compute_feature_stats", "build_prompt", "DEFAULT_INSTRUCTION",
 ]

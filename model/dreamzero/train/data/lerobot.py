@@ -557,6 +557,34 @@ class LeRobotDataset:
             for a in chosen:
                 yield self.clip(ep, a)
 
+    def normalization_info(self) -> dict:
+        """How clip() normalizes the state and action vectors: per sub-key, its dims in the padded vector, whether
+        it is relative to the state, and the statistics used (the "datasets" entries of an export's dz_stats.json,
+        documented in dreamzero.train.export). Computes the statistics if the dataset lacks them."""
+        cfg = self.cfg
+
+        def entries(modality: str, subkeys) -> list:
+            out, col = [], 0
+            for s in subkeys:
+                st = self._norm_stats(modality, s)
+                width = s.end - s.start
+                e = {"key": s.name, "source_key": s.original_key, "source_dims": [s.start, s.end],
+                     "dims": [col, col + width]}
+                if modality == "action":
+                    e["relative"] = s.name in self.relative_keys
+                e.update({k: [float(v) for v in np.asarray(st[k], np.float64).reshape(-1)] for k in STAT_NAMES
+                          if k in st})
+                out.append(e)
+                col += width
+            return out
+
+        return {"embodiment_id": cfg.embodiment_id, "embodiment_tag": self.embodiment_tag,
+                "normalization": cfg.normalization, "action_horizon": self.horizon, "state_dim": cfg.state_dim,
+                "action_dim": cfg.action_dim,
+                "state": entries("state", self.modality.state) if not cfg.video_only else [],
+                "action": entries("action", self.modality.action) if self.has_action else [],
+                "dataset": self.root}
+
     def describe(self) -> dict:
         return {"root": self.root, "version": self.version, "fps": self.fps, "episodes": len(self.episodes),
                 "embodiment_tag": self.embodiment_tag, "has_action": self.has_action, "tiling": self.tiling,

@@ -41,3 +41,22 @@ def normalize(x: np.ndarray, stats: dict, mode: str) -> np.ndarray:
         ok = sd != 0
         return np.where(ok, (x - mu) / np.where(ok, sd, 1.0), x).astype(np.float32)
     raise ValueError(f"unknown normalization mode {mode!r}")
+
+
+def unnormalize(y: np.ndarray, stats: dict, mode: str) -> np.ndarray:
+    """The inverse of `normalize` on [..., D] (for the actions a model returns; exact inside the clipping range).
+
+    q99: (y + 1) / 2 (q99 - q01) + q01 where q01 != q99 (y unchanged elsewhere); min_max alike with min/max;
+    mean_std: y std + mean where std != 0; none: y. Returns float64.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    if mode == "none":
+        return y
+    if mode in ("q99", "min_max"):
+        lo_key, hi_key = ("q01", "q99") if mode == "q99" else ("min", "max")
+        lo, hi = np.asarray(stats[lo_key], np.float64), np.asarray(stats[hi_key], np.float64)
+        return np.where(lo != hi, (y + 1.0) / 2.0 * (hi - lo) + lo, y)
+    if mode == "mean_std":
+        mu, sd = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
+        return np.where(sd != 0, y * sd + mu, y)
+    raise ValueError(f"unknown normalization mode {mode!r}")
