@@ -52,6 +52,7 @@ rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/results" "$WORK/tune"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
+export DZ_OFFLINE=1        # no package index there: tests that must install from PyPI skip, saying so
 if [ -z "${DZ_COMMIT:-}" ]; then
   DZ_COMMIT="$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)"
 fi
