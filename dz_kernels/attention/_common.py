@@ -7,17 +7,10 @@ NaN or an inf (`_nonfinite`), and the outputs that really see such a row are mad
 visible tiles need none of it (every product there is a visible one)."""
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1, read when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

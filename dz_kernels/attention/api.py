@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import interpreting
+from .._common import kernels_interpreted
 from .op import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, TileConfig, default_config, layout_attention_op
 from .pattern import AttentionPattern, as_pattern
 
@@ -143,7 +143,7 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, 
         if blocks is not None and len(blocks) <= sdpa_blocks:
             return torch.cat([_dense_sdpa(q[:, qa:qb], k[:, ka:kb], v[:, ka:kb], scale)
                               for qa, qb, ka, kb in blocks], dim=1)
-    if q.device.type == "cpu" and not interpreting():
+    if q.device.type == "cpu" and not kernels_interpreted():
         raise ValueError("layout_attention's Triton kernels need a CUDA device; CPU tensors run only under the "
                          "Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
     if q.device.type not in ("cuda", "cpu"):

@@ -16,7 +16,6 @@ a machine without CUDA, dz_kernels turns the interpreter on when the variable is
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 _SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
@@ -26,7 +25,9 @@ def compile_all(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), head_dims=(16, 
                 verbose=True, config: dict | None = None) -> list:
     """Compile each kernel (all, or those named in `kernels`) for each (dtype, head dim) at the table's configs
     (or at TileConfig.from_dict(config)); returns [(kernel, dtype, head dim, shared bytes)]."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    from .._common import kernels_interpreted
+
+    if kernels_interpreted():
         raise RuntimeError("compile_check needs TRITON_INTERPRET=0 (the kernels are interpreted functions under the "
                            "interpreter, which dz_kernels turns on without CUDA when the variable is unset)")
     import torch

@@ -20,7 +20,6 @@ Outputs are freshly allocated and contiguous; inputs may have any strides with a
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,7 +28,8 @@ import torch
 import triton
 
 from ._bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
-from ._common import LOG2E, interpreting
+from .._common import empty, kernels_interpreted
+from ._common import LOG2E
 from ._fwd import _fwd_kernel
 from .pattern import pattern_by_key
 from .schedule import _MEMO, _memo, nwin, schedule_for, token_tables
@@ -128,28 +128,6 @@ def table_config(arch: str, dtype: torch.dtype, head_dim: int, mode: str = "trai
     return TileConfig.from_dict(choice.config), choice.source
 
 
-# ---------------------------------------------------------------------- output allocation (with a test hook)
-_POISON_OUTPUTS = False
-
-
-@contextlib.contextmanager
-def poison_outputs(enabled: bool = True):
-    """Test hook: while active, the launchers allocate their outputs filled with NaN (instead of torch.empty), so
-    any element a kernel fails to write shows up in the comparison."""
-    global _POISON_OUTPUTS
-    old, _POISON_OUTPUTS = _POISON_OUTPUTS, enabled
-    try:
-        yield
-    finally:
-        _POISON_OUTPUTS = old
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -176,8 +154,8 @@ def _forward(q, k, v, q_seg, k_seg, qk_bits, rows, cols, scale: float, tiles: li
     if rows.shape[0] != triton.cdiv(Lq, bm):
         raise ValueError(f"forward schedule has {rows.shape[0]} rows, expected {triton.cdiv(Lq, bm)} for "
                          f"Lq={Lq}, BLOCK_M={bm}: build it with the same block sizes")
-    out = _alloc((B, Lq, H, D), q.dtype, q.device)
-    lse = _alloc((B, H, Lq), torch.float32, q.device)
+    out = empty((B, Lq, H, D), q.dtype, q.device)
+    lse = empty((B, H, Lq), torch.float32, q.device)
     flags = _flags(tiles)
     heads_first = bool(flags & FLAG_HEADS_FIRST)
     _fwd_kernel[_grid(rows.shape[0], B * H, heads_first)](
@@ -185,7 +163,7 @@ def _forward(q, k, v, q_seg, k_seg, qk_bits, rows, cols, scale: float, tiles: li
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, Lq, Lk, qk_bits.shape[1], scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, NWIN=nwin(bn), INTERPRET=interpreting(), HEADS_FIRST=heads_first,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, NWIN=nwin(bn), INTERPRET=kernels_interpreted(), HEADS_FIRST=heads_first,
         WS=bool(flags & FLAG_FWD_WS), **_launch_kwargs(tiles[6], tiles[7]))
     return out, lse
 
@@ -204,20 +182,20 @@ def _backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv
     dlse = dlse.contiguous() if dlse is not None else None
     q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols = (
         t.contiguous() for t in (q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols))
-    interp = interpreting()
+    interp = kernels_interpreted()
     launch = _launch_kwargs(tiles[8], tiles[9])
     launch_dq = _launch_kwargs(tiles[10], tiles[11]) if len(tiles) > 11 else launch
     heads_first = bool(_flags(tiles) & FLAG_HEADS_FIRST)
 
-    delta = _alloc((B, H, Lq), torch.float32, q.device)
+    delta = empty((B, H, Lq), torch.float32, q.device)
     pre_m = 64
     _bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), B * H)](
         out, dout, dlse if dlse is not None else lse, delta,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         H, Lq, HAS_DLSE=dlse is not None, BLOCK_M=pre_m, HEAD_DIM=D)
 
-    dk = _alloc((B, Lk, H, D), k.dtype, k.device)
-    dv = _alloc((B, Lk, H, D), v.dtype, v.device)
+    dk = empty((B, Lk, H, D), k.dtype, k.device)
+    dv = empty((B, Lk, H, D), v.dtype, v.device)
     if deterministic:
         dq_acc = delta          # unused by the kernel (ATOMIC_DQ=False); any fp32 pointer will do
         dq_strides = (0, 0, 0)
@@ -233,7 +211,7 @@ def _backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv
         BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=D, NWIN=nwin(km), ATOMIC_DQ=not deterministic, INTERPRET=interp,
         HEADS_FIRST=heads_first, **launch)
     if deterministic:
-        dq = _alloc((B, Lq, H, D), q.dtype, q.device)
+        dq = empty((B, Lq, H, D), q.dtype, q.device)
         _bwd_dq_kernel[_grid(dq_rows.shape[0], B * H, heads_first)](
             q, k, v, dout, lse, delta, dq, q_seg, k_seg, qk_bits, dq_rows, dq_cols,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

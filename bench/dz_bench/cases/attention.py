@@ -57,9 +57,9 @@ def _attn():
 
 def _dz_available(ctx):
     if ctx.device != "cuda":
-        from dz_kernels.attention._common import interpreting
+        from dz_kernels._common import kernels_interpreted
 
-        if not interpreting():
+        if not kernels_interpreted():
             raise Unavailable("the Triton kernels need CUDA (or TRITON_INTERPRET=1 set before import, for the CPU "
                               "interpreter)")
 
