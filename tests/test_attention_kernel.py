@@ -19,7 +19,7 @@ from dreamzero.config import get_config
 from dreamzero.layout import inference_layout, layout_for_config, train_layout
 from dz_kernels.attention import (AttentionPattern, TileConfig, dense_blocks, layout_attention, layout_is_dense,
                                   poison_outputs)
-from dz_kernels.attention.op import layout_attention_backward_op, layout_attention_op
+from dz_kernels.attention.ops import layout_attention_backward_op, layout_attention_op
 from dz_kernels.testing import assert_within_lowp_bar
 
 SMALL = TileConfig(fwd=(16, 16), dkv=(16, 32), dq=(32, 16), fwd_warps=4, fwd_stages=1, bwd_warps=4, bwd_stages=1)

@@ -117,7 +117,7 @@ def test_arch_of():
 # ---------------------------------------------------------------------- attention reads its tiles from the table
 def test_attention_config_from_the_table(table_dir):
     from dz_kernels.attention import TileConfig, default_config
-    from dz_kernels.attention.op import _INTERPRETER_CONFIG, table_config
+    from dz_kernels.attention.config import _INTERPRETER_CONFIG, table_config
 
     assert default_config(torch.device("cpu"), torch.bfloat16, 128) == _INTERPRETER_CONFIG
     cfg, src = table_config("sm90", torch.bfloat16, 128, "train")
@@ -141,7 +141,7 @@ def test_attention_config_from_the_table(table_dir):
 
 def test_tiles_list_carries_the_dq_launch_and_the_flags():
     from dz_kernels.attention import TileConfig
-    from dz_kernels.attention.op import FLAG_FWD_WS, FLAG_HEADS_FIRST
+    from dz_kernels.attention.config import FLAG_FWD_WS, FLAG_HEADS_FIRST
 
     tiles = TileConfig(dq_warps=8, dq_stages=2, heads_first=True, fwd_ws=True).as_list()
     assert tiles[10:] == [8, 2, FLAG_HEADS_FIRST | FLAG_FWD_WS]
@@ -161,8 +161,8 @@ def test_non_deterministic_backward_takes_the_separate_dq_pass_when_the_config_s
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n, 1, 16, generator=g).requires_grad_() for n in (lay.q_len, lay.k_len, lay.k_len))
     seen, grads = [], []
-    api = importlib.import_module("dz_kernels.attention.api")
-    real = api.layout_attention_op
+    ops = importlib.import_module("dz_kernels.attention.ops")
+    real = ops.layout_attention_op
 
     def spy(*args):
         seen.append(args[-1])
@@ -171,7 +171,7 @@ def test_non_deterministic_backward_takes_the_separate_dq_pass_when_the_config_s
     base = attn.default_config(torch.device("cpu"), torch.float32, 16)
     for atomic in (True, False):
         cfg = attn.TileConfig(**{**base.__dict__, "atomic_dq": atomic})
-        with mock.patch.object(api, "layout_attention_op", spy):
+        with mock.patch.object(ops, "layout_attention_op", spy):
             out = attn.layout_attention(q, k, v, lay, config=cfg)
         grads.append(torch.autograd.grad(out.sum(), (q, k, v)))
     assert seen == [False, True]
@@ -197,7 +197,7 @@ def test_heads_first_grid_computes_the_same():
 def test_lookups_trace_under_torch_compile_fullgraph():
     """layout_attention resolves its tiles inside torch.compile'd model code: the lookup must trace without a
     graph break (the tables are read eagerly, at import and on reload, never while tracing)."""
-    from dz_kernels.attention.op import config_choice, table_config
+    from dz_kernels.attention.config import config_choice, table_config
 
     configs.reload()
 

@@ -2,10 +2,16 @@
 
     out = layout_attention(q, k, v, pattern, scale=None, deterministic=False)
 
-Where things are: pattern.py (the generic who-sees-whom description: segments and a bit mask per query segment),
-schedule.py (tile schedules built from a pattern on the host), _fwd.py / _bwd.py / _common.py (Triton kernels),
-op.py (launchers and the torch.library custom ops), api.py (the public function, its checks and the dense SDPA
-dispatch), compile_check.py (ahead-of-time compilation of every kernel for a GPU architecture).
+Where things are (the same places as in every op family of dz_kernels):
+    ops.py            the public function (checks, the dense SDPA dispatch), the dz:: custom ops with their fake
+                      implementations and autograd formula, the schedules' upload to the device
+    triton_fwd.py     the forward kernel and its launcher
+    triton_bwd.py     the backward kernels (delta, dk/dv with optional atomic dq, dq) and their launcher
+    triton_common.py  the Triton device functions both share (dot, tile mask, non-finite rows)
+    config.py         TileConfig and the config table lookup (dz_kernels/configs/attention.json)
+    pattern.py        AttentionPattern: the generic who-sees-whom description a model hands over
+    schedule.py       the tile schedules built from a pattern on the host
+    compile_check.py  ahead-of-time compilation of every kernel for a GPU architecture (no GPU needed)
 
 Importing this package is light (no torch or triton): `AttentionPattern` comes from pattern.py, and everything
 else is loaded on first use, so a model can describe its masks without pulling in the kernels.
@@ -17,8 +23,8 @@ __all__ = ["AttentionPattern", "as_pattern", "layout_attention", "layout_is_dens
            "schedule_for", "token_tables", "tile_mask", "TileSchedule", "TokenTables", "config_choice", "config_mode"]
 
 _LAZY = {
-    "layout_attention": "api", "layout_is_dense": "api", "dense_blocks": "api", "config_mode": "api",
-    "TileConfig": "op", "default_config": "op", "config_choice": "op", "schedule_tensors": "op",
+    "layout_attention": "ops", "layout_is_dense": "ops", "dense_blocks": "ops", "schedule_tensors": "ops",
+    "TileConfig": "config", "default_config": "config", "config_choice": "config", "config_mode": "config",
     "build_schedule": "schedule", "build_token_tables": "schedule", "schedule_for": "schedule",
     "token_tables": "schedule", "tile_mask": "schedule", "TileSchedule": "schedule", "TokenTables": "schedule",
 }

@@ -35,10 +35,10 @@ def compile_all(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), head_dims=(16, 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ._bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
-    from ._fwd import _fwd_kernel
-    from .op import TileConfig, table_config
+    from .config import TileConfig, table_config
     from .schedule import nwin
+    from .triton_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
+    from .triton_fwd import _fwd_kernel
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     target = GPUTarget("cuda", arch, 32)

@@ -1,5 +1,5 @@
-"""Triton helpers shared by the layout-attention kernels: the dot wrapper, the program ids, the in-tile token mask
-and the non-finite row test of the partially visible tiles.
+"""What the layout-attention kernels share: the Triton device functions (the dot wrapper, the program ids, the
+in-tile token mask, the non-finite row test of the partially visible tiles) and the launchers' small helpers.
 
 Non-finite values in partially visible (PARTIAL) tiles: a masked probability is an exact 0, and 0 * NaN = NaN
 inside a dot, so an operand row that is multiplied by masked probabilities is set to 0 for the dot when it holds a
@@ -7,6 +7,7 @@ NaN or an inf (`_nonfinite`), and the outputs that really see such a row are mad
 visible tiles need none of it (every product there is a visible one)."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -64,3 +65,20 @@ def _tile_mask(row_seg, col_seg, col_ok, base, BITS, n_words,
         bit = (word[:, None] >> shift[None, :]) & 1
         vis = tl.where(which[None, :] == w, bit, vis)
     return (vis != 0) & col_ok[None, :]
+
+
+# ---------------------------------------------------------------------- launch helpers (`tiles`: TileConfig.as_list)
+def last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def launch_kwargs(warps: int, stages: int) -> dict:
+    return {"num_warps": warps, "num_stages": stages}
+
+
+def tile_flags(tiles: list) -> int:
+    return tiles[12] if len(tiles) > 12 else 0
+
+
+def grid(n_rows: int, n_bh: int, heads_first: bool) -> tuple:
+    return (n_bh, n_rows) if heads_first else (n_rows, n_bh)

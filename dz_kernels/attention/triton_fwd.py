@@ -1,14 +1,20 @@
-"""Triton forward kernel of layout attention: one program per (query tile, batch x head), online softmax over the
-key tiles the schedule lists for the query tile (full tiles without a mask, then partial tiles with the token mask).
+"""The forward of layout attention: the Triton kernel and its launcher. One program per (query tile, batch x
+head), online softmax over the key tiles the schedule lists for the query tile (full tiles without a mask, then
+partial tiles with the token mask).
 
 Tensors are [B, L, H, D] with any strides except a contiguous last dim; lse is fp32 [B, H, Lq] (natural log).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import _dot, _nonfinite, _tile_and_head, _tile_mask
+from .._common import empty, kernels_interpreted
+from .config import FLAG_FWD_WS, FLAG_HEADS_FIRST
+from .schedule import nwin
+from .triton_common import (LOG2E, _dot, _nonfinite, _tile_and_head, _tile_mask, grid, last_contiguous,
+                            launch_kwargs, tile_flags)
 
 
 @triton.jit
@@ -84,11 +90,37 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SEG, K_SEG, QK_BITS, ROWS, COLS,
                                       e_mid, e_end, K_SEG, QK_BITS, n_words, Lk, qk_scale,
                                       BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, INTERPRET, WS)
 
-    empty = l_i == 0.0                                   # a row that sees no key: output 0, lse = -inf
-    l_safe = tl.where(empty, 1.0, l_i)
+    no_key = l_i == 0.0                                  # a row that sees no key: output 0, lse = -inf
+    l_safe = tl.where(no_key, 1.0, l_i)
     out = acc / l_safe[:, None]
     out = tl.where(bad_q[:, None] != 0, float("nan"), out)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+
+
+# ---------------------------------------------------------------------- launcher
+def launch_forward(q, k, v, q_seg, k_seg, qk_bits, rows, cols, scale: float, tiles: list):
+    """out [B, Lq, H, D] (q's dtype), lse fp32 [B, H, Lq] over the query-side schedule (rows, cols) of the forward
+    tiles; the token tables q_seg, k_seg, qk_bits (schedule.py). Outputs from dz_kernels._common.empty."""
+    q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
+    q_seg, k_seg, qk_bits, rows, cols = (t.contiguous() for t in (q_seg, k_seg, qk_bits, rows, cols))
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    bm, bn = tiles[0], tiles[1]
+    if rows.shape[0] != triton.cdiv(Lq, bm):
+        raise ValueError(f"forward schedule has {rows.shape[0]} rows, expected {triton.cdiv(Lq, bm)} for "
+                         f"Lq={Lq}, BLOCK_M={bm}: build it with the same block sizes")
+    out = empty((B, Lq, H, D), q.dtype, q.device)
+    lse = empty((B, H, Lq), torch.float32, q.device)
+    flags = tile_flags(tiles)
+    heads_first = bool(flags & FLAG_HEADS_FIRST)
+    _fwd_kernel[grid(rows.shape[0], B * H, heads_first)](
+        q, k, v, out, lse, q_seg, k_seg, qk_bits, rows, cols,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H, Lq, Lk, qk_bits.shape[1], scale * LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, NWIN=nwin(bn), INTERPRET=kernels_interpreted(),
+        HEADS_FIRST=heads_first, WS=bool(flags & FLAG_FWD_WS), **launch_kwargs(tiles[6], tiles[7]))
+    return out, lse

@@ -1,4 +1,4 @@
-"""Triton backward kernels of layout attention (FlashAttention-2 style).
+"""The backward of layout attention: the Triton kernels (FlashAttention-2 style) and their launcher.
 
 1. `_bwd_preprocess_kernel`: delta = rowsum(dO * O) - dlse (fp32 [B, H, Lq]); dlse is the incoming gradient of the
    log-sum-exp output (zero when only the attention output is used).
@@ -8,17 +8,21 @@
 3. `_bwd_dq_kernel`: one program per (query tile, batch x head) walks the key tiles of the query-side schedule and
    accumulates dQ in registers: no atomics, bitwise deterministic (used when deterministic=True).
 Probabilities are recomputed from the saved lse: p = exp2(s * scale * log2(e) - lse * log2(e)).
-Partially visible tiles keep masked pairs out of every product (see _common.py): dS is set to 0 outside the
+Partially visible tiles keep masked pairs out of every product (see triton_common.py): dS is set to 0 outside the
 mask, and the rows of q, k and dO that meet masked zeros in a dot are zeroed there when they are not finite; a key
 whose dV really meets a non-finite dO row gets NaN.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import _dot, _nonfinite, _tile_and_head, _tile_mask
-
+from .._common import empty, kernels_interpreted
+from .config import FLAG_HEADS_FIRST
+from .schedule import nwin
+from .triton_common import (LOG2E, _dot, _nonfinite, _tile_and_head, _tile_mask, grid, last_contiguous,
+                            launch_kwargs, tile_flags)
 
 
 @triton.jit
@@ -208,3 +212,63 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Q_SEG, K_SEG, QK_BITS, ROWS, COL
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+# ---------------------------------------------------------------------- launcher
+def launch_backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows,
+                    dq_cols, scale: float, tiles: list, deterministic: bool):
+    """(dq, dk, dv), contiguous, the inputs' dtypes: delta, then dk/dv over the key-side schedule (dkv_rows,
+    dkv_cols) with atomic dq, or (deterministic) without it and the dq kernel over the query-side one."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    km, kn, qm, qn = tiles[2], tiles[3], tiles[4], tiles[5]
+    if dkv_rows.shape[0] != triton.cdiv(Lk, kn):
+        raise ValueError(f"dk/dv schedule has {dkv_rows.shape[0]} rows, expected {triton.cdiv(Lk, kn)}")
+    if dq_rows.shape[0] != triton.cdiv(Lq, qm):
+        raise ValueError(f"dq schedule has {dq_rows.shape[0]} rows, expected {triton.cdiv(Lq, qm)}")
+    q, k, v, out, dout = (last_contiguous(t) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols = (
+        t.contiguous() for t in (q_seg, k_seg, qk_bits, kq_bits, dkv_rows, dkv_cols, dq_rows, dq_cols))
+    interp = kernels_interpreted()
+    launch = launch_kwargs(tiles[8], tiles[9])
+    launch_dq = launch_kwargs(tiles[10], tiles[11]) if len(tiles) > 11 else launch
+    heads_first = bool(tile_flags(tiles) & FLAG_HEADS_FIRST)
+
+    delta = empty((B, H, Lq), torch.float32, q.device)
+    pre_m = 64
+    _bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), B * H)](
+        out, dout, dlse if dlse is not None else lse, delta,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        H, Lq, HAS_DLSE=dlse is not None, BLOCK_M=pre_m, HEAD_DIM=D)
+
+    dk = empty((B, Lk, H, D), k.dtype, k.device)
+    dv = empty((B, Lk, H, D), v.dtype, v.device)
+    if deterministic:
+        dq_acc = delta          # unused by the kernel (ATOMIC_DQ=False); any fp32 pointer will do
+        dq_strides = (0, 0, 0)
+    else:
+        dq_acc = torch.zeros((B, Lq, H, D), dtype=torch.float32, device=q.device)
+        dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2))
+    _bwd_dkdv_kernel[grid(dkv_rows.shape[0], B * H, heads_first)](
+        q, k, v, dout, lse, delta, dk, dv, dq_acc, q_seg, k_seg, kq_bits, dkv_rows, dkv_cols,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dq_strides,
+        H, Lq, Lk, kq_bits.shape[1], scale * LOG2E, scale,
+        BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=D, NWIN=nwin(km), ATOMIC_DQ=not deterministic, INTERPRET=interp,
+        HEADS_FIRST=heads_first, **launch)
+    if deterministic:
+        dq = empty((B, Lq, H, D), q.dtype, q.device)
+        _bwd_dq_kernel[grid(dq_rows.shape[0], B * H, heads_first)](
+            q, k, v, dout, lse, delta, dq, q_seg, k_seg, qk_bits, dq_rows, dq_cols,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            H, Lq, Lk, qk_bits.shape[1], scale * LOG2E, scale,
+            BLOCK_M=qm, BLOCK_N=qn, HEAD_DIM=D, NWIN=nwin(qn), INTERPRET=interp, HEADS_FIRST=heads_first,
+            **launch_dq)
+    else:
+        dq = dq_acc.to(q.dtype)
+    return dq, dk, dv

@@ -1,4 +1,6 @@
-"""The public function of layout attention: checks, the dense dispatch and the custom op (Triton forward and backward).
+"""Layout attention: the public function (its checks and the dense SDPA dispatch) and the torch.library custom ops
+with their fake implementations and autograd formula. The kernels and launchers: triton_fwd.py, triton_bwd.py; the
+tile configs: config.py.
 
     out = layout_attention(q, k, v, pattern, scale=None, deterministic=False)
 
@@ -17,7 +19,7 @@ debugging), head dims 16, 32, 64 and 128, any layout (training, inference with a
 step: the kernel needs nothing special for a mode, the pattern carries it). Every pattern's tile schedule is
 built once on the host (schedule.py, vectorized numpy) and uploaded once per device; the first call per (pattern,
 device) must therefore happen before CUDA-graph capture (the usual warm-up). Under torch.compile the pattern is
-plain constant data: the custom op takes its integer key (op.py), nothing is traced through the schedule.
+plain constant data: the custom op takes its integer key (below), nothing is traced through the schedule.
 
 Dispatch (one rule): when every query sees every key (e.g. a release-rule denoising step against the cache),
 `deterministic` is False and the tensors are on CUDA, the call goes to torch's scaled_dot_product_attention with
@@ -25,8 +27,8 @@ the cuDNN backend first, then flash, then mem-efficient (REFERENCE.md section 7:
 the H100). `dense_sdpa=False` forces the Triton kernel, `dense_sdpa=True` takes SDPA for dense layouts on any
 device. `sdpa_blocks=2` extends the rule to layouts made of two dense blocks (the control step), one SDPA call
 per block; its default is the config table's (mode infer): 1 until a tuning run measures the two calls faster. On
-a CPU the kernels run under the Triton
-interpreter (TRITON_INTERPRET=1 must be set before triton is imported); otherwise CPU tensors are rejected.
+a CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 must be set before triton is imported;
+`import dz_kernels` sets it on a machine without CUDA); otherwise CPU tensors are rejected.
 
 Non-finite inputs: a NaN or inf in K or V (or in the output gradient) at a key that a query does not see never
 reaches that query's output or gradients, nor another key's gradients: masked probabilities never multiply a
@@ -39,33 +41,47 @@ kernel, unless the tile config says `atomic_dq=False` (the tuning measured the s
 deterministic=True always runs a separate dq kernel over the query-side schedule (no atomics: two runs give
 bitwise identical gradients).
 
-Tiles: `default_config` reads dz_kernels/configs/attention.json (see dz_kernels.configs) for the device's
-architecture, dtype, head dim and mode (`config_mode`: "train" for training patterns, else "infer"); `config=`
-overrides.
+Tiles: `default_config` (config.py) reads dz_kernels/configs/attention.json (see dz_kernels.configs) for the
+device's architecture, dtype, head dim and mode (`config_mode`: "train" for training patterns, else "infer");
+`config=` overrides.
+
+Custom ops: two, both with fake (meta) implementations so torch.compile(fullgraph=True) can trace them, and both
+free of host syncs once warm, so CUDA graphs can capture them:
+
+    dz::layout_attention(q, k, v, pattern, scale, tiles, deterministic) -> (out [B, Lq, H, D], lse fp32 [B, H, Lq])
+    dz::layout_attention_backward(dout, q, k, v, out, lse, dlse?, pattern, scale, tiles, deterministic)
+        -> (dq, dk, dv)
+
+`pattern` is an int, the key of an AttentionPattern (pattern.py): a constant of a traced graph. The ops find the
+pattern's tile schedule on the device by (pattern, tiles, device) (`schedule_tensors`: built and uploaded on the
+first call, reused afterwards). The first op has an autograd formula (register_autograd) that calls the second;
+the gradient of lse is supported (it enters through delta). `tiles`: TileConfig.as_list() (config.py).
+`layout_attention` does all of that from a pattern (or a layout that has one).
+Outputs are freshly allocated and contiguous; inputs may have any strides with a contiguous last dim.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .._common import kernels_interpreted
-from .op import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, TileConfig, default_config, layout_attention_op
-from .pattern import AttentionPattern, as_pattern
+from .config import TileConfig, config_mode, default_config
+from .pattern import AttentionPattern, as_pattern, pattern_by_key
+from .schedule import _MEMO, _memo, schedule_for, token_tables
+from .triton_bwd import launch_backward
+from .triton_fwd import launch_forward
 
-__all__ = ["layout_attention", "layout_is_dense", "dense_blocks", "config_mode"]
+__all__ = ["layout_attention", "layout_is_dense", "dense_blocks", "schedule_tensors", "layout_attention_op",
+           "layout_attention_backward_op", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
-
-def config_mode(layout) -> str:
-    """The config table's mode: "train" for training layouts (forward and backward), else "infer". A layout that
-    names its mode (a dreamzero SequenceLayout's `mode`) is taken at its word; a bare pattern is "infer" when it is
-    made of dense blocks (every inference step: the denoising step, the observed frames, the control step) and
-    "train" otherwise (the teacher-forcing mask sees non-contiguous keys)."""
-    mode = getattr(layout, "mode", None)
-    if mode is not None:
-        return "train" if mode == "train" else "infer"
-    return "infer" if as_pattern(layout).dense_blocks is not None else "train"
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
+# ---------------------------------------------------------------------- the public function
 def layout_is_dense(layout) -> bool:
     """Whether every query token of the pattern (or layout) sees every key token."""
     return as_pattern(layout).dense
@@ -152,7 +168,8 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, 
     cfg.validate()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # the atomic-free dq pass also serves a non-deterministic call when the config says it is the faster one
-    out, _lse = layout_attention_op(q, k, v, pattern.key, scale, cfg.as_list(), bool(deterministic) or not cfg.atomic_dq)
+    out, _lse = layout_attention_op(q, k, v, pattern.key, scale, cfg.as_list(),
+                                    bool(deterministic) or not cfg.atomic_dq)
     return out
 
 
@@ -164,3 +181,89 @@ def _dense_sdpa(q, k, v, scale: float) -> torch.Tensor:
     with sdpa_kernel(backends, set_priority=True):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return o.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------- schedules on the device
+def schedule_tensors(pattern: int, tiles, device) -> tuple:
+    """The kernels' schedule inputs for the pattern with key `pattern` (AttentionPattern.key) at TileConfig.as_list()
+    `tiles` on `device`: (q_seg, k_seg, qk_bits, kq_bits, fwd_rows, fwd_cols, dkv_rows, dkv_cols, dq_rows, dq_cols),
+    all int32, built on the host and uploaded once per (pattern, tiles, device), then reused (fixed addresses, so a
+    captured CUDA graph keeps reading them). The first call per (pattern, tiles, device) must not happen during
+    CUDA-graph capture (run the op once before capturing: the usual warm-up)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = ("tensors", int(pattern), tuple(int(t) for t in tiles[:6]), str(device))
+    cached = _MEMO.get(key)
+    if cached is not None:
+        return cached
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("layout_attention: the tile schedule of this pattern is not on the device yet and cannot "
+                           "be uploaded during CUDA-graph capture; run the op once before capturing (warm-up)")
+    pat = pattern_by_key(int(pattern))
+    tt = token_tables(pat)
+    fwd = schedule_for(pat, tiles[0], tiles[1])
+    dkv = schedule_for(pat, tiles[2], tiles[3])
+    dq = schedule_for(pat, tiles[4], tiles[5])
+    arrays = (tt.q_seg, tt.k_seg, tt.qk_bits, tt.kq_bits, fwd.rows, fwd.cols, dkv.t_rows, dkv.t_cols, dq.rows,
+              dq.cols)
+    tensors = tuple(torch.from_numpy(np.array(a, dtype=np.int32)).to(device) for a in arrays)
+    return _memo(key, lambda: tensors)
+
+
+def _check_pattern(q, k, pattern: int):
+    pat = pattern_by_key(int(pattern))
+    if q.shape[1] != pat.q_len or k.shape[1] != pat.k_len:
+        raise ValueError(f"q has {q.shape[1]} and k {k.shape[1]} tokens; pattern {pattern} has {pat.q_len} query and "
+                         f"{pat.k_len} key tokens")
+
+
+# ---------------------------------------------------------------------- custom ops
+@torch.library.custom_op("dz::layout_attention", mutates_args=())
+def layout_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: int, scale: float,
+                        tiles: list[int], deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Lq, H, D] (q's dtype), lse fp32 [B, H, Lq]. `pattern`: an AttentionPattern.key. See the module doc."""
+    _check_pattern(q, k, pattern)
+    sched = schedule_tensors(pattern, tiles, q.device)
+    return launch_forward(q, k, v, *sched[:3], *sched[4:6], scale, tiles)
+
+
+@layout_attention_op.register_fake
+def _layout_attention_fake(q, k, v, pattern, scale, tiles, deterministic):
+    B, Lq, H, D = q.shape
+    return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("dz::layout_attention_backward", mutates_args=())
+def layout_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor], pattern: int,
+                                 scale: float, tiles: list[int],
+                                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq [B, Lq, H, D], dk, dv [B, Lk, H, D] (contiguous, the inputs' dtype)."""
+    _check_pattern(q, k, pattern)
+    sched = schedule_tensors(pattern, tiles, q.device)
+    return launch_backward(dout, q, k, v, out, lse, dlse, *sched[:4], *sched[6:], scale, tiles, deterministic)
+
+
+@layout_attention_backward_op.register_fake
+def _layout_attention_backward_fake(dout, q, k, v, out, lse, dlse, pattern, scale, tiles, deterministic):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pattern, scale, tiles, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.pattern, ctx.scale, ctx.tiles, ctx.deterministic = pattern, scale, list(tiles), deterministic
+
+
+def _autograd_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.dz.layout_attention_backward(dout, q, k, v, out, lse, dlse, ctx.pattern, ctx.scale,
+                                                        ctx.tiles, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None
+
+
+layout_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
