@@ -8,6 +8,7 @@ Where things are (the same places as in every op family of dz_kernels):
     triton_fwd.py     the forward kernel and its launcher
     triton_bwd.py     the backward kernels (delta, dk/dv with optional atomic dq, dq) and their launcher
     triton_common.py  the Triton device functions both share (dot, tile mask, non-finite rows)
+    reference.py      what the op computes, in plain PyTorch (the kernels' oracle)
     config.py         TileConfig and the config table lookup (dz_kernels/configs/attention.json)
     pattern.py        AttentionPattern: the generic who-sees-whom description a model hands over
     schedule.py       the tile schedules built from a pattern on the host
@@ -20,13 +21,15 @@ from .pattern import AttentionPattern, as_pattern
 
 __all__ = ["AttentionPattern", "as_pattern", "layout_attention", "layout_is_dense", "dense_blocks", "TileConfig",
            "default_config", "poison_outputs", "schedule_tensors", "build_schedule", "build_token_tables",
-           "schedule_for", "token_tables", "tile_mask", "TileSchedule", "TokenTables", "config_choice", "config_mode"]
+           "schedule_for", "token_tables", "tile_mask", "TileSchedule", "TokenTables", "config_choice", "config_mode",
+           "layout_attention_reference"]
 
 _LAZY = {
     "layout_attention": "ops", "layout_is_dense": "ops", "dense_blocks": "ops", "schedule_tensors": "ops",
     "TileConfig": "config", "default_config": "config", "config_choice": "config", "config_mode": "config",
     "build_schedule": "schedule", "build_token_tables": "schedule", "schedule_for": "schedule",
     "token_tables": "schedule", "tile_mask": "schedule", "TileSchedule": "schedule", "TokenTables": "schedule",
+    "layout_attention_reference": "reference",
 }
 
 

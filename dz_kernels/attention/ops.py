@@ -1,6 +1,6 @@
 """Layout attention: the public function (its checks and the dense SDPA dispatch) and the torch.library custom ops
 with their fake implementations and autograd formula. The kernels and launchers: triton_fwd.py, triton_bwd.py; the
-tile configs: config.py.
+tile configs: config.py; what the op computes, in plain PyTorch: reference.py.
 
     out = layout_attention(q, k, v, pattern, scale=None, deterministic=False)
 
