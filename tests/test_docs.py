@@ -1,11 +1,17 @@
-"""Citations resolve: every `docs/<file>.md#<anchor>` named in the code, the tests or the README is a file of docs/
-with that heading, and nothing cites the REFERENCE.md that is not in the repository."""
+"""Citations resolve: every `docs/<file>.md#<anchor>` named in the code (dz_kernels, the model, the benchmarks, the
+examples), the tests or the README is a file of docs/ with that heading, and nothing cites the REFERENCE.md that is
+not in the repository."""
 import os
 import re
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITE = re.compile(r"docs/([\w.-]+\.md)(?:#([\w-]+))?")
-SCAN = ("model", "bench", "tests", "README.md")
+# every source root (dz_kernels was missing, so dz_kernels/attention's "REFERENCE.md section 7" went unseen)
+SCAN = ("dz_kernels", "model", "bench", "examples", "tests", "README.md")
+# files whose REFERENCE.md citations another change in flight replaces (issue 16): the NVFP4 format of
+# dz_kernels/quant/reference.py is docs/reference.md#formats. The test fails once a file here stops citing it, so
+# the entry goes with the fix.
+PENDING = ("dz_kernels/quant/reference.py",)
 
 
 def _anchor(heading: str) -> str:
@@ -45,10 +51,24 @@ def test_every_docs_citation_names_a_real_file_and_heading():
 
 def test_nothing_cites_the_reference_file_outside_the_repository():
     this = os.path.abspath(__file__)
-    hits = []
+    hits, pending = [], set()
     for path in _files():
         if os.path.abspath(path) == this:
             continue
+        rel = os.path.relpath(path, REPO)
         with open(path) as f:
-            hits += [f"{os.path.relpath(path, REPO)}:{n}" for n, line in enumerate(f, 1) if "REFERENCE.md" in line]
+            found = [f"{rel}:{n}" for n, line in enumerate(f, 1) if "REFERENCE.md" in line]
+        if found and rel in PENDING:
+            pending.add(rel)
+        else:
+            hits += found
     assert not hits, "cite docs/reference.md (or the paper / the release) instead: " + ", ".join(hits)
+    assert pending == set(PENDING), \
+        f"{sorted(set(PENDING) - pending)} no longer cite REFERENCE.md: drop them from PENDING in tests/test_docs.py"
+
+
+def test_the_scan_covers_every_source_root():
+    """A citation in the kernel library is checked like one in the model (the REFERENCE.md of dz_kernels/attention
+    went unseen when the scan left dz_kernels out)."""
+    scanned = {os.path.relpath(p, REPO).split(os.sep)[0] for p in _files()}
+    assert {"dz_kernels", "model", "bench", "examples", "tests", "README.md"} <= scanned

@@ -23,12 +23,13 @@ plain constant data: the custom op takes its integer key (below), nothing is tra
 
 Dispatch (one rule): when every query sees every key (e.g. a release-rule denoising step against the cache),
 `deterministic` is False and the tensors are on CUDA, the call goes to torch's scaled_dot_product_attention with
-the cuDNN backend first, then flash, then mem-efficient (REFERENCE.md section 7: cuDNN leads dense attention on
-the H100). `dense_sdpa=False` forces the Triton kernel, `dense_sdpa=True` takes SDPA for dense layouts on any
-device. `sdpa_blocks=2` extends the rule to layouts made of two dense blocks (the control step), one SDPA call
-per block; its default is the config table's (mode infer): 1 until a tuning run measures the two calls faster. On
-a CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 must be set before triton is imported;
-`import dz_kernels` sets it on a machine without CUDA); otherwise CPU tensors are rejected.
+the cuDNN backend first, then flash, then mem-efficient (cuDNN leads dense attention on Hopper:
+docs/reference.md#dense-attention-on-hopper). `dense_sdpa=False` forces the Triton kernel, `dense_sdpa=True` takes
+SDPA for dense layouts on any device. `sdpa_blocks=2` extends the rule to layouts made of two dense blocks (the
+control step), one SDPA call per block; its default is the config table's (mode infer): 1 until a tuning run
+measures the two calls faster. On a CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 must be
+set before triton is imported; `import dz_kernels` sets it on a machine without CUDA); otherwise CPU tensors are
+rejected.
 
 Non-finite inputs: a NaN or inf in K or V (or in the output gradient) at a key that a query does not see never
 reaches that query's output or gradients, nor another key's gradients: masked probabilities never multiply a
