@@ -7,9 +7,8 @@ import os
 import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dz_kernels")
-# the families with the common shape, and the shared modules; dz_kernels.attention is decoupled from the model in
-# its own change, apply_ and the diffusers adapter know a model by design
-FAMILIES = ("kv_cache", "quant", "fused")
+# the families with the common shape, and the shared modules; apply_ and the diffusers adapter know a model by design
+FAMILIES = ("attention", "kv_cache", "quant", "fused")
 SHARED = ("_common.py", "testing.py", "env.py", "_ext.py")
 
 
@@ -77,7 +76,15 @@ def test_the_kernel_rule_sees_a_kernel():
     """The check above finds @triton.jit in a module (so it cannot pass by finding nothing)."""
     assert _defines_triton_kernels(_tree(os.path.join("quant", "triton_nvfp4_splitk.py")))
     assert _defines_triton_kernels(_tree(os.path.join("fused", "triton_kernels.py")))
+    assert _defines_triton_kernels(_tree(os.path.join("attention", "triton_bwd.py")))
     assert not _defines_triton_kernels(_tree(os.path.join("quant", "ops.py")))
+    assert not _defines_triton_kernels(_tree(os.path.join("attention", "ops.py")))
+
+
+def test_every_family_is_checked():
+    """Every op family folder of dz_kernels is in FAMILIES (a new one cannot skip the rules above)."""
+    folders = {n for n in os.listdir(PKG) if os.path.isfile(os.path.join(PKG, n, "__init__.py"))}
+    assert folders - {"configs"} == set(FAMILIES), sorted(folders)
 
 
 def test_no_file_over_600_lines():
