@@ -1,7 +1,7 @@
 """Launch configurations of the kernels, per GPU architecture, read from committed JSON tables.
 
 One table per kernel family, `dz_kernels/configs/<family>.json` (attention, fp8, nvfp4, fused, kv_cache), written by
-the tuning sweeps (`python -m dz_bench.tune NAME`, bench/dz_bench/tune.py) and read here by every launcher:
+the tuning sweeps (`python -m dz_bench.tune NAME`, bench/dz_bench/tune/) and read here by every launcher:
 
     {"family": "attention", "format": 1, "doc": "...",
      "defaults": {KIND: [ENTRY, ...]},               the configurations the code used before any tuning
