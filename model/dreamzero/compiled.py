@@ -1,6 +1,6 @@
 """The policy's compiled forward: DiT blocks under torch.compile, and each layout's whole forward as a CUDA graph.
 
-Two switches of PolicyConfig (engine.py), usable alone or together:
+Two switches of PolicyConfig (policy_config.py), usable alone or together:
 
 compile (a torch.compile backend: 'inductor', 'aot_eager', ...)
     Every DiT block runs through ONE compiled function, whole (fullgraph=True: a graph break is an error, not a

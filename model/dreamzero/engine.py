@@ -7,23 +7,7 @@ A control step (docs/reference.md#control-step-and-kv-cache):
      classifier-free guidance on the VIDEO velocity only: actions integrate the conditional branch's velocity;
   3. the action chunk is smoothed and returned.
 
-Switches (PolicyConfig), one per row of the paper's Table 1:
-  cfg_mode        'sequential' (two forwards), 'batched' (one forward over both branches), 'parallel' (one branch
-                  per rank of a torch.distributed group of 2: NCCL on GPUs, gloo on CPUs)
-  dit_cache       'off', 'static' (the release's 8-of-16 step mask), 'dynamic' (cosine similarity of the last two
-                  computed guided video velocities: > 0.95 reuses that step and the next 3, > 0.93 that step and
-                  the next one; the first 2 steps always run)
-  num_steps       16 (the release) or 1 (DreamZero-Flash)
-  actions_only    with a single denoising step the unconditional branch cannot change the actions: skip it (and
-                  its cache) -- exactly the same actions at half the compute. Not allowed with return_video.
-  fused_control   the replacement pass and the first denoising step in one forward (the 'control' layout)
-  sampler_device  'model' (the sampler's tensors on the model's device, no host syncs) or 'cpu' (the baseline)
-  compile         None or a torch.compile backend ('inductor', 'aot_eager', ...) for the DiT blocks: one compiled
-                  graph per layout, shared by every block (dreamzero.compiled); 'reduce-overhead' is 'inductor'
-                  with graphs=True. The model is compiled in place (other policies over it run the compiled blocks
-                  too; dreamzero.compiled.uncompile_blocks undoes it)
-  graphs          each layout's whole forward replayed from static buffers, captured as a CUDA graph on CUDA
-                  (dreamzero.compiled.GraphedForward; on a CPU the same path runs uncaptured)
+Switches: PolicyConfig (dreamzero.policy_config), one per row of the paper's Table 1; each is documented there.
 Compilation and capture are lazy (each layout at its first forward) and cost what `Policy.compile_stats` says.
 Our kernels and quantization enter through the model's backend table (dz_kernels.apply_ / quantize_) before the
 policy is built; the engine itself is plain PyTorch.
@@ -47,8 +31,6 @@ the chunk just executed are not written. So does this policy:
 """
 from __future__ import annotations
 
-import concurrent.futures
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,81 +39,13 @@ import numpy as np
 import torch
 
 from .compiled import GraphedForward, compile_blocks
+from .playback import AsyncPolicy, playback_loop
+from .policy_config import DEFAULT_NEGATIVE_PROMPT, DYNAMIC_THRESHOLDS, STATIC_MASK_16, PolicyConfig
 from .schedulers import FlowEulerSampler, FlowUniPCMultistepSampler
 from .smoothing import smooth_actions
 
-# The release's default DiT step mask: 8 of 16 steps run (NUM_DIT_STEPS=8).
-STATIC_MASK_16 = (True, True, True, False, False, False, True, False, False, False, True, False, False, True, True,
-                  True)
-DYNAMIC_THRESHOLDS = ((0.95, 4), (0.93, 2))
-# The release's negative prompt for the unconditional branch (its DreamTransform sets "text_negative" to this for
-# every sample; it is the English version of Wan's default negative prompt).
-DEFAULT_NEGATIVE_PROMPT = (
-    "Vibrant colors, overexposed, static, blurry details, text, subtitles, style, artwork, painting, image, still, "
-    "grayscale, dull, worst quality, low quality, JPEG artifacts, ugly, mutilated, extra fingers, bad hands, bad face, "
-    "deformed, disfigured, mutated limbs, fused fingers, stagnant image, cluttered background, three legs, many people "
-    "in the background, walking backwards.")
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    num_steps: int = 16
-    shift: float = 5.0
-    guidance: float = 5.0
-    cfg_mode: str = "sequential"
-    dit_cache: str = "off"
-    static_mask: tuple | None = None
-    actions_only: bool = False
-    return_video: bool = False
-    fused_control: bool = False
-    sampler: str = "unipc"
-    sampler_device: str = "model"
-    overflow: str = "reset"
-    rule: str | None = None
-    seed: int = 1140
-    smooth: bool = True
-    compile: str | None = None
-    negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT   # the unconditional branch's text; None: zero features
-    graphs: bool = False
-
-    def __post_init__(self):
-        choices = dict(cfg_mode=("sequential", "batched", "parallel"), dit_cache=("off", "static", "dynamic"),
-                       sampler=("unipc", "euler"), sampler_device=("model", "cpu"), overflow=("reset", "roll"))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str or None, got {type(self.negative_prompt).__name__}")
-        if self.compile is not None and not isinstance(self.compile, str):
-            raise TypeError(f"compile must be None or a torch.compile backend name, got {self.compile!r}")
-        if self.actions_only and self.return_video:
-            raise ValueError("actions_only skips the unconditional branch, so it cannot return the guided video")
-        mask = self.step_mask()
-        if len(mask) != self.num_steps or not mask[0]:
-            raise ValueError(f"static_mask must have num_steps entries and run the first step, got {mask}")
-
-    def step_mask(self) -> tuple:
-        if self.static_mask is not None:
-            return tuple(bool(m) for m in self.static_mask)
-        if self.dit_cache == "static" and self.num_steps == 16:
-            return STATIC_MASK_16
-        if self.dit_cache == "static":
-            raise ValueError("the release's static mask is defined for 16 steps: pass static_mask")
-        return (True,) * self.num_steps
-
-    @property
-    def skips_uncond(self) -> bool:
-        return self.actions_only and self.num_steps == 1
-
-    @property
-    def compile_backend(self) -> str | None:
-        return "inductor" if self.compile == "reduce-overhead" else self.compile
-
-    @property
-    def use_graphs(self) -> bool:
-        return self.graphs or self.compile == "reduce-overhead"
+__all__ = ["Policy", "PolicyConfig", "Encoders", "StepResult", "FirstFrame", "default_i2v_cond", "AsyncPolicy",
+           "playback_loop", "STATIC_MASK_16", "DYNAMIC_THRESHOLDS", "DEFAULT_NEGATIVE_PROMPT"]
 
 
 @dataclass
@@ -577,55 +491,3 @@ class Policy:
             if sim > threshold:
                 return False, n
         return True, 0
-
-
-class AsyncPolicy:
-    """Asynchronous execution: the next inference runs on a worker thread while the robot executes the current
-    chunk. `submit(observation, state)` returns a Future of the StepResult; calls are processed in order."""
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-        # the worker keeps the caller's intra-op thread count, so its results are bit-identical to a direct run
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dz-policy",
-                                                           initializer=torch.set_num_threads,
-                                                           initargs=(torch.get_num_threads(),))
-        self._lock = threading.Lock()
-
-    def submit(self, observation, state) -> concurrent.futures.Future:
-        def work():
-            with self._lock:
-                return self.policy.step(observation, state)
-        return self._pool.submit(work)
-
-    def close(self):
-        self._pool.shutdown(wait=True)
-
-
-def playback_loop(policy: Policy, observations: list, states: list, execute=None, asynchronous: bool = True) -> list:
-    """A stand-in robot: plays back recorded observations (latent frames per chunk; the first entry None) and
-    states, executing each returned chunk with `execute(actions)` (default: nothing) while the next inference runs.
-    Returns the list of StepResults."""
-    results = []
-    if not asynchronous:
-        for obs, st in zip(observations, states):
-            r = policy.step(obs, st)
-            if execute:
-                execute(r.actions)
-            results.append(r)
-        return results
-    runner = AsyncPolicy(policy)
-    try:
-        fut = runner.submit(observations[0], states[0])
-        for obs, st in zip(observations[1:], states[1:]):
-            r = fut.result()
-            fut = runner.submit(obs, st)        # the next inference starts before the robot executes this chunk
-            if execute:
-                execute(r.actions)
-            results.append(r)
-        r = fut.result()
-        if execute:
-            execute(r.actions)
-        results.append(r)
-    finally:
-        runner.close()
-    return results
