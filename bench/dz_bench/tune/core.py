@@ -219,8 +219,10 @@ def source_line(t: Tuner, case: str, best, default) -> str:
 
 
 def table_entry(t: Tuner, match: dict, config: dict, case: str, best, default) -> dict:
+    """One entry of a config table: where it applies (match), the winner's config, and what was measured."""
+    default_ms = default.median_ms if default else None
     return {"match": match, "config": config, "source": source_line(t, case, best, default),
-            "measured": {"case": case, "median_ms": best.median_ms, "default_ms": default.median_ms if default else None,
+            "measured": {"case": case, "median_ms": best.median_ms, "default_ms": default_ms,
                          "p20_ms": best.p20_ms, "p80_ms": best.p80_ms, "samples": best.samples}}
 
 
