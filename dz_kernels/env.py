@@ -16,7 +16,7 @@
 | `LOCAL_RANK` | dreamzero.train | `0` | this process's GPU on its machine (set by torchrun) |
 | `DZ_VENV` | scripts/*.sh | `<repo>/.venv` | virtual environment that scripts/test.sh and scripts/bench.sh create or reuse |
 | `DZ_WHEELHOUSE` | scripts/gpu_run.sh | `<repo>/wheelhouse` | folder of wheels installed (`--no-deps`) on the GPU machine when a package is missing there |
-| `DZ_FAULT_AT` | dreamzero.train.trainer | unset | tests only: the process ends at once (`os._exit`) at this point of a save (`FAULT_POINTS`), as if killed |
+| `DZ_FAULT_AT` | dreamzero.train.checkpoint_dir | unset | tests only: the process ends at once (`os._exit`) at this point of a save (`FAULT_POINTS`), as if killed |
 
 Booleans accept 1/0, true/false, yes/no, on/off (any case); anything else raises ValueError naming the variable.
 This module uses only the standard library: setup.py loads it by path before anything is installed.
@@ -52,7 +52,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("LOCAL_RANK", "dreamzero.train", "0", "this process's GPU on its machine (set by torchrun)"),
     EnvVar("DZ_VENV", "scripts/*.sh", "<repo>/.venv", "virtual environment used by the scripts"),
     EnvVar("DZ_WHEELHOUSE", "scripts/gpu_run.sh", "<repo>/wheelhouse", "wheels installed on the GPU machine"),
-    EnvVar("DZ_FAULT_AT", "dreamzero.train.trainer", "", "tests only: end the process at this point of a save"),
+    EnvVar("DZ_FAULT_AT", "dreamzero.train.checkpoint_dir", "", "tests only: end the process at this point of a save"),
 )
 
 DEFAULT_CUDA_ARCHS = ("90a", "100a")

@@ -16,8 +16,8 @@ import torch
 from dreamzero.train.data import DataConfig, DataError
 from dreamzero.train.prepare import PreparedDataset, encoders_from_module, prepare_dataset
 from dreamzero.train.synthetic import make_synthetic_dataset
-from dreamzero.train.trainer import (FAULT_EXIT_CODE, TrainConfig, Trainer, checkpoint_problem, latest_checkpoint,
-                                     lr_at, resolve_model_config)
+from dreamzero.train.checkpoint_dir import FAULT_EXIT_CODE, checkpoint_problem, latest_checkpoint
+from dreamzero.train.trainer import TrainConfig, Trainer, lr_at, resolve_model_config
 
 PRESET = "tiny-synthetic"
 

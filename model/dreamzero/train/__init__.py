@@ -8,6 +8,7 @@
                   PreparedDataset reads them back for the trainer
     trainer.py    Trainer: AdamW + cosine schedule, bf16 autocast, activation checkpointing, FSDP2 under torchrun,
                   atomic sharded checkpoints (torch.distributed.checkpoint), exact resume, TensorBoard/tqdm/MFU
+    checkpoint_dir.py  the checkpoint folders: which is complete, which a run resumes from, pruning, kill cleanup
     export.py     consolidated safetensors (dreamzero.checkpoint) from a sharded checkpoint or a live trainer
     synthetic.py  a small synthetic LeRobot dataset for tests and demos
     cli.py        COMMANDS: train, prepare-data, make-synthetic-data, export

@@ -75,7 +75,8 @@ import torch
 from ..checkpoint import resolve_checkpoint, save_checkpoint, write_manifest
 from ..checkpoint.exported import STATS_FILE, find_export, read_export, write_export_metadata
 from ..dreamzero import DreamZero
-from .trainer import latest_checkpoint, model_config_from_dict
+from .checkpoint_dir import latest_checkpoint
+from .trainer import model_config_from_dict
 
 __all__ = ["export_checkpoint", "export_trainer", "load_trained_config", "resolve_training_checkpoint"]
 
@@ -140,7 +141,7 @@ def export_checkpoint(ckpt_dir: str, out: str, layout: str = "dreamzero", dtype:
     """
     import torch.distributed.checkpoint as dcp
 
-    from .trainer import checkpoint_problem
+    from .checkpoint_dir import checkpoint_problem
 
     ckpt_dir = resolve_training_checkpoint(ckpt_dir)
     problem = checkpoint_problem(ckpt_dir)
@@ -152,8 +153,8 @@ def export_checkpoint(ckpt_dir: str, out: str, layout: str = "dreamzero", dtype:
         model = DreamZero(cfg)
     model.to_empty(device="cpu")
     sd = model.state_dict()
-    from .trainer import _quiet_single_process
-    with _quiet_single_process():
+    from .checkpoint_dir import quiet_single_process
+    with quiet_single_process():
         dcp.load({"model": sd}, checkpoint_id=ckpt_dir, no_dist=True)
     model.load_state_dict(sd)
     return _write(model, out, layout, dtype, config_name=state.get("train_config", {}).get("model"),

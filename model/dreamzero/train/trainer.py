@@ -19,9 +19,10 @@ What it does (docs/reference.md#training):
   its final name before deleting it, so a folder under a final name is always complete. A run killed anywhere in a
   save keeps every finished checkpoint; the next run finds the newest complete one by itself (`latest_checkpoint`:
   `latest` when it names a complete checkpoint, else the newest complete folder) and removes what a killed save
-  left behind. `DZ_FAULT_AT` (dz_kernels/env.py, `FAULT_POINTS`) ends the process at a named point of a save, for
-  the kill tests. Resume restores the model, the optimizer, the step (the data position and the learning rate are
-  functions of it) and the RNG states, so the next losses equal those of an uninterrupted run;
+  left behind (those folder rules: checkpoint_dir.py). `DZ_FAULT_AT` (dz_kernels/env.py, `FAULT_POINTS`) ends the
+  process at a named point of a save, for the kill tests. Resume restores the model, the optimizer, the step (the
+  data position and the learning rate are functions of it) and the RNG states, so the next losses equal those of
+  an uninterrupted run;
 - data: the prepared clips of one or more datasets (`prepare.py`), a seeded permutation per epoch; optimizer step s
   takes global positions s*G .. (s+1)*G - 1 (G = world x batch x accumulation), rank r its share; the noise of each
   clip comes from a seed of (seed, step, position) (step.py), so one rank or many see the same numbers;
@@ -31,12 +32,10 @@ What it does (docs/reference.md#training):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -52,11 +51,13 @@ from ..backend import install_ops
 from ..config import VARIANTS, DreamZeroConfig, get_config
 from ..dreamzero import DreamZero
 from ..schedulers import FlowMatchTrainingSchedule
+from .checkpoint_dir import (FAULT_EXIT_CODE, FAULT_POINTS, STEP_RE, checkpoint_problem, clean_stale, fault_point,
+                             latest_checkpoint, quiet_single_process, remove_checkpoint)
 from .prepare import PreparedDataset
 from .step import NoiseConfig, draw_noise, flow_matching_loss, sample_seed, training_flops
 
 __all__ = ["TrainConfig", "Trainer", "PRESETS", "resolve_model_config", "lr_at", "peak_flops", "model_config_from_dict",
-           "latest_checkpoint", "checkpoint_problem", "FAULT_POINTS"]
+           "latest_checkpoint", "checkpoint_problem", "FAULT_POINTS", "FAULT_EXIT_CODE"]
 
 
 @dataclass
@@ -157,99 +158,6 @@ def model_config_from_dict(d: dict) -> DreamZeroConfig:
     return DreamZeroConfig(**d)
 
 
-_STEP_RE = re.compile(r"^step_\d{8}$")
-# where DZ_FAULT_AT may end a save (the kill tests): after the new checkpoint got its final name, before `latest`
-# names it; and while an old checkpoint is being deleted (pruned), after its first file is gone
-FAULT_POINTS = ("save:after-rename", "prune:mid-delete")
-FAULT_EXIT_CODE = 75
-
-
-def _fault(point: str) -> None:
-    """End the process here, at once and without any cleanup (as a kill would), when DZ_FAULT_AT names `point`."""
-    if env.fault_at() == point:
-        os._exit(FAULT_EXIT_CODE)
-
-
-def checkpoint_problem(path: str) -> str | None:
-    """Why the checkpoint folder `path` is not complete, or None when it is: its trainer_state.json parses and every
-    file it lists is there with its size (a folder saved before the list existed: DCP's .metadata and one
-    __<rank>_0.distcp per rank of its world size)."""
-    st_path = os.path.join(path, "trainer_state.json")
-    if not os.path.isdir(path):
-        return "no such folder"
-    try:
-        with open(st_path) as f:
-            st = json.load(f)
-        int(st["step"])
-    except FileNotFoundError:
-        return "no trainer_state.json (the save did not finish)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable trainer_state.json ({type(e).__name__}: {e})"
-    files = st.get("files") or {n: None for n in [".metadata"] + [f"__{r}_0.distcp"
-                                                                  for r in range(int(st.get("world_size", 1)))]}
-    for name, size in sorted(files.items()):
-        fp = os.path.join(path, name)
-        if not os.path.isfile(fp):
-            return f"{name} is missing"
-        if size is not None and os.path.getsize(fp) != size:
-            return f"{name} holds {os.path.getsize(fp)} bytes, the checkpoint lists {size}"
-    return None
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The checkpoint to resume `out_dir` from: the folder `<out_dir>/checkpoints/latest` names when it is complete
-    (`checkpoint_problem`), else the newest complete step_XXXXXXXX folder (a run killed after renaming its first
-    checkpoint but before writing `latest`); None when there is no complete checkpoint."""
-    root = os.path.join(out_dir, "checkpoints")
-    p = os.path.join(root, "latest")
-    if os.path.isfile(p):
-        with open(p) as f:
-            name = f.read().strip()
-        if _STEP_RE.match(name) and checkpoint_problem(os.path.join(root, name)) is None:
-            return os.path.join(root, name)
-    names = sorted((d for d in os.listdir(root) if _STEP_RE.match(d)), reverse=True) if os.path.isdir(root) else []
-    for name in names:
-        if checkpoint_problem(os.path.join(root, name)) is None:
-            return os.path.join(root, name)
-    return None
-
-
-def _remove_tree(path: str) -> None:
-    """Delete a checkpoint folder without ever leaving part of it under its name: it is renamed out of the way
-    first (`<name>.deleting-<pid>`, which `_clean_stale` removes if a kill interrupts the deletion)."""
-    if not os.path.exists(path):
-        return
-    trash = f"{path}.deleting-{os.getpid()}"
-    os.rename(path, trash)
-    fsync_dir(os.path.dirname(path))
-    shards = sorted(f for f in os.listdir(trash) if f.endswith(".distcp"))
-    for f in shards[:1]:
-        os.unlink(os.path.join(trash, f))
-        _fault("prune:mid-delete")
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _clean_stale(root: str) -> None:
-    """Remove what a killed save left in `root`: unfinished folders (step_X.tmp), folders half deleted
-    (.deleting-<pid>), temporary files of `latest`; a checkpoint moved aside to be replaced (step_X.old-<pid>)
-    goes back under its name when its replacement never arrived, else it is removed."""
-    if not os.path.isdir(root):
-        return
-    for d in sorted(os.listdir(root)):
-        p = os.path.join(root, d)
-        base, sep, _ = d.partition(".old-")
-        if sep and _STEP_RE.match(base):
-            if not os.path.exists(os.path.join(root, base)) and checkpoint_problem(p) is None:
-                os.rename(p, os.path.join(root, base))
-            else:
-                shutil.rmtree(p, ignore_errors=True)
-        elif re.match(r"^step_\d{8}(\.tmp|\.deleting-\d+)$", d):
-            shutil.rmtree(p, ignore_errors=True)
-        elif re.match(r"^(\.latest\..*\.tmp|latest\.tmp.*)$", d) and os.path.isfile(p):
-            os.unlink(p)
-    fsync_dir(root)
-
-
 def _decay_split(model: torch.nn.Module) -> tuple:
     """(decay, no_decay) parameters: no weight decay on biases and LayerNorm/RMSNorm weights (HF Trainer's rule)."""
     norm_params = set()
@@ -295,7 +203,7 @@ class Trainer:
         if env.fault_at() is not None and env.fault_at() not in FAULT_POINTS:
             raise ValueError(f"DZ_FAULT_AT={env.fault_at()!r} names no fault point; known: {FAULT_POINTS}")
         if self.rank == 0:
-            _clean_stale(os.path.join(cfg.out_dir, "checkpoints"))
+            clean_stale(os.path.join(cfg.out_dir, "checkpoints"))
         self._barrier()
         if cfg.resume != "none":
             path = latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else cfg.resume
@@ -518,7 +426,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         self._barrier()
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.save(self._state(), checkpoint_id=tmp, no_dist=not self.distributed)
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -545,19 +453,19 @@ class Trainer:
                 os.rename(final, old)
             os.rename(tmp, final)
             fsync_dir(root)
-            _fault("save:after-rename")
+            fault_point("save:after-rename")
             atomic_write_text(os.path.join(root, "latest"), name + "\n")
             if old:
-                _remove_tree(old)
+                remove_checkpoint(old)
             self._prune(root, name)
         self._barrier()
         return final
 
     def _prune(self, root: str, newest: str) -> None:
         """Keep the newest keep_checkpoints checkpoints, and always `newest` (the one just saved)."""
-        done = sorted(d for d in os.listdir(root) if _STEP_RE.match(d) and d != newest)
+        done = sorted(d for d in os.listdir(root) if STEP_RE.match(d) and d != newest)
         for d in done[:max(0, len(done) - (self.cfg.keep_checkpoints - 1))]:
-            _remove_tree(os.path.join(root, d))
+            remove_checkpoint(os.path.join(root, d))
 
     def load(self, path: str) -> None:
         """Restore model, optimizer, step and RNG from a checkpoint folder written by `save` (any world size)."""
@@ -578,7 +486,7 @@ class Trainer:
             self._log(f"warning: resuming with global batch {self.global_batch} over {len(self.data)} clips; the "
                       f"checkpoint had {st.get('global_batch')} over {st.get('num_items')}: the data order differs")
         state = self._state()
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.load(state, checkpoint_id=path, no_dist=not self.distributed)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.step = int(st["step"])
@@ -600,11 +508,3 @@ class Trainer:
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.barrier()
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    """Silence DCP's 'assuming the intent is to save/load in a single process' warning (that is the intent)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
-        yield
