@@ -8,10 +8,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITE = re.compile(r"docs/([\w.-]+\.md)(?:#([\w-]+))?")
 # every source root (dz_kernels was missing, so dz_kernels/attention's "REFERENCE.md section 7" went unseen)
 SCAN = ("dz_kernels", "model", "bench", "examples", "tests", "README.md")
-# files whose REFERENCE.md citations another change in flight replaces (issue 16): the NVFP4 format of
-# dz_kernels/quant/reference.py is docs/reference.md#formats. The test fails once a file here stops citing it, so
-# the entry goes with the fix.
-PENDING = ("dz_kernels/quant/reference.py",)
+# files whose REFERENCE.md citations another change in flight replaces (none left: dz_kernels/quant/reference.py
+# cites docs/reference.md#formats). The test fails once a file here stops citing it, so an entry goes with its fix.
+PENDING = ()
 
 
 def _anchor(heading: str) -> str:

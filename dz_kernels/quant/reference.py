@@ -16,7 +16,7 @@ FP8 E4M3 (torch.float8_e4m3fn)
       "block128x128"  one scale per 128x128 tile, shape [ceil(R/128), C/128] (C % 128 == 0; R may be ragged):
                       weights of the block-scaled GEMM (ModelOpt "fp8_pb_wo" layout)
 
-NVFP4 (exactly REFERENCE.md section 6, numerics of ModelOpt's NVFP4QTensor)
+NVFP4 (docs/reference.md#formats; ModelOpt's NVFP4QTensor, modelopt/torch/quantization/qtensor/nvfp4_tensor.py)
     element: E2M1, codes 0..15 = sign (bit 3), exponent (bits 2..1), mantissa (bit 0):
         0b0000 0   0b0001 0.5   0b0010 1   0b0011 1.5   0b0100 2   0b0101 3   0b0110 4   0b0111 6
         0b1xxx the negatives (0b1000 is -0).
@@ -25,7 +25,7 @@ NVFP4 (exactly REFERENCE.md section 6, numerics of ModelOpt's NVFP4QTensor)
         as Triton's `tl.dot_scaled` "e2m1" operands and the Blackwell tensor cores read it.
         A tensor [R, C] packs into uint8 [R, C/2]; C % 16 == 0.
     block scale: one float8_e4m3fn per 16 consecutive elements along K, shape [R, C/16].
-    global scale: one float32 per tensor. REFERENCE.md writes it in the quantization direction,
+    global scale: one float32 per tensor. The format's description writes it in the quantization direction,
         global = 448 * 6 / amax; ModelOpt stores its reciprocal, the dequantization multiplier
         `weight_scale_2` = amax / (448 * 6) (and `input_scale`, same definition, for activations). Everything in
         this package stores and takes the ModelOpt (dequantization) value, called `global_scale` here.
