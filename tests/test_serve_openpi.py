@@ -15,9 +15,10 @@ from websockets.sync.client import connect  # noqa: E402
 
 from dreamzero.engine import Policy, PolicyConfig  # noqa: E402
 from dreamzero.serve.droid import RobotPolicy  # noqa: E402
-from dreamzero.serve.openpi import MAX_ERROR_CHARS, RESET_REPLY, pack, unpack  # noqa: E402
+from dreamzero.serve.openpi import RESET_REPLY, pack, unpack  # noqa: E402
 from dreamzero.serve.openpi_server import OpenPIServer, build_encoders  # noqa: E402
 from dreamzero.serve.policy_meta import PolicyMetadata  # noqa: E402
+from dreamzero.serve.protocol import MAX_ERROR_CHARS  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from openpi_helpers import RES, VIEW_SIZE, VIEWS, droid_stats, observation, our_metadata, write_release_experiment_cfg
 
 from dreamzero.serve.droid import FrameBuffer, chunk_video, prepare_view, resolve_embodiment, unnormalize
-from dreamzero.serve.openpi import MAX_ERROR_CHARS, RobotSpec, error_text, pack, unpack
+from dreamzero.serve.openpi import RobotSpec, error_text, pack, unpack
 from dreamzero.serve.policy_meta import (PolicyMetadata, PolicyMetadataError, from_dataset, load_policy_metadata,
                                          write_policy_metadata)
-from dreamzero.serve.protocol import ProtocolError, RequestError
+from dreamzero.serve.protocol import MAX_ERROR_CHARS, ProtocolError, RequestError
 from dreamzero.train.data.stats import normalize
 
 
@@ -410,4 +410,4 @@ def test_codec_refuses_malformed_msgpack_and_bounds_errors():
         with pytest.raises(ProtocolError):
             unpack(raw)
     text = error_text("x" * 100_000)
-    assert text.startswith("error: ") and len(text) <= MAX_ERROR_CHARS and text.endswith("(truncated)")
+    assert text.startswith("error: ") and len(text) <= MAX_ERROR_CHARS and text.endswith("more characters cut]")

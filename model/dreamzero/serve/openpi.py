@@ -25,7 +25,8 @@ Conversation:
   RoboArena evaluator and the release's sim client read, "action" the name in RoboArena's interface; all N actions
   are executed before the next call. The reset reply is the text "reset successful" (as the release);
 - any refused request gets a TEXT message "error: <what was wrong>" (openpi-style clients raise it as
-  RuntimeError), at most MAX_ERROR_CHARS characters; the connection stays open and the episode is untouched.
+  RuntimeError), at most protocol.MAX_ERROR_CHARS characters (the native protocol's bound, protocol.bounded); the
+  connection stays open and the episode is untouched.
 """
 from __future__ import annotations
 
@@ -35,9 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import _DTYPE_RE, _MAX_NDIM, ProtocolError, RequestError
+from .protocol import _DTYPE_RE, _MAX_NDIM, ProtocolError, RequestError, bounded
 
-MAX_ERROR_CHARS = 1024          # an error reply's length bound (the native protocol's, being added there)
 MAX_PROMPT_CHARS = 4096
 MAX_SESSION_ID_CHARS = 256
 RESET_REPLY = "reset successful"
@@ -122,11 +122,8 @@ def unpack(data: bytes) -> Any:
 
 
 def error_text(message: str) -> str:
-    """The text of an error reply, bounded to MAX_ERROR_CHARS."""
-    text = "error: " + str(message)
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[:MAX_ERROR_CHARS - 16] + " ... (truncated)"
-    return text
+    """The text of an error reply, bounded as the native protocol's (protocol.bounded, MAX_ERROR_CHARS)."""
+    return bounded("error: " + str(message))
 
 
 def _short(x, n: int = 60) -> str:

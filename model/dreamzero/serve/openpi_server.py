@@ -6,7 +6,7 @@ The server is PolicyServer's machinery (one policy, one worker thread, at most m
 running, message size limits, start/stop from asyncio or threads) with this conversation on each connection:
 metadata on connect, then observation maps; RoboArena's {"endpoint": "reset"} ends the episode. Checking happens on
 the event loop before the worker sees the request, so a refused request (text reply "error: ...", at most
-MAX_ERROR_CHARS) leaves the episode as it was. Metrics (latency from receipt to reply, compute inside the pipeline)
+protocol.MAX_ERROR_CHARS) leaves the episode as it was. Metrics (latency from receipt to reply, compute inside the pipeline)
 are the native server's: `metrics()`, and each reply's "server_timing".
 
     from dreamzero.serve.openpi_server import OpenPIServer
