@@ -1,12 +1,12 @@
-"""dreamzero.atomic: the one durable-write rule (temporary file in the same folder, fsync, os.replace, fsync of the
+"""dz_kernels.atomic (re-exported as dreamzero.atomic): the one durable-write rule (temporary file in the same folder, fsync, os.replace, fsync of the
 folder), and a failed write that leaves the old file and no temporary file."""
 import json
 import os
 
 import pytest
 
-from dreamzero import atomic
-from dreamzero.atomic import atomic_output, atomic_write, atomic_write_json, atomic_write_text
+from dz_kernels import atomic
+from dz_kernels.atomic import atomic_output, atomic_write, atomic_write_json, atomic_write_text
 
 
 def _trace(monkeypatch):
@@ -73,3 +73,10 @@ def test_atomic_write_refuses_append_and_read_modes(tmp_path):
             with atomic_write(tmp_path / "x", mode):
                 pass
     assert os.listdir(tmp_path) == []
+
+
+def test_the_model_s_name_is_the_same_implementation():
+    import dreamzero.atomic
+
+    for name in dreamzero.atomic.__all__:
+        assert getattr(dreamzero.atomic, name) is getattr(atomic, name), name

@@ -50,8 +50,8 @@ import time
 import traceback
 from typing import Any, Callable, Iterable
 
-from dreamzero.atomic import atomic_write
 from dz_kernels import env
+from dz_kernels.atomic import atomic_write
 
 __all__ = [
     "register", "unregister", "registry", "load_cases", "Case", "Unavailable", "BenchContext", "run_benches",

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from dreamzero.atomic import atomic_write
+from dz_kernels.atomic import atomic_write
 
 __all__ = ["write_report", "markdown_table", "plot", "copy_bandwidth", "what_it_is", "main"]
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ET.ParseError) as e:
         print(f"suite_record: cannot read {args.junit}: {e}; run pytest with --junitxml first", file=sys.stderr)
         return 2
-    from dreamzero.atomic import atomic_write_json
+    from dz_kernels.atomic import atomic_write_json
     from dz_bench import harness
 
     ctx = harness.BenchContext.detect()

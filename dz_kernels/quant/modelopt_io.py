@@ -35,6 +35,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ..atomic import atomic_output, atomic_write_json
 from . import _common as cm
 from .api import Float8Linear, NVFP4Linear, QUANT_LINEAR_TYPES, _set_submodule
 from .reference import FP8_BLOCK, NVFP4_BLOCK
@@ -179,14 +180,10 @@ def save_modelopt(model: nn.Module, directory: str) -> None:
 
     os.makedirs(directory, exist_ok=True)
     state, config = export_modelopt(model)
-    def write_json(path):
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2)
-    for name, write in ((SAFETENSORS_NAME, lambda p: save_file({k: v.cpu() for k, v in state.items()}, p)),
-                        (QUANT_CONFIG_NAME, write_json)):
-        final = os.path.join(directory, name)
-        write(final + ".tmp")           # atomic: a failed write never leaves a half-written file under `name`
-        os.replace(final + ".tmp", final)
+    # each file atomic and durable (dz_kernels.atomic): a failed write never leaves half a file under its name
+    with atomic_output(os.path.join(directory, SAFETENSORS_NAME)) as tmp:
+        save_file({k: v.cpu() for k, v in state.items()}, tmp)
+    atomic_write_json(os.path.join(directory, QUANT_CONFIG_NAME), config)
 
 
 def read_modelopt(directory: str, device="cpu") -> tuple[dict[str, torch.Tensor], Optional[dict]]:

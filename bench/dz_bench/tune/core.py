@@ -12,6 +12,8 @@ import time
 import traceback
 from typing import Any, Callable
 
+from dz_kernels.atomic import atomic_write_text
+
 MIN_GAIN = 0.02
 BF16_BAR = 1e-2
 
@@ -256,15 +258,11 @@ def write_table(t: Tuner, family: str, entries: dict, install: bool) -> str | No
     configs.validate_table(table, family)
     text = configs.dumps(table)
     path = os.path.join(t.out, f"{family}.json")
-    with open(path, "w") as f:
-        f.write(text)
+    atomic_write_text(path, text)
     print(f"  {family}: table written to {path}", flush=True)
     if install:
         dest = configs.table_path(family, directory=os.path.dirname(configs.__file__))
-        tmp = dest + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, dest)
+        atomic_write_text(dest, text)
         configs.reload()
         print(f"  {family}: installed into {dest}", flush=True)
     return path

@@ -13,7 +13,7 @@
 The layout of a file is detected from its keys when not given. Files are read through safetensors' memory map one
 tensor at a time; tensors go straight into the model (assigned into a model built on the meta device, or copied
 into existing parameters), so a 14B checkpoint is never held twice. Nothing is unpickled: only safetensors files
-are accepted. Writing is atomic and durable (dreamzero.atomic).
+are accepted. Writing is atomic and durable (dz_kernels.atomic).
 """
 from .keys import (DREAMZERO_FROZEN_PREFIXES, DREAMZERO_PREFIX, HEAD_PREFIXES, LAYOUTS, CheckpointError,
                    backbone_lacks, detect_layout, from_layout_name, to_layout_name)

@@ -15,7 +15,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..atomic import atomic_write_json
+from dz_kernels.atomic import atomic_write_json
+
 from .keys import CheckpointError
 
 __all__ = ["EXPORT_FORMAT", "STATS_FORMAT", "CONFIG_FILE", "STATS_FILE", "ExportInfo", "find_export", "read_export",

@@ -12,7 +12,8 @@ import hashlib
 import os
 import re
 
-from ..atomic import atomic_write_text
+from dz_kernels.atomic import atomic_write_text
+
 from .keys import CheckpointError
 
 MANIFEST_NAME = "SHA256SUMS"

@@ -11,8 +11,8 @@ import struct
 from dataclasses import dataclass
 
 import torch
+from dz_kernels.atomic import atomic_write
 
-from ..atomic import atomic_write
 from .keys import CheckpointError
 
 
@@ -160,7 +160,7 @@ def _tensor_bytes(t: torch.Tensor):
 
 
 def write_safetensors_atomic(final_path: str, items: list, metadata: dict) -> None:
-    """Write [(key, tensor-producing callable, dtype, shape)] to `final_path` atomically (dreamzero.atomic).
+    """Write [(key, tensor-producing callable, dtype, shape)] to `final_path` atomically (dz_kernels.atomic).
     Tensors are produced and written one at a time."""
     header, off = {}, 0
     for key, _, dt, shape in items:

@@ -9,8 +9,8 @@ import sys
 
 import torch
 import torch.nn as nn
+from dz_kernels.atomic import atomic_write_json, remove_quietly
 
-from ..atomic import atomic_write_json, remove_quietly
 from .keys import backbone_lacks, check_layout, to_layout_name
 from .safetensors_io import ST_NAMES, write_safetensors_atomic
 

@@ -398,7 +398,7 @@ def from_export_stats(doc: dict, embodiment_tag: str | None = None, where: str =
 
 def write_policy_metadata(folder: str, meta: PolicyMetadata) -> str:
     """Write `meta` as `<folder>/dz_policy.json` (atomically); returns the path."""
-    from ..atomic import atomic_write_json
+    from dz_kernels.atomic import atomic_write_json
 
     path = os.path.join(folder, FILENAME)
     atomic_write_json(path, meta.to_dict())

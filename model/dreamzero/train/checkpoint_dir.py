@@ -14,8 +14,7 @@ import shutil
 import warnings
 
 from dz_kernels import env
-
-from ..atomic import fsync_dir
+from dz_kernels.atomic import fsync_dir
 
 __all__ = ["STEP_RE", "FAULT_POINTS", "FAULT_EXIT_CODE", "fault_point", "checkpoint_problem", "latest_checkpoint",
            "remove_checkpoint", "clean_stale", "quiet_single_process"]

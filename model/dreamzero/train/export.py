@@ -18,7 +18,7 @@ The export folder (format "dz-export/1"; `dreamzero.checkpoint.read_export` read
                                    `load_model` verifies
 
 `load_model(<out>)`, `dz serve <out>` and `load_trained_config(<out>)` need nothing else. Every JSON file is written
-atomically (dreamzero.atomic). A server that is not ours reads the two JSON files as documented here.
+atomically (dz_kernels.atomic). A server that is not ours reads the two JSON files as documented here.
 
 dz_config.json:
     {"format": "dz-export/1",

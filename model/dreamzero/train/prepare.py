@@ -13,7 +13,7 @@ Layout of a prepared folder (default `<dataset>/dz_prepared/<name>`):
     prepared.json                 format, model shapes, data config, source, per-file clip counts, and the state/
                                   action normalization with its statistics (LeRobotDataset.normalization_info)
     episode_XXXXXX.safetensors    the clips of one episode, stacked on dim 0; text [m, ...] + text_index [n]
-Every file is written atomically (dreamzero.atomic); prepared.json is rewritten after each episode and
+Every file is written atomically (dz_kernels.atomic); prepared.json is rewritten after each episode and
 marked complete at the end, so an interrupted preparation leaves an index of finished episodes only, a rerun with
 the same settings skips them, and the trainer refuses an incomplete folder.
 
@@ -30,8 +30,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from dz_kernels.atomic import atomic_output, atomic_write_json
 
-from ..atomic import atomic_output, atomic_write_json
 from .data import DataConfig, DataError, LeRobotDataset
 from .step import Batch
 

@@ -19,8 +19,8 @@ import shutil
 from fractions import Fraction
 
 import numpy as np
+from dz_kernels.atomic import atomic_output, atomic_write_json, atomic_write_text
 
-from ..atomic import atomic_output, atomic_write_json, atomic_write_text
 
 __all__ = ["make_synthetic_dataset", "write_mp4", "write_parquet", "SYNTHETIC_CAMERAS", "SYNTHETIC_TASKS"]
 

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from dz_kernels import env
+from dz_kernels.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 
-from ..atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from ..backend import install_ops
 from ..config import VARIANTS, DreamZeroConfig, get_config
 from ..dreamzero import DreamZero

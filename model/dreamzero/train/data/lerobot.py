@@ -49,8 +49,8 @@ from fractions import Fraction
 from typing import Iterator
 
 import numpy as np
+from dz_kernels.atomic import atomic_write_json
 
-from ...atomic import atomic_write_json
 from .config import RELEASE_KEYS, RELEASE_RELATIVE_KEYS, VAE_TEMPORAL_STRIDE, DataConfig, DataError
 from .files import decode_frames, read_json, read_jsonl, read_parquet
 from .prompts import DEFAULT_INSTRUCTION, build_prompt
