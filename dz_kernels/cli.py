@@ -8,7 +8,7 @@ Adding commands: every command is a function `main(argv: list[str]) -> int` that
 by a "module:function" string and imported only when the command runs. Other packages add commands without
 touching this file by exporting a dict from `dreamzero.cli_commands`:
 
-    COMMANDS = {"serve": ("dreamzero.serve:main", "run the policy server"), ...}
+    COMMANDS = {"serve": ("dreamzero.serve.cli:serve_main", "serve a DreamZero policy ..."), ...}
 
 Entries there are merged into `COMMANDS` below (a built-in name is never replaced). A module that fails to import
 is reported on stderr and the built-in commands still work.

@@ -2,7 +2,7 @@
 
 Parameter names follow the original Wan2.1 release (blocks.N.self_attn.q, blocks.N.cross_attn.k_img, ffn.0,
 head.modulation, ...) and the DreamZero release for the action/state modules (action_encoder.W1.W, ...), so those
-checkpoints load with few renames (see checkpoint.py). Every swappable op goes through `ops` (backend.py).
+checkpoints load with few renames (see dreamzero.checkpoint.keys). Every swappable op goes through `ops` (backend.py).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ Rows (impl names; ours start with "dz"). The baseline is the peer; each "dz+" ro
   dz+kernels        + our attention, fused norms/modulation/residual/GELU and the fused KV-cache write (apply_),
                     under the same compile and graphs (CPU: the Triton kernels in the interpreter)
   dz+fp8            + FP8 linears (quantize_: E4M3, per-token activations, per-channel weights). CPU: Float8Linear's
-                    CPU path, formats.py's bit-identical quantizer with the GEMM in float32 (the Triton FP8 GEMM is
+                    CPU path, quant/reference.py's bit-identical quantizer with the GEMM in float32 (the Triton FP8 GEMM is
                     the CUDA path)
   dz+flash          + DreamZero-Flash: 1 denoising step, actions only (the unconditional branch cannot change the
                     actions of a single step: it is skipped, so the batch is 1)

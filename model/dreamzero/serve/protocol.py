@@ -7,16 +7,17 @@ without torch installed. Torch tensors are still accepted where arrays are (reco
 Protocol (version 1). Every message is one binary websocket message holding one msgpack map with a "type" field;
 an optional "id" (int or str) is echoed in the reply. Arrays travel as maps
 {"__nd__": True, "dtype": "<f4", "shape": [...], "data": <bytes>} (see `pack` / `unpack`); only plain numeric dtypes
-(bool, signed/unsigned integers, float16/32/64) are accepted, nothing is ever unpickled. "B" is the batch.
+(bool, signed/unsigned integers, float16/32/64) are accepted, nothing is ever unpickled. "B" is the batch, Z the
+model's latent channels (16 for Wan2.1, 48 for Wan2.2's 5B), cond_channels its I2V conditioning (20; 0 for the 5B).
 
     {"type": "health"}    -> {"type": "health", "ok": True, "pending", "max_pending", "episode", "metrics", ...}
     {"type": "metadata"}  -> {"type": "metadata", "model", "model_config", "policy_config", "shapes", "dtypes",
                               "num_embodiments", "embodiment_required", "max_message_bytes", "metrics", ...}
     {"type": "reset", "text": [B, text_len, text_dim], "clip": [B, clip_tokens, clip_dim],
-     "first_latent": [B, 16, 1, H, W], optional "negative_text" (as text), "cond": [B, 20, local_attn_size, H, W],
-     "embodiment": int or int array [B] (required when the model has several embodiment slots)}
-                          -> {"type": "reset", "ok": True, "batch": B}
-    {"type": "step", "observation": [B, 16, frames_per_chunk, H, W] latents (absent or nil on the first step after
+     "first_latent": [B, Z, 1, H, W], optional "negative_text" (as text), "cond": [B, cond_channels,
+     local_attn_size, H, W], "embodiment": int or int array [B] (required when the model has several embodiment
+     slots)}              -> {"type": "reset", "ok": True, "batch": B}
+    {"type": "step", "observation": [B, Z, frames_per_chunk, H, W] latents (absent or nil on the first step after
      a reset: the first frame came with the reset), "state": [B, states_per_chunk, state_dim]}
                           -> {"type": "actions", "actions": [B, actions_per_chunk, action_dim], "chunk", "dit_steps",
                               "timings_ms" (the policy's), "latency_ms" (server side: receipt to reply),
