@@ -9,7 +9,8 @@ wrappers of the kernels in csrc/.
   else cupy, else plain torch ops; `write_rows_reference` is the plain PyTorch reference.
 
 The extension binds raw device pointers and sizes (no libtorch headers, so no ABI tie to a torch build); the
-checks on dtype, device, shape and strides happen here, in Python, and raise TypeError/ValueError naming the problem.
+checks on dtype, device, shape and strides happen in Python (here, with the row and offset rules the KV-cache
+ops share in _cache_rows.py) and raise TypeError/ValueError naming the problem.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ import threading
 import torch
 
 from dz_kernels import env
+from dz_kernels._cache_rows import check_offset, check_rows_contiguous, host_offset, write_rows_masked
 
 __all__ = [
-    "cuda_ext", "cuda_ext_reason", "csrc_dir", "cupy_available", "cupy_module", "write_rows",
+    "cuda_ext", "cuda_ext_reason", "csrc_dir", "cupy_available", "cupy_module", "cupy_launch", "write_rows",
     "write_rows_reference", "write_rows_backend", "WRITE_ROWS_DTYPES",
 ]
 
@@ -118,6 +120,20 @@ def cupy_module(source_name: str):
         return _cupy_modules[source_name]
 
 
+def cupy_launch(source_name: str, kernel_name: str, grid: tuple, block: tuple, args: tuple,
+                device: torch.device) -> None:
+    """Launch csrc/<source_name>'s kernel `kernel_name` through cupy (`cupy_module`) on torch's current stream of
+    `device`, so it is ordered with the surrounding torch work (and captured with it in a CUDA graph)."""
+    import cupy
+
+    kernel = cupy_module(source_name).get_function(kernel_name)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index):
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+        with stream:
+            kernel(grid, block, args)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # write_rows: copy new keys/values into a preallocated cache at a device-side row offset
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,19 +158,9 @@ def _check_write_rows(dst, src, offset, backend) -> None:
         raise ValueError(f"write_rows: src has T={src.shape[1]} rows, more than the cache capacity {cap}")
     if src.device != dst.device:
         raise ValueError(f"write_rows: dst is on {dst.device} but src is on {src.device}")
-    if offset.dtype != torch.int32:
-        raise TypeError(f"write_rows: offset must be an int32 tensor, got {offset.dtype}")
-    if offset.numel() != 1:
-        raise ValueError(f"write_rows: offset must hold one value (shape [] or [1]), got shape {tuple(offset.shape)}")
-    if offset.device != dst.device:
-        raise ValueError(f"write_rows: offset is on {offset.device} but dst is on {dst.device} (keep it on the "
-                         f"device so the launch needs no host copy and can be captured in a CUDA graph)")
+    check_offset("offset", offset, dst.device, prefix="write_rows: ")
     for name, t in (("dst", dst), ("src", src)):
-        if (t.shape[3] > 1 and t.stride(3) != 1) or (t.shape[2] > 1 and t.stride(2) != t.shape[3]):
-            raise ValueError(f"write_rows: each [H, D] row of {name} must be contiguous (strides {t.stride()}); "
-                             f"the batch and token strides may be anything")
-        if any(s < 0 for s in t.stride()):
-            raise ValueError(f"write_rows: {name} has a negative stride {t.stride()}")
+        check_rows_contiguous(name, t, prefix="write_rows: ")
 
 
 def write_rows_reference(dst: torch.Tensor, src: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -240,7 +246,6 @@ def _write_rows_cuda(dst, src, offset):
 
 
 def _write_rows_cupy(dst, src, offset):
-    import cupy
     import numpy as np
 
     B, T, cap, row_bytes, dbs, dts, sbs, sts = _byte_geometry(dst, src)
@@ -249,44 +254,25 @@ def _write_rows_cupy(dst, src, offset):
     w = _vector_bytes(dst.data_ptr(), src.data_ptr(), row_bytes, dbs, dts, sbs, sts)
     units = row_bytes // w
     grid, block = _launch_shape(units, B * T)
-    kernel = cupy_module("kv_cache.cu").get_function(f"dz_write_rows_v{w}")
     args = (np.uint64(dst.data_ptr()), np.uint64(src.data_ptr()), np.uint64(offset.data_ptr()),
             np.int64(B), np.int64(T), np.int64(cap), np.int64(units),
             np.int64(dbs // w), np.int64(dts // w), np.int64(sbs // w), np.int64(sts // w))
-    index = dst.device.index if dst.device.index is not None else torch.cuda.current_device()
-    with cupy.cuda.Device(index):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dst.device).cuda_stream)
-        with stream:
-            kernel(grid, block, args)
-
-
-def _write_rows_torch(dst, src, offset):
-    """index_copy_ with the offset kept on the device (capture-safe). Out of range: writes nothing, like the
-    kernels (each target row is rewritten with its own value)."""
-    T, cap = src.shape[1], dst.shape[1]
-    if T == 0:
-        return
-    off = offset.reshape(()).to(torch.int64)
-    valid = (off >= 0) & (off + T <= cap)
-    idx = torch.where(valid, off, torch.zeros_like(off)) + torch.arange(T, device=dst.device)
-    values = torch.where(valid, src, dst.index_select(1, idx))
-    dst.index_copy_(1, idx, values)
+    cupy_launch("kv_cache.cu", f"dz_write_rows_v{w}", grid, block, args, dst.device)
 
 
 @torch.library.custom_op("dz_kernels::write_rows", mutates_args=("dst",))
 def _write_rows_op(dst: torch.Tensor, src: torch.Tensor, offset: torch.Tensor, backend: str, check: bool) -> None:
     T, cap = src.shape[1], dst.shape[1]
-    if check and (dst.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()):
-        off = int(offset.reshape(()).item())
-        if off < 0 or off + T > cap:
-            raise ValueError(f"write_rows: offset {off} with T={T} rows is outside the cache capacity {cap}")
+    off = host_offset(offset, dst.device) if check else None
+    if off is not None and (off < 0 or off + T > cap):
+        raise ValueError(f"write_rows: offset {off} with T={T} rows is outside the cache capacity {cap}")
     chosen = write_rows_backend(dst.device, backend)
     if chosen == "cuda":
         _write_rows_cuda(dst, src, offset)
     elif chosen == "cupy":
         _write_rows_cupy(dst, src, offset)
-    else:
-        _write_rows_torch(dst, src, offset)
+    else:       # index_copy_ with the offset kept on the device; out of range it writes nothing, like the kernels
+        write_rows_masked([(dst, src)], offset)
 
 
 @_write_rows_op.register_fake

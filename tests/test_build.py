@@ -351,9 +351,9 @@ def test_error_messages():
         _ext.write_rows(dst, src[:1], off)
     with pytest.raises(ValueError, match="more than the cache capacity"):
         _ext.write_rows(dst, torch.randn(2, 11, 2, 8), off)
-    with pytest.raises(TypeError, match="offset must be an int32 tensor"):
+    with pytest.raises(TypeError, match="offset must be a one-element int32 tensor"):
         _ext.write_rows(dst, src, off.long())
-    with pytest.raises(ValueError, match="offset must hold one value"):
+    with pytest.raises(ValueError, match=r"offset must be a one-element int32 tensor \(shape \[\] or \[1\]\)"):
         _ext.write_rows(dst, src, torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="must be contiguous"):
         _ext.write_rows(dst, src.transpose(2, 3).contiguous().transpose(2, 3), off)

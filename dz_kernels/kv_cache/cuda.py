@@ -66,16 +66,9 @@ def _check_dtypes(act: torch.dtype, cache: torch.dtype) -> None:
 
 
 def _cupy_launch(name: str, grid: int, block: int, args: tuple, device: torch.device) -> None:
-    import cupy
-
     from dz_kernels import _ext
 
-    kernel = _ext.cupy_module(SOURCE).get_function(name)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with cupy.cuda.Device(index):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
-        with stream:
-            kernel((grid,), (block,), args)
+    _ext.cupy_launch(SOURCE, name, (grid,), (block,), args, device)
 
 
 def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v_cache, k_scale, v_scale, pos,

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .._cache_rows import check_offset, check_rows_contiguous, host_offset, write_rows_masked
 from .._common import FP8_DTYPE, empty, kernels_interpreted
 from . import reference as ref
 
@@ -85,9 +86,7 @@ def _check_cache(k_cache, v_cache, k_scale, v_scale, B: int, H: int, D: int, dev
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16, float8_e4m3fn")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")
-        if (D > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != D) or min(t.stride()) < 0:
-            raise ValueError(f"each [H, D] row of {name} must be contiguous (strides {t.stride()}); batch and token "
-                             f"strides may be anything non-negative")
+        check_rows_contiguous(name, t)
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or v_cache.stride() != k_cache.stride():
         raise ValueError(f"k_cache and v_cache must have the same shape, dtype and strides; got {tuple(k_cache.shape)} "
                          f"{k_cache.dtype} {k_cache.stride()} and {tuple(v_cache.shape)} {v_cache.dtype} "
@@ -127,20 +126,12 @@ def _check_distinct(k_cache, v_cache, k_scale, v_scale) -> None:
 
 def _check_pos(pos, device) -> None:
     _is_tensor("pos", pos)
-    if pos.dtype != torch.int32 or pos.numel() != 1:
-        raise TypeError(f"pos must be a one-element int32 tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
-    if pos.device != device:
-        raise ValueError(f"pos is on {pos.device} but the cache is on {device} (keep it on the device: the kernels "
-                         f"read it there, so a CUDA graph replays with its current value)")
+    check_offset("pos", pos, device)
 
 
 def _host_range_check(pos, L: int, T: int, check: bool, device) -> None:
-    if not check or L == 0:
-        return
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    p = int(pos.reshape(()).item())
-    if p < 0 or p + L > T:
+    p = host_offset(pos, device) if check and L else None
+    if p is not None and (p < 0 or p + L > T):
         raise ValueError(f"cache rows [{p}, {p + L}) are outside the cache's {T} rows")
 
 
@@ -229,14 +220,6 @@ def _check_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ custom ops
-def _masked_row_copy(cache: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, ok: torch.Tensor) -> None:
-    """cache[:, rows] = new where the device flag `ok` holds, else the rows keep their values (no host sync).
-    FP8 tensors move as their bytes (index_copy_/where have no float8 kernels)."""
-    if cache.dtype == FP8_DTYPE:
-        cache, new = cache.view(torch.uint8), new.view(torch.uint8)
-    cache.index_copy_(1, rows, torch.where(ok, new, cache.index_select(1, rows)))
-
-
 @torch.library.custom_op("dz::qk_norm_rope_kv_write", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def _qk_norm_rope_kv_write_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
@@ -246,22 +229,15 @@ def _qk_norm_rope_kv_write_op(
     B, L, C = q.shape
     backend = resolve_backend(q.device, backend, k_cache.dtype, q.dtype)
     if backend == "torch":
-        T = k_cache.shape[1]
-        p = pos.reshape(()).to(torch.int64)
         q_rot, k_rot = ref.qk_norm_rope_reference(q, k, wq, wk, eps, cos, sin, num_heads)
-        # like the kernels: an out-of-range position writes no cache row (rows clamped in, old values rewritten)
-        ok = (p >= 0) & (p + L <= T)
-        start = torch.where(ok, p, torch.zeros_like(p))
-        rows = start + torch.arange(L, device=q.device)
         vh = v.unflatten(-1, (num_heads, -1))
         if k_cache.dtype == FP8_DTYPE:
             kq, ks = ref.quantize_fp8_per_head(k_rot)
             vq, vs = ref.quantize_fp8_per_head(vh)
-            pairs = ((k_cache, kq), (v_cache, vq), (k_scale, ks), (v_scale, vs))
+            pairs = [(k_cache, kq), (v_cache, vq), (k_scale, ks), (v_scale, vs)]
         else:
-            pairs = ((k_cache, k_rot.to(k_cache.dtype)), (v_cache, vh.to(v_cache.dtype)))
-        for cache, new in pairs:
-            _masked_row_copy(cache, rows, new, ok)
+            pairs = [(k_cache, k_rot.to(k_cache.dtype)), (v_cache, vh.to(v_cache.dtype))]
+        write_rows_masked(pairs, pos)      # like the kernels: an out-of-range position writes no cache row
         return q_rot
     q_rot = empty((B, L, num_heads, C // num_heads), q.dtype, q.device)
     if backend == "triton":
@@ -290,18 +266,13 @@ def _kv_cache_write_op(
 ) -> None:
     backend = resolve_backend(k_new.device, backend, k_cache.dtype, k_new.dtype)
     if backend == "torch":
-        L, T = k_new.shape[1], k_cache.shape[1]
-        p = pos.reshape(()).to(torch.int64)
-        ok = (p >= 0) & (p + L <= T)
-        rows = torch.where(ok, p, torch.zeros_like(p)) + torch.arange(L, device=k_new.device)
         if k_cache.dtype == FP8_DTYPE:
             kq, ks = ref.quantize_fp8_per_head(k_new)
             vq, vs = ref.quantize_fp8_per_head(v_new)
-            pairs = ((k_cache, kq), (v_cache, vq), (k_scale, ks), (v_scale, vs))
+            pairs = [(k_cache, kq), (v_cache, vq), (k_scale, ks), (v_scale, vs)]
         else:
-            pairs = ((k_cache, k_new.to(k_cache.dtype)), (v_cache, v_new.to(v_cache.dtype)))
-        for cache, new in pairs:
-            _masked_row_copy(cache, rows, new, ok)
+            pairs = [(k_cache, k_new.to(k_cache.dtype)), (v_cache, v_new.to(v_cache.dtype))]
+        write_rows_masked(pairs, pos)      # out of range: nothing written, as the kernels
     elif backend == "triton":
         from .triton_kernels import launch_kv_write
 
