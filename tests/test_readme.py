@@ -146,7 +146,18 @@ def test_the_two_commands():
     """scripts/test.sh is the suite (CI runs it: .ci/run); scripts/bench.sh runs every bench or the ones named."""
     test_sh = (REPO / "scripts" / "test.sh").read_text()
     bench_sh = (REPO / "scripts" / "bench.sh").read_text()
-    assert re.search(r'-m pytest -q tests "\$@"', test_sh)
+    assert '-m pytest "${ARGS[@]}"' in test_sh
+
+    def pytest_args(*argv):
+        cmd = 'source "$1" && shift && dz_pytest_args "$@"'          # sourced: defines the function, runs nothing
+        out = subprocess.run(["bash", "-c", cmd, "bash", str(REPO / "scripts" / "test.sh"), *argv],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+        return out.splitlines()
+    assert pytest_args() == ["-q", "tests"]                                      # the whole suite, quietly
+    assert pytest_args("-q", "-x") == ["tests", "-q", "-x"]                      # a flag the user gives is not doubled
+    assert pytest_args("-vv", "-k", "tests") == ["tests", "-vv", "-k", "tests"]
+    assert pytest_args("tests/test_env.py", "-p", "no:x") == ["-q", "tests/test_env.py", "-p", "no:x"]
+    assert pytest_args("--deselect", "tests/a.py::b") == ["-q", "tests", "--deselect", "tests/a.py::b"]
     assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
     assert '-m dz_bench "$@"' in bench_sh and '-m dz_bench --all "$@"' in bench_sh
     for script in ("test.sh", "bench.sh", "gpu_run.sh", "setup_env.sh"):
