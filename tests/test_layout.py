@@ -153,7 +153,6 @@ def rule_mask_inference(ft, fpc, A, S, mode, chunk, cached, W, rule):
     """Inference rule text: the cache holds clean frames `cached`; observed frames see the first frame and the
     cached/observed frames of chunks <= theirs in the window; noisy/action see cached frames of earlier chunks in the
     window plus their own chunk; state sees itself (consistent) or everything (release)."""
-    cache_len = len(cached) * ft
     q_kinds = []   # (kind, chunk, frame)
     obs_chunk = {"first": 0, "observe": chunk, "control": chunk - 1}.get(mode)
     if obs_chunk is not None:

@@ -79,7 +79,7 @@ def test_whole_model_compiles_without_graph_breaks(option):
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
-    cfg, fpc, apc = m.cfg, m.cfg.frames_per_chunk, m.cfg.actions_per_chunk
+    fpc, apc = m.cfg.frames_per_chunk, m.cfg.actions_per_chunk
     ckv = m.context_kv(x["text"], x["clip"])
     step = dict(clean=x["clean"][:, :, :1], clean_cond=x["clean_cond"][:, :, :1], noisy=x["noisy"][:, :, 1:1 + fpc],
                 noisy_cond=x["noisy_cond"][:, :, 1:1 + fpc], t_video=x["t_video"][:, 1:1 + fpc],

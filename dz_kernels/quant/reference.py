@@ -272,8 +272,6 @@ def fp8_gemm_reference(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     (a_scale [M, 1] or one element, b_scale [N, 1] / [N] or one element) or, with block_scaled=True, a_scale
     [M, K/128] and b_scale [ceil(N/128), K/128]. Returns epilogue(a_deq @ b_deq^T) [M, N] in out_dtype
     (compute_dtype=torch.float64 and out_dtype=None give the float64 ground truth)."""
-    M, K = a.shape
-    N = b.shape[0]
     if block_scaled:
         ad = dequantize_fp8_reference(a, a_scale, "block1x128", compute_dtype)
         bd = dequantize_fp8_reference(b, b_scale, "block128x128", compute_dtype)

@@ -85,7 +85,7 @@ import time
 import torch
 
 from dreamzero.engine import Policy, PolicyConfig
-from dz_bench.harness import Case, Unavailable, register
+from dz_bench.harness import Case, register
 from dz_bench.peaks import PEAKS, peak_for
 
 from ._model_common import ModelState, bench_config, episode_inputs, last_chunk_before_reset, random_model, \
