@@ -7,13 +7,14 @@
     triton_common.py  what the GEMMs share: the epilogue, the tile order, the launch rule, E2M1 codes, the W4A16 K step
     reference.py      constants, bit layouts, and the plain-PyTorch reference of every kernel (the numerics)
     dispatch.py       which FP8 linear path runs per shape (our GEMM, cuBLAS's FP8 GEMM, bf16), by config table
-    api.py            quantize_ / dequantize_ / calibrate_, the config dataclasses, Float8Linear and NVFP4Linear
+    api.py            quantize_ / dequantize_ / calibrate_, the config dataclasses, Float8Linear and NVFP4Linear,
+                      Float8Rows (an activation a producer already quantized per token) and quantize_rows
     modelopt_io.py    ModelOpt FP8 / NVFP4 checkpoint tensors (weight, weight_scale, weight_scale_2, input_scale)
 Every kernel is also a `torch.ops.dz.*` custom op with a fake implementation (torch.compile, CUDA graphs).
 """
 from .api import (  # noqa: F401
-    DEFAULT_EXCLUDED, Float8BlockScaled, Float8DynamicActivationFloat8Weight, Float8Linear, NVFP4, NVFP4Linear,
-    NVFP4WeightOnly, calibrate_, default_filter, dequantize_, quantize_,
+    DEFAULT_EXCLUDED, Float8BlockScaled, Float8DynamicActivationFloat8Weight, Float8Linear, Float8Rows, NVFP4,
+    NVFP4Linear, NVFP4WeightOnly, calibrate_, default_filter, dequantize_, quantize_, quantize_rows,
 )
 from .reference import (  # noqa: F401
     dequantize_fp8_reference, dequantize_nvfp4_reference, fp8_gemm_reference, nvfp4_gemm_w4a4_reference,

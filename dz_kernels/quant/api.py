@@ -23,6 +23,12 @@ An FP8 module on CUDA runs the path the config table picks for its shape (dispat
 with cuBLAS's FP8 GEMM, or, where the tuning measured FP8 slower than bf16 and the original weight is kept, bf16);
 `Float8Linear.path_for(x)` says which.
 
+Pre-quantized activations: a per-token Float8Linear also takes a `Float8Rows` (the FP8 rows, their float32 scales
+and the output dtype) in place of x, so that a producer quantizes once for several linears (the fused LayerNorm +
+modulate with fp8=True in its epilogue, or `quantize_rows(x)`, the quantizer Float8Linear(x) itself applies: the
+same output bits). `accepts_fp8_rows(x)` says whether a module takes them for an input like x; the DreamZero block
+uses that protocol for its q/k/v and FFN input (dreamzero.backend.Ops.layernorm_modulate_rows).
+
 Reversibility: with reversible=True (default) each quantized module keeps a reference to the nn.Linear it replaced
 (no copy, but the original weights stay alive), and dequantize_ puts those exact modules back, so outputs are
 bit-identical to before. With reversible=False the originals are dropped (the memory saving is real) and
@@ -31,7 +37,7 @@ dequantize_ rebuilds nn.Linear modules from the dequantized weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -46,7 +52,7 @@ from .reference import (
 __all__ = [
     "Float8DynamicActivationFloat8Weight", "Float8BlockScaled", "NVFP4WeightOnly", "NVFP4", "QuantConfig",
     "Float8Linear", "NVFP4Linear", "QUANT_LINEAR_TYPES", "DEFAULT_EXCLUDED", "default_filter",
-    "quantize_", "dequantize_", "calibrate_",
+    "quantize_", "dequantize_", "calibrate_", "Float8Rows", "quantize_rows",
 ]
 
 
@@ -85,6 +91,52 @@ def default_filter(module: nn.Module, fqn: str) -> bool:
     if not isinstance(module, nn.Linear):
         return False
     return not any(part.startswith(p) for part in fqn.split(".") for p in DEFAULT_EXCLUDED)
+
+
+# ----------------------------------------------------------------------------------------- pre-quantized activations
+class Float8Rows(NamedTuple):
+    """An activation quantized to FP8 E4M3 per token, for per-token Float8Linears to take in place of the float
+    tensor. data [..., K] float8_e4m3fn; scale [..., 1] float32 with x ~= data * scale and scale =
+    max(rowmax|x|, 1e-12) / 448 (the rowwise quantizer's convention, dz_kernels._common); dtype: the dtype the
+    linear outputs (the unquantized activation's, as Float8Linear(x) outputs x.dtype)."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def quantize_rows(x: torch.Tensor) -> Float8Rows:
+    """x [..., K] float -> Float8Rows, with the quantizer a per-token Float8Linear applies to x itself (the Triton
+    kernel on CUDA, the bit-identical reference on CPU): Float8Linear(quantize_rows(x)) == Float8Linear(x)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in cm.FLOAT_DTYPES or x.dim() < 1:
+        raise TypeError(f"quantize_rows takes a float32/bfloat16/float16 tensor [..., K], got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.is_cuda:
+        from .ops import quantize_fp8_rowwise
+        q, s = quantize_fp8_rowwise(x)
+        return Float8Rows(q, s, x.dtype)
+    q, s = quantize_fp8_reference(cm.as_rows(x), "row")
+    return Float8Rows(q.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)
+
+
+def _check_rows(mod: nn.Module, r: Float8Rows) -> None:
+    name = type(mod).__name__
+    if mod.block_scaled:
+        raise ValueError(f"{name}(block_scaled=True) quantizes its input in 1x128 blocks; a Float8Rows holds one "
+                         "scale per token: pass the float activation")
+    d, s = r.data, r.scale
+    if not isinstance(d, torch.Tensor) or d.dtype != cm.FP8_DTYPE or d.dim() < 1:
+        raise TypeError(f"{name}: Float8Rows.data must be a float8_e4m3fn tensor [..., K], got "
+                        f"{getattr(d, 'dtype', type(d).__name__)}")
+    if d.shape[-1] != mod.in_features:
+        raise ValueError(f"{name}(in_features={mod.in_features}) got Float8Rows data of shape {tuple(d.shape)}")
+    if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or tuple(s.shape) != (*d.shape[:-1], 1):
+        raise ValueError(f"{name}: Float8Rows.scale must be float32 of shape {(*d.shape[:-1], 1)} (one per row), "
+                         f"got {getattr(s, 'dtype', type(s).__name__)} {tuple(getattr(s, 'shape', ()))}")
+    if s.device != d.device or d.device != mod.weight.device:
+        raise ValueError(f"{name}: Float8Rows data on {d.device}, scale on {s.device}, weight on "
+                         f"{mod.weight.device}: they must share a device")
+    if r.dtype not in cm.FLOAT_DTYPES:
+        raise TypeError(f"{name}: Float8Rows.dtype is {r.dtype}; expected float32, bfloat16 or float16")
 
 
 # ------------------------------------------------------------------------------------------------------------ modules
@@ -136,7 +188,8 @@ class Float8Linear(_QuantLinearBase):
 
     Buffers (ModelOpt names and layouts): weight [N, K] float8_e4m3fn; weight_scale float32, [N] per output channel
     or [ceil(N/128), K/128] when block_scaled. bias: the original's bias (or None). forward: x [..., K] float ->
-    [..., N] in x's dtype."""
+    [..., N] in x's dtype; per-token modules also take a Float8Rows (-> [..., N] in its dtype, no quantization
+    pass; a block-scaled module raises ValueError)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_scaled: bool = False,
                  device=None, dtype: torch.dtype = torch.bfloat16):
@@ -184,15 +237,44 @@ class Float8Linear(_QuantLinearBase):
         w = getattr(orig, "weight", None)
         return w if isinstance(w, torch.Tensor) and w.device == x.device else None
 
-    def path_for(self, x: torch.Tensor) -> str:
-        """The path forward(x) runs on CUDA: "triton", "scaled_mm" or "bf16" (see dz_kernels.quant.dispatch)."""
+    def path_for(self, x: Union[torch.Tensor, Float8Rows]) -> str:
+        """The path forward(x) runs on CUDA: "triton", "scaled_mm" or "bf16" (see dz_kernels.quant.dispatch). For a
+        Float8Rows: "triton" (our FP8 GEMM on the rows), "scaled_mm" (cuBLAS's FP8 GEMM on the rows) or "bf16" (the
+        rows dequantized, then the kept bf16 weight's GEMM)."""
         from .dispatch import fp8_linear_path
 
-        M = x.numel() // self.in_features
-        return fp8_linear_path(M, self.in_features, self.out_features, x.device, block_scaled=self.block_scaled,
-                               has_bf16_weight=self._bf16_weight(x) is not None, out_dtype=x.dtype)
+        t, out_dtype = (x.data, x.dtype) if isinstance(x, Float8Rows) else (x, x.dtype)
+        M = t.numel() // self.in_features
+        return fp8_linear_path(M, self.in_features, self.out_features, t.device, block_scaled=self.block_scaled,
+                               has_bf16_weight=self._bf16_weight(t) is not None, out_dtype=out_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def accepts_fp8_rows(self, x: torch.Tensor) -> bool:
+        """True when handing this module quantize_rows(x) (or a producer's equal Float8Rows) in place of x saves
+        work: per-token scaling and, on CUDA, an FP8 path for x's shape (where the dispatch runs bf16, the module
+        is better off with the float x)."""
+        return not self.block_scaled and (not x.is_cuda or self.path_for(x) != "bf16")
+
+    @staticmethod
+    def quantize_rows(x: torch.Tensor) -> Float8Rows:
+        """The per-token quantizer forward(x) applies (dz_kernels.quant.quantize_rows)."""
+        return quantize_rows(x)
+
+    def _forward_rows(self, r: Float8Rows) -> torch.Tensor:
+        _check_rows(self, r)
+        K, lead = self.in_features, r.data.shape[:-1]
+        a, sa = r.data.reshape(-1, K), r.scale.reshape(-1, 1)
+        if a.is_cuda:
+            from .dispatch import fp8_rows_dispatch
+            y = fp8_rows_dispatch(a, sa, self.weight, self.weight_scale, self.bias, out_dtype=r.dtype,
+                                  bf16_weight=self._bf16_weight(a))
+        else:
+            y = fp8_gemm_reference(a, sa, self.weight, self.weight_scale, block_scaled=False, bias=self.bias,
+                                   out_dtype=r.dtype)
+        return y.view(*lead, self.out_features)
+
+    def forward(self, x: Union[torch.Tensor, Float8Rows]) -> torch.Tensor:
+        if isinstance(x, Float8Rows):
+            return self._forward_rows(x)
         _check_input(self, x)
         if x.is_cuda:
             from .dispatch import fp8_linear_dispatch

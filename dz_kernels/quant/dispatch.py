@@ -12,6 +12,8 @@
 block_scaled) and then the paths' own requirements: a path that cannot run the call falls back to "triton", which
 runs everything. `fp8_linear_dispatch(...)` runs the call on the chosen path and returns the output; the path it
 took is `fp8_linear_path` of the same arguments (pure: the bench records it beside each row).
+`fp8_rows_dispatch(...)` is the same for an activation a producer already quantized per token (api.Float8Rows):
+no quantization pass on any path ("bf16" dequantizes the rows first).
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _common as cm
-from .ops import fp8_linear, quantize_fp8_rowwise
+from .ops import dequantize_fp8, fp8_gemm, fp8_linear, quantize_fp8_rowwise
 
-__all__ = ["PATHS", "fp8_linear_path", "fp8_linear_dispatch", "scaled_mm_linear"]
+__all__ = ["PATHS", "fp8_linear_path", "fp8_linear_dispatch", "fp8_rows_dispatch", "scaled_mm_linear"]
 
 PATHS = ("triton", "scaled_mm", "bf16")
 
@@ -53,6 +55,10 @@ def scaled_mm_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     """x2 [M, K] float -> [M, N]: our per-token quantizer, then torch._scaled_mm with rowwise scales (the weight
     [N, K] e4m3 row-major is cuBLAS's column-major B; weight_scale [N] or [N, 1] float32)."""
     a, sa = quantize_fp8_rowwise(x2)
+    return _scaled_mm(a, sa, weight, weight_scale, bias, out_dtype)
+
+
+def _scaled_mm(a, sa, weight, weight_scale, bias, out_dtype):
     N = weight.shape[0]
     sb = weight_scale.reshape(1, N) if weight_scale.numel() == N else weight_scale.reshape(1, 1).expand(1, N)
     return torch._scaled_mm(a, weight.t(), scale_a=sa.reshape(-1, 1), scale_b=sb.contiguous(),
@@ -78,3 +84,22 @@ def fp8_linear_dispatch(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
         x2 = cm.as_rows(x)
         return scaled_mm_linear(x2, weight, weight_scale, bias, out_dtype).view(*x.shape[:-1], N)
     return fp8_linear(x, weight, weight_scale, bias, block_scaled=block_scaled, out_dtype=out_dtype)
+
+
+def fp8_rows_dispatch(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None, *, out_dtype: torch.dtype = torch.bfloat16,
+                      bf16_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = (a * a_scale) @ dequant(weight)^T + bias for an activation already quantized per token: a [M, K]
+    float8_e4m3fn, a_scale [M, 1] float32; weight [N, K] e4m3 with per-channel weight_scale. The path is
+    fp8_linear_path's for (M, K, N, out_dtype): "triton" runs ops.fp8_gemm, "scaled_mm" torch._scaled_mm on `a`
+    itself, "bf16" dequantizes `a` (one pass) and runs F.linear with bf16_weight."""
+    M, K = a.shape
+    N = weight.shape[0]
+    path = fp8_linear_path(M, K, N, a.device, has_bf16_weight=bf16_weight is not None, out_dtype=out_dtype)
+    if path == "bf16":
+        x = dequantize_fp8(a, a_scale, "row", bf16_weight.dtype)
+        y = F.linear(x, bf16_weight, None if bias is None else bias.to(bf16_weight.dtype))
+        return y.to(out_dtype)
+    if path == "scaled_mm":
+        return _scaled_mm(a, a_scale, weight, weight_scale, bias, out_dtype)
+    return fp8_gemm(a, a_scale, weight, weight_scale, bias=bias, out_dtype=out_dtype)
