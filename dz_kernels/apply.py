@@ -9,6 +9,10 @@ Models:
   (attention -> dz_kernels.attention.layout_attention; the LayerNorm/modulate/residual chain, RMSNorm, GELU ->
   dz_kernels.fused; the KV cache -> dz_kernels.kv_cache.FusedKVCache, whose fused q/k-norm + RoPE + cache-write
   kernel the model calls when a cache is in use), and linears are quantized through dz_kernels.quant.quantize_.
+  With norms=True the table's FP8 producers (layernorm_modulate_rows, residual_layernorm_modulate_rows) become the
+  fused norm with fp8=True: in inference the per-token FP8 q/k/v and FFN input linears get the rows quantized in
+  the norm's epilogue, from its unrounded float32 result (for float32 activations the bits of the plain path; for
+  bf16 ones one rounding fewer than quantizing the bf16 output).
 - diffusers' WanTransformer3DModel: see dz_kernels.diffusers_wan (attention processor + block forward with the
   fused ops), reached through the same call.
 Each swapped op is numerically the same computation (within the tolerances documented with each kernel).
@@ -51,7 +55,9 @@ def _dreamzero_ops(config: ApplyConfig) -> dict:
         from . import fused
         fields.update(layernorm_modulate=fused.layernorm_modulate, gated_residual=fused.gated_residual,
                       residual_layernorm_modulate=fused.gated_residual_layernorm_modulate,
-                      rms_norm=fused.rms_norm, gelu_tanh=fused.gelu_tanh, qk_norm_rope=_qk_norm_rope_fused)
+                      rms_norm=fused.rms_norm, gelu_tanh=fused.gelu_tanh, qk_norm_rope=_qk_norm_rope_fused,
+                      layernorm_modulate_rows=_layernorm_modulate_rows_fused,
+                      residual_layernorm_modulate_rows=_residual_layernorm_modulate_rows_fused)
     if config.kv_cache:
         from .kv_cache import FusedKVCache
         fields["kv_cache"] = FusedKVCache
@@ -67,6 +73,23 @@ def _qk_norm_rope_fused(q, k, wq, wk, eps, cos, sin, num_heads):
     q = fused.rms_norm(q, wq.to(q.dtype), eps).unflatten(-1, (num_heads, -1))
     k = fused.rms_norm(k, wk.to(k.dtype), eps).unflatten(-1, (num_heads, -1))
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def _layernorm_modulate_rows_fused(x, shift, scale, eps, quantize):
+    """Ops.layernorm_modulate_rows with the quantization in the fused norm's epilogue (`quantize`, the consumers'
+    quantizer, is not needed: the kernel writes rows in its convention, dz_kernels.quant.Float8Rows)."""
+    from . import fused
+    from .quant import Float8Rows
+    q, s = fused.layernorm_modulate(x, shift, scale, eps, fp8=True)
+    return Float8Rows(q, s, x.dtype)
+
+
+def _residual_layernorm_modulate_rows_fused(x, y, gate, shift, scale, eps, quantize):
+    """Ops.residual_layernorm_modulate_rows with the fused kernel: (x_new, Float8Rows from its epilogue)."""
+    from . import fused
+    from .quant import Float8Rows
+    x_new, (q, s) = fused.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps, fp8=True)
+    return x_new, Float8Rows(q, s, x.dtype)
 
 
 _LATE_INTERPRETER = (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,19 @@ def residual_layernorm_modulate(x, y, gate, shift, scale, eps):
     return x, layernorm_modulate(x, shift, scale, eps)
 
 
+def layernorm_modulate_rows(x, shift, scale, eps, quantize):
+    """The FP8 producer of layernorm_modulate (inference): quantize(layernorm_modulate(x, shift, scale, eps)), where
+    `quantize` is the consumers' own per-token quantizer (the linears' `quantize_rows`), so the consumers get the
+    bits they would compute from the float output, in one quantization pass for all of them."""
+    return quantize(layernorm_modulate(x, shift, scale, eps))
+
+
+def residual_layernorm_modulate_rows(x, y, gate, shift, scale, eps, quantize):
+    """The FP8 producer of residual_layernorm_modulate: (x_new, quantize(modulated))."""
+    x, h = residual_layernorm_modulate(x, y, gate, shift, scale, eps)
+    return x, quantize(h)
+
+
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
@@ -86,7 +99,15 @@ def cross_attention(q, k, v):
 
 @dataclass
 class Ops:
-    """Swappable ops. Each field keeps the signature of its reference."""
+    """Swappable ops. Each field keeps the signature of its reference.
+
+    FP8 producers (`*_rows`): in inference (no grad), where every linear a norm feeds takes pre-quantized FP8 rows
+    (modules.rows_quantizer: the q/k/v projections after layernorm_modulate, and separately the FFN's first linear
+    after residual_layernorm_modulate; e.g. per-token dz_kernels.quant.Float8Linear), the block calls the `*_rows`
+    field instead of the plain op and hands its one FP8 output to all of them. The references quantize the plain
+    op's output with the consumers' quantizer (the same bits as the plain path); dz_kernels.apply_ installs the
+    fused norm, which quantizes in its epilogue. None turns the producer path off (each linear then quantizes the
+    float output itself)."""
     attention: Callable = attention_blockwise            # (q, k, v, layout, scale) -> [B, Lq, H, D]
     cross_attention: Callable = cross_attention          # (q, k, v) -> [B, Lq, H, D]
     qk_norm_rope: Callable = qk_norm_rope                # (q, k, wq, wk, eps, cos, sin, H) -> q, k [B, L, H, D]
@@ -95,6 +116,9 @@ class Ops:
     gated_residual: Callable = gated_residual            # (x, y, gate)
     residual_layernorm_modulate: Callable = residual_layernorm_modulate  # (x, y, gate|None, shift, scale, eps)
     gelu_tanh: Callable = gelu_tanh                      # (x)
+    layernorm_modulate_rows: Optional[Callable] = layernorm_modulate_rows  # (x, shift, scale, eps, quantize) -> rows
+    residual_layernorm_modulate_rows: Optional[Callable] = residual_layernorm_modulate_rows
+    #                                             (x, y, gate|None, shift, scale, eps, quantize) -> (x_new, rows)
     kv_cache: Callable = KVCache                         # (cfg, batch, dtype=, device=, overflow=) -> a KV cache
 
     def replace(self, **kw) -> "Ops":

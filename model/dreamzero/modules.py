@@ -55,6 +55,7 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x, cos, sin, layout, ops: Ops, cache=None, layer: int = 0):
+        """x [B, L, C]: the modulated tokens, or their FP8 rows when q, k and v take them (DiTBlock, Ops)."""
         if cache is not None and hasattr(cache, "project"):
             # a fused cache: q/k RMSNorm, RoPE and the cache write in one kernel (dz_kernels.kv_cache)
             q, k, v = cache.project(layer, self.q(x), self.k(x), self.v(x), self.norm_q.weight, self.norm_k.weight,
@@ -104,6 +105,21 @@ class CrossAttention(nn.Module):
         return self.o(o.flatten(2))
 
 
+def rows_quantizer(linears, x: torch.Tensor, producer):
+    """The FP8 producer protocol of the block (Ops.layernorm_modulate_rows): the consumers' per-token quantizer when
+    the producer path applies to `linears` fed from an input like x, else None. It applies in inference (grad mode
+    off), with a producer in the ops table (not None), when every linear says it takes pre-quantized FP8 rows for
+    such an input (`accepts_fp8_rows(x)`, e.g. dz_kernels.quant.Float8Linear with per-token scaling); nn.Linear,
+    block-scaled FP8 and NVFP4 modules do not, and keep the plain path."""
+    if producer is None or torch.is_grad_enabled():
+        return None
+    for lin in linears:
+        accepts = getattr(lin, "accepts_fp8_rows", None)
+        if accepts is None or not accepts(x):
+            return None
+    return linears[0].quantize_rows
+
+
 class DiTBlock(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -119,10 +135,19 @@ class DiTBlock(nn.Module):
     def forward(self, x, e0, cos, sin, layout, ctx_kv, ops: Ops, cache=None, layer: int = 0):
         """x [B, L, C]; e0 [B, L, 6, C] (per-token time projection); cos/sin [L, D/2]."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).unbind(2)
-        h = ops.layernorm_modulate(x, shift1, scale1, self.eps)
-        x = ops.gated_residual(x, self.self_attn(h, cos, sin, layout, ops, cache, layer), gate1)
-        x, h = ops.residual_layernorm_modulate(x, self.cross_attn(self.norm3(x), ctx_kv, ops), None, shift2, scale2,
-                                               self.eps)
+        sa = self.self_attn
+        quantize = rows_quantizer((sa.q, sa.k, sa.v), x, ops.layernorm_modulate_rows)
+        if quantize is None:
+            h = ops.layernorm_modulate(x, shift1, scale1, self.eps)
+        else:   # one FP8 output for q, k and v (see Ops)
+            h = ops.layernorm_modulate_rows(x, shift1, scale1, self.eps, quantize)
+        x = ops.gated_residual(x, sa(h, cos, sin, layout, ops, cache, layer), gate1)
+        y = self.cross_attn(self.norm3(x), ctx_kv, ops)
+        quantize = rows_quantizer((self.ffn[0],), x, ops.residual_layernorm_modulate_rows)
+        if quantize is None:
+            x, h = ops.residual_layernorm_modulate(x, y, None, shift2, scale2, self.eps)
+        else:
+            x, h = ops.residual_layernorm_modulate_rows(x, y, None, shift2, scale2, self.eps, quantize)
         y = self.ffn[2](ops.gelu_tanh(self.ffn[0](h)))
         return ops.gated_residual(x, y, gate2)
 
