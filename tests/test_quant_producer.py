@@ -235,3 +235,34 @@ def test_producer_path_traces_whole(ops):
     assert seen["q"] == {"Float8Rows"}
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------- the bench
+@pytest.mark.parametrize("small", [True, False])
+def test_qkv_producer_bench_cases(small):
+    """bench quant lists the norm + q/k/v case at the Wan shapes (C 5120, M 1785 and 3570) with its peers."""
+    from dz_bench import harness
+
+    harness.load_cases()
+    cases = [c for c in harness.registry()["quant"](harness.BenchContext(device="cpu", small=small))
+             if c.case.startswith("fp8-qkv-producer/")]
+    want = {(16, 128)} if small else {(1785, 5120), (3570, 5120)}
+    assert {(c.params["M"], c.params["K"]) for c in cases} == want
+    for c in cases:
+        assert set(c.impls) == {"dz", "dz-fp8-separate", "bf16-cublas", "bf16-compile"}
+
+
+def test_qkv_producer_bench_impls_compute_the_chain():
+    """The small case's impls (no compile peer: slow here) run and pass their check: the FP8 chains within FP8
+    error of the float32 chain, the producer path taken and within one FP8 rounding of the separate one."""
+    from dz_bench import harness
+
+    harness.load_cases()
+    ctx = harness.BenchContext(device=DEVICE.type, small=True)
+    case = next(c for c in harness.registry()["quant"](ctx) if c.case.startswith("fp8-qkv-producer/"))
+    outs = {name: case.impls[name]()() for name in ("dz", "dz-fp8-separate", "bf16-cublas")}
+    assert case.params["path"].startswith("producer: fused norm FP8 epilogue")
+    errs = {name: case.check(out) for name, out in outs.items()}
+    assert errs["bf16-cublas"] < 0.05 and errs["dz"] < 0.4 and errs["dz-fp8-separate"] < 0.4, errs
+    for a, b in zip(outs["dz"], outs["dz-fp8-separate"]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.15, atol=0.15)

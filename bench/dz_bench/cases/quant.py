@@ -29,6 +29,20 @@ Cases:
   nvfp4-w4a4/...   NVFP4 activations and weights with tl.dot_scaled on sm_100 (Blackwell), against "bf16-cublas".
   nvfp4-w4a4-emulation/...  the same elsewhere (Hopper, the interpreter): register dequantization, a correctness
                    path with no speed claim (no FP4 tensor cores there): "dz" alone, no peer, so no ratio.
+  fp8-qkv-producer/M<M>-K<C>-N<C>   the self-attention input of a DiT block (issue 14): LayerNorm + per-token
+                   modulate of x [1, M, C] (bf16 shift/scale [1, M, C]) followed by the q, k and v projections
+                   (three [C, C] linears with bias), output the three [M, C] bf16 projections:
+    "dz"                  what the FP8 model runs (dreamzero DiTBlock with per-token Float8Linears from quantize_,
+                          bf16 originals kept): where all three accept FP8 rows, the fused norm with its FP8
+                          epilogue once, then the three FP8 GEMMs on the same rows; else the plain path below.
+                          params["path"] says which, with the linears' dispatch path
+    "dz-fp8-separate"     the fused norm in bf16, then three Float8Linear(h), each quantizing h itself (the model
+                          before the producer path)
+    "bf16-cublas"         the fused norm in bf16, then three F.linear in bf16
+    "bf16-compile"        torch.compile(fullgraph) of the plain chain (reference norm + three F.linear), one shape
+  Forward, timed by CUDA graph replay on the GPU (eager elsewhere). Full: C = 5120, M = 1785 and 3570; small: C =
+  128, M = 16. check = max abs error of the three outputs against the float32 chain of the unquantized operands.
+  bytes: x, shift and scale read once, the three FP8 weights with their scales and biases, the three outputs.
 flops = 2 M N K. bytes = the bf16 activation read, the quantized (or bf16) weight and its scales read, the bf16
 output written. check = max abs error against the float32 product of the unquantized operands (so it shows each
 format's quantization error; bf16-cublas shows bf16's own).
@@ -40,6 +54,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dz_bench.cases._peers import compile_peer, graphed
 from dz_bench.harness import Case, Unavailable, lazy, register
 
 FULL_SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
@@ -240,6 +255,113 @@ def _nvfp4_case(ctx, M, K, N, act_quant):
                 impls=impls, check=lambda out: _max_err(expected(), out))
 
 
+QKV_FULL = [(1785, 5120), (3570, 5120)]
+QKV_SMALL = [(16, 128)]
+EPS = 1e-6
+
+
+def _linear_path(mod, x) -> str:
+    """The path a Float8Linear runs for x (a tensor or Float8Rows): its dispatch path on CUDA; the CPU runs the
+    reference GEMM whatever the table says."""
+    t = x if isinstance(x, torch.Tensor) else x.data
+    return mod.path_for(x) if t.is_cuda else "CPU reference GEMM"
+
+
+def _qkv_case(ctx, M, C):
+    """The norm + q/k/v projections of a DiT block, with and without the FP8 producer path (module doc)."""
+    def make():
+        g = torch.Generator(device="cpu").manual_seed(7)
+        r = lambda *s, k=1.0: (k * torch.randn(*s, generator=g)).to(ctx.device, DTYPE)  # noqa: E731
+        x, shift, scale = r(1, M, C), r(1, M, C, k=0.3), r(1, M, C, k=0.3)
+        lins = torch.nn.ModuleList(torch.nn.Linear(C, C) for _ in range(3)).to(ctx.device, DTYPE)
+        with torch.no_grad():
+            for lin in lins:
+                lin.weight.copy_(r(C, C, k=C ** -0.5))
+                lin.bias.copy_(r(C, k=0.1))
+        return x, shift, scale, lins
+    data = lazy(make)
+
+    def expected():
+        x, shift, scale, lins = data()
+        h = F.layer_norm(x.float(), (C,), eps=EPS) * (1 + scale.float()) + shift.float()
+        return [h @ lin.weight.float().t() + lin.bias.float() for lin in lins]
+    expected = lazy(expected)
+    params = {"M": M, "K": C, "N": C, "dtype": "bfloat16", "linears": 3,
+              "timed": "CUDA graph replay" if ctx.device == "cuda" else "eager"}
+
+    def quantized():
+        import copy
+
+        q = _q()
+        mods = copy.deepcopy(data()[3])     # quantize_ keeps the bf16 originals (reversible), as in the model
+        q.quantize_(mods, q.Float8DynamicActivationFloat8Weight(), filter_fn=lambda m, n: True)
+        return list(mods)
+
+    def dz():
+        _need_kernels(ctx)
+        import dz_kernels.fused as fz
+
+        q, (x, shift, scale, _) = _q(), data()
+        mods = quantized()
+        with torch.no_grad():
+            if all(m.accepts_fp8_rows(x) for m in mods):
+                rows = q.Float8Rows(*fz.layernorm_modulate(x, shift, scale, EPS, fp8=True), x.dtype)
+                params["path"] = f"producer: fused norm FP8 epilogue + {_linear_path(mods[0], rows)} x3"
+
+                def run():
+                    r = q.Float8Rows(*fz.layernorm_modulate(x, shift, scale, EPS, fp8=True), x.dtype)
+                    return tuple(m(r) for m in mods)
+            else:
+                params["path"] = f"plain: fused norm bf16 + Float8Linear {_linear_path(mods[0], x)} x3"
+
+                def run():
+                    h = fz.layernorm_modulate(x, shift, scale, EPS)
+                    return tuple(m(h) for m in mods)
+        return graphed(torch.no_grad()(run), ctx, params, "dz")
+
+    def fp8_separate():
+        _need_kernels(ctx)
+        import dz_kernels.fused as fz
+
+        x, shift, scale, _ = data()
+        mods = quantized()
+        params["path_separate"] = f"Float8Linear {_linear_path(mods[0], x)} x3"
+
+        @torch.no_grad()
+        def run():
+            h = fz.layernorm_modulate(x, shift, scale, EPS)
+            return tuple(m(h) for m in mods)
+        return graphed(run, ctx, params, "dz-fp8-separate")
+
+    def bf16():
+        _need_kernels(ctx)
+        import dz_kernels.fused as fz
+
+        x, shift, scale, lins = data()
+
+        @torch.no_grad()
+        def run():
+            h = fz.layernorm_modulate(x, shift, scale, EPS)
+            return tuple(F.linear(h, lin.weight, lin.bias) for lin in lins)
+        return graphed(run, ctx, params, "bf16-cublas")
+
+    def bf16_compile():
+        x, shift, scale, lins = data()
+        ws = [(lin.weight.detach(), lin.bias.detach()) for lin in lins]
+
+        def chain(x, shift, scale):
+            h = F.layer_norm(x.float(), (C,), eps=EPS).to(x.dtype) * (1 + scale) + shift
+            return tuple(F.linear(h, w, b) for w, b in ws)
+        with torch.no_grad():
+            cf, _ = compile_peer(chain, x, shift, scale)
+        return graphed(torch.no_grad()(lambda: cf(x, shift, scale)), ctx, params, "bf16-compile")
+
+    return Case(case=f"fp8-qkv-producer/{_shape(M, C, C)}", params=params,
+                flops=3 * 2.0 * M * C * C, bytes=3 * 2.0 * M * C + 3 * (1.0 * C * C + 4.0 * C + 2.0 * M * C),
+                impls={"dz": dz, "dz-fp8-separate": fp8_separate, "bf16-cublas": bf16, "bf16-compile": bf16_compile},
+                check=lambda out: max(_max_err(e, o) for e, o in zip(expected(), out)))
+
+
 @register("quant")
 def cases(ctx):
     shapes = SMALL_SHAPES if ctx.small else FULL_SHAPES
@@ -253,3 +375,5 @@ def cases(ctx):
             yield _nvfp4_case(ctx, M, K, N, act_quant=False)
     for K, N in nv_shapes:
         yield _nvfp4_case(ctx, 1785 if not ctx.small else ms[-1], K, N, act_quant=True)
+    for M, C in (QKV_SMALL if ctx.small else QKV_FULL):
+        yield _qkv_case(ctx, M, C)
