@@ -19,9 +19,11 @@ Rows (impl names; ours start with "dz"). The baseline is the peer; each "dz+" ro
                     code generation: inductor's C++ build takes minutes a graph there) and no capture
   dz+kernels        + our attention, fused norms/modulation/residual/GELU and the fused KV-cache write (apply_),
                     under the same compile and graphs (CPU: the Triton kernels in the interpreter)
-  dz+fp8            + FP8 linears (quantize_: E4M3, per-token activations, per-channel weights). CPU: Float8Linear's
-                    CPU path, quant/reference.py's bit-identical quantizer with the GEMM in float32 (the Triton FP8 GEMM is
-                    the CUDA path)
+  dz+fp8            + FP8 linears (quantize_: E4M3, per-token activations, per-channel weights); in inference the
+                    norm before q/k/v (and before the FFN) quantizes once for its linears, in the fused norm's
+                    epilogue (dreamzero.backend.Ops.layernorm_modulate_rows), where the FP8 path table does not pick
+                    bf16 for the shape. CPU: Float8Linear's CPU path, quant/reference.py's bit-identical quantizer
+                    with the GEMM in float32 (the Triton FP8 GEMM is the CUDA path)
   dz+flash          + DreamZero-Flash: 1 denoising step, actions only (the unconditional branch cannot change the
                     actions of a single step: it is skipped, so the batch is 1)
   dz+fused-control  + the replacement pass and the denoising step in one forward: the headline row (profiled on
