@@ -43,29 +43,18 @@ class OpenPIServer(PolicyServer):
         self._connection_ids = itertools.count(1)
 
     # ------------------------------------------------------------------ connections
-    async def _handler(self, ws) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        self.counters["connections"] += 1
-        self._open_connections += 1
+    # (PolicyServer._handler runs the connection with the three hooks below)
+    async def _open(self, ws) -> str:
+        """openpi's greeting: the server's metadata; the connection's id keys its episodes."""
         conn = str(next(self._connection_ids))
-        try:
-            await ws.send(pack(self.server_config))
-            async for raw in ws:
-                t_recv = time.perf_counter()
-                try:
-                    reply = self._dispatch_openpi(ws, raw, t_recv, conn)
-                except Exception as e:      # a bug here must not end the connection, let alone the server
-                    log.exception("dispatch failed")
-                    reply = self._fail(f"internal server error ({type(e).__name__}): {e}")
-                if reply is not None:
-                    await ws.send(reply)
-        except ConnectionClosed:
-            pass
-        except Exception:       # never let one connection take the server down
-            log.exception("connection handler failed")
-        finally:
-            self._open_connections -= 1
+        await ws.send(pack(self.server_config))
+        return conn
+
+    def _reply(self, ws, raw, t_recv: float, conn: str):
+        return self._dispatch_openpi(ws, raw, t_recv, conn)
+
+    def _internal_error(self, text: str) -> str:
+        return self._fail(text)
 
     def _fail(self, text: str) -> str:
         self.counters["errors"] += 1

@@ -284,26 +284,42 @@ class PolicyServer:
 
     # ------------------------------------------------------------------ connections
     async def _handler(self, ws) -> None:
+        """One connection: `_open` it, then answer each message with `_reply` (None: the reply comes later, from a
+        worker). The protocol's hooks are `_open`, `_reply` and `_internal_error`; the loop is shared."""
         from websockets.exceptions import ConnectionClosed
 
         self.counters["connections"] += 1
         self._open_connections += 1
         try:
+            conn = await self._open(ws)
             async for raw in ws:
                 t_recv = time.perf_counter()
                 try:
-                    reply = self._dispatch(ws, raw, t_recv)
+                    reply = self._reply(ws, raw, t_recv, conn)
                 except Exception as e:      # a bug here must not end the connection, let alone the server
                     log.exception("dispatch failed")
-                    reply = self._error(f"internal server error ({type(e).__name__}): {e}")
+                    reply = self._internal_error(f"internal server error ({type(e).__name__}): {e}")
                 if reply is not None:
-                    await ws.send(pack(reply))
+                    await ws.send(reply)
         except ConnectionClosed:
             pass
         except Exception:       # never let one connection take the server down
             log.exception("connection handler failed")
         finally:
             self._open_connections -= 1
+
+    async def _open(self, ws):
+        """A new connection's state, passed to every `_reply` of it (this protocol keeps none)."""
+        return None
+
+    def _reply(self, ws, raw, t_recv: float, conn):
+        """The immediate reply to one message, encoded for the wire, or None."""
+        reply = self._dispatch(ws, raw, t_recv)
+        return None if reply is None else pack(reply)
+
+    def _internal_error(self, text: str):
+        """The encoded reply to a message whose handling raised."""
+        return pack(self._error(text))
 
     def _error(self, text: str, msg_type=None, rid=None) -> dict:
         """An error reply: its detail cut to protocol.MAX_ERROR_CHARS; msg_type and rid were checked (a known type,
