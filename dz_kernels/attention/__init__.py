@@ -7,7 +7,8 @@ Where things are (the same places as in every op family of dz_kernels):
                       implementations and autograd formula, the schedules' upload to the device
     triton_fwd.py     the forward kernel and its launcher
     triton_bwd.py     the backward kernels (delta, dk/dv with optional atomic dq, dq) and their launcher
-    triton_common.py  the Triton device functions both share (dot, tile mask, non-finite rows)
+    triton_common.py  the Triton device functions both share (dot, tile mask, non-finite rows) and the
+                      row-flag kernel (which rows of an operand hold a NaN or an inf)
     reference.py      what the op computes, in plain PyTorch (the kernels' oracle)
     config.py         TileConfig and the config table lookup (dz_kernels/configs/attention.json)
     pattern.py        AttentionPattern: the generic who-sees-whom description a model hands over

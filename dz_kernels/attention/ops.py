@@ -187,9 +187,10 @@ def _dense_sdpa(q, k, v, scale: float) -> torch.Tensor:
 # ---------------------------------------------------------------------- schedules on the device
 def schedule_tensors(pattern: int, tiles, device) -> tuple:
     """The kernels' schedule inputs for the pattern with key `pattern` (AttentionPattern.key) at TileConfig.as_list()
-    `tiles` on `device`: (q_seg, k_seg, qk_bits, kq_bits, fwd_rows, fwd_cols, dkv_rows, dkv_cols, dq_rows, dq_cols),
-    all int32, built on the host and uploaded once per (pattern, tiles, device), then reused (fixed addresses, so a
-    captured CUDA graph keeps reading them). The first call per (pattern, tiles, device) must not happen during
+    `tiles` on `device`: (q_seg, k_seg, qk_bits, kq_bits, fwd_rows, fwd_cols, dkv_rows, dkv_cols, dq_rows, dq_cols,
+    fwd_partial_kt), all int32 (fwd_partial_kt: TileSchedule.partial_key_tiles of the forward's tiles), built on
+    the host and uploaded once per (pattern, tiles, device), then reused (fixed addresses, so a captured CUDA graph
+    keeps reading them). The first call per (pattern, tiles, device) must not happen during
     CUDA-graph capture (run the op once before capturing: the usual warm-up)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -207,7 +208,7 @@ def schedule_tensors(pattern: int, tiles, device) -> tuple:
     dkv = schedule_for(pat, tiles[2], tiles[3])
     dq = schedule_for(pat, tiles[4], tiles[5])
     arrays = (tt.q_seg, tt.k_seg, tt.qk_bits, tt.kq_bits, fwd.rows, fwd.cols, dkv.t_rows, dkv.t_cols, dq.rows,
-              dq.cols)
+              dq.cols, fwd.partial_key_tiles())
     tensors = tuple(torch.from_numpy(np.array(a, dtype=np.int32)).to(device) for a in arrays)
     return _memo(key, lambda: tensors)
 
@@ -226,7 +227,7 @@ def layout_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     """out [B, Lq, H, D] (q's dtype), lse fp32 [B, H, Lq]. `pattern`: an AttentionPattern.key. See the module doc."""
     _check_pattern(q, k, pattern)
     sched = schedule_tensors(pattern, tiles, q.device)
-    return launch_forward(q, k, v, *sched[:3], *sched[4:6], scale, tiles)
+    return launch_forward(q, k, v, *sched[:3], *sched[4:6], sched[10], scale, tiles)
 
 
 @layout_attention_op.register_fake
@@ -243,7 +244,7 @@ def layout_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.T
     """dq [B, Lq, H, D], dk, dv [B, Lk, H, D] (contiguous, the inputs' dtype)."""
     _check_pattern(q, k, pattern)
     sched = schedule_tensors(pattern, tiles, q.device)
-    return launch_backward(dout, q, k, v, out, lse, dlse, *sched[:4], *sched[6:], scale, tiles, deterministic)
+    return launch_backward(dout, q, k, v, out, lse, dlse, *sched[:4], *sched[6:10], scale, tiles, deterministic)
 
 
 @layout_attention_backward_op.register_fake

@@ -83,6 +83,11 @@ class TileSchedule:
     def n_n(self) -> int:
         return self.kind.shape[1]
 
+    def partial_key_tiles(self) -> np.ndarray:
+        """int32: the key tiles that are PARTIAL for some query tile (increasing): the keys whose rows the forward
+        must check for non-finite values (triton_fwd.py)."""
+        return np.flatnonzero((self.kind == PARTIAL).any(axis=0)).astype(np.int32)
+
     def counts(self) -> dict:
         """Number of full, partial and skipped tiles."""
         return {"full": int((self.kind == FULL).sum()), "partial": int((self.kind == PARTIAL).sum()),

@@ -1,10 +1,14 @@
 """What the layout-attention kernels share: the Triton device functions (the dot wrapper, the program ids, the
-in-tile token mask, the non-finite row test of the partially visible tiles) and the launchers' small helpers.
+in-tile token mask, the non-finite row test), the row-flag kernel, and the launchers' small helpers.
 
 Non-finite values in partially visible (PARTIAL) tiles: a masked probability is an exact 0, and 0 * NaN = NaN
-inside a dot, so an operand row that is multiplied by masked probabilities is set to 0 for the dot when it holds a
-NaN or an inf (`_nonfinite`), and the outputs that really see such a row are made NaN explicitly. Fully
-visible tiles need none of it (every product there is a visible one)."""
+inside a dot, so an operand row that is multiplied by masked probabilities is loaded as 0 for the dot when it holds
+a NaN or an inf, and the outputs that really see such a row are made NaN explicitly. Fully visible tiles need none
+of it (every product there is a visible one). Which rows are non-finite comes from int8 flags per (batch x head,
+token), written before the loop that needs them (`_row_flags_kernel` for V, the backward's preprocess for q and dO,
+the dk/dv kernel for K): the partial tiles then load a flag vector and fold it into the load's mask, instead of
+testing each [BLOCK, HEAD_DIM] operand tile in registers inside the loop (which made every kernel spill registers
+at head dim 128 on sm_90: `python -m dz_kernels.attention.compile_check`)."""
 from __future__ import annotations
 
 import torch
@@ -65,6 +69,22 @@ def _tile_mask(row_seg, col_seg, col_ok, base, BITS, n_words,
         bit = (word[:, None] >> shift[None, :]) & 1
         vis = tl.where(which[None, :] == w, bit, vis)
     return (vis != 0) & col_ok[None, :]
+
+
+@triton.jit
+def _row_flags_kernel(X, FLAGS, TILES, stride_b, stride_l, stride_h, H, L,
+                      BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """FLAGS int8 [B * H, L]: 1 where the (token, head) row of X [B, L, H, D] holds a NaN or an inf, 0 elsewhere,
+    for the token tiles of BLOCK rows listed in TILES (int32; grid (len(TILES), B * H)); other entries untouched."""
+    t = tl.load(TILES + tl.program_id(0))
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < L
+    x = tl.load(X + b * stride_b + h * stride_h + offs[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :],
+                mask=ok[:, None], other=0.0)
+    tl.store(FLAGS + bh.to(tl.int64) * L + offs, _nonfinite(x, 1).to(tl.int8), mask=ok)
 
 
 # ---------------------------------------------------------------------- launch helpers (`tiles`: TileConfig.as_list)
