@@ -1,136 +1,238 @@
-"""Compile, for a CUDA architecture and without a GPU, every Triton launch that the fused ops and the KV-cache ops
-make: a CPU check of the GPU path of their kernels (the interpreter never compiles it). Run as a program with
-TRITON_INTERPRET=0 (tests/test_aot_launches.py does):
+"""Compile, for a CUDA architecture and without a GPU, every Triton launch that the fused ops, the KV-cache ops and the
+quant kernels make, and report the static facts of each compiled kernel: a CPU check of the GPU path of their
+kernels (the interpreter never compiles it). Run as a program with TRITON_INTERPRET=0 (tests/test_aot_launches.py
+does):
 
-    TRITON_INTERPRET=0 python tests/aot_capture.py [fused] [kv_cache] [--arch 90] [--dtypes bf16,fp32]
+    TRITON_INTERPRET=0 python tests/aot_capture.py [fused] [kv_cache] [quant] [--arch 90] [--dtypes bf16,fp32]
+                                                   [--small] [--json PATH]
 
-The public ops are called on CPU tensors of the droid-14b widths; Triton's launch (JITFunction.run) is replaced by a
-recorder, so nothing runs; each distinct (kernel, signature, constants, warps, stages) is then compiled to a cubin
-with Triton's bundled ptxas (triton.compile of an ASTSource, as dz_kernels.attention.compile_check and
-dz_kernels.quant._aot do for their kernels). Prints one line per kernel variant; exit status 1 if any failed."""
+The public ops (fused, kv_cache) and the quant launchers are called on CPU tensors at the bench's shapes (droid-14b:
+C = 5120, 40 heads x 128, 2 x 1785 rows; quant M = 1785 and 16 at K = N = 5120; --small: a few rows); Triton's
+launch (JITFunction.run) is replaced by a recorder, so nothing runs, and an autotuned kernel records every config
+of its list. Each distinct launch is specialized as Triton's own launcher specializes it (its binder: the 16-byte
+divisibility of pointers and integers, integers equal to 1 made constant; the launch options, num_warps, num_stages,
+enable_fp_fusion) and compiled to a cubin with Triton's bundled ptxas (triton.compile of an ASTSource). For each
+one line: registers per thread, spill stores/loads (bytes per thread; ptxas -v), shared memory, MMA instructions,
+the global loads and stores by bytes per thread per instruction (16B: ld.global.v4.b32, eight bf16 at once; 2B:
+one bf16 per instruction), cp.async / TMA copies, the grid, programs resident per SM (registers, threads, shared
+memory on sm_90: 64K registers, 2048 threads, 227 KB) and waves over 132 SMs. --json writes the same as a list of
+records. Exit status 1 if any launch failed to compile."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 import torch
 
-TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv",
-      torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1"}
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))   # dz_kernels from this checkout when run as a program
+
+N_SM = 132          # H100 SXM / H200
 
 
 def record_launches() -> list:
-    """Replace Triton's launch by a recorder; returns the list it appends (kernel, args, kwargs) to."""
+    """Replace Triton's launch by a recorder; returns the list it appends (kernel, args, kwargs, grid) to. An
+    autotuned kernel records one launch per config of its list (what the autotuner may pick)."""
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     launches = []
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append((self, args, dict(kwargs)))
+        launches.append((self, args, dict(kwargs), grid))
+
+    def record_all(self, *args, grid=None, warmup=False, **kwargs):
+        for cfg in self.configs:
+            kw = {**kwargs, **cfg.all_kwargs()}
+            g = grid(dict(zip(self.arg_names, args)) | kw) if callable(grid) else grid
+            launches.append((self.fn, args, kw, g))
 
     JITFunction.run = record
+    Autotuner.run = record_all
     return launches
 
 
-def signature(fn, args, kw) -> tuple[dict, dict]:
-    """Triton's signature and constexprs of one recorded launch."""
-    vals = dict(zip(fn.arg_names, args))
-    vals.update(kw)
-    sig, consts = {}, {}
-    for i, (name, p) in enumerate(zip(fn.arg_names, fn.params)):
-        v = vals.get(name, p.default)
-        if p.is_constexpr or v is None:
-            sig[name] = "constexpr"
-            consts[(i,)] = v
-        elif isinstance(v, torch.Tensor):
-            sig[name] = "*" + TY[v.dtype]
-        elif isinstance(v, bool):
-            sig[name] = "i1"
-        elif isinstance(v, int):
-            sig[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
-        elif isinstance(v, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {name} of type {type(v).__name__}")
-    return sig, consts
+def specialize(fn, args, kw, backend) -> tuple:
+    """(signature, constexprs, attrs, options) of one recorded launch, as JITFunction.run computes them."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kw)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
+    return signature, constexprs, attrs, options
 
 
-def compile_launches(launches: list, arch: int) -> list:
-    """Compile each distinct launch for `arch`; returns the names of the kernels that failed."""
+def occupancy(regs: int, warps: int, shared: int) -> int:
+    """Programs resident per sm_90 multiprocessor: registers (allocated per warp in units of 256), threads, shared
+    memory (227 KB per program at most, 228 KB per SM with 1 KB reserved per program), 32 programs."""
+    warp_regs = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = 65536 // (warp_regs * warps)
+    by_threads = 2048 // (32 * warps)
+    by_smem = 233472 // (shared + 1024) if shared else 32
+    return max(0, min(by_regs, by_threads, by_smem, 32))
+
+
+def _widths(hist: dict) -> str:
+    return ",".join(f"{b}Bx{n}" for b, n in sorted(hist.items(), reverse=True)) or "-"
+
+
+def compile_launches(launches: list, arch: int, dump: str | None = None, kernels=None) -> tuple[list, list]:
+    """Compile each distinct launch for `arch`; returns (records, names of the kernels that failed). dump: a folder
+    to write each variant's PTX into (<kernel>-<n>.ptx, n as in the records). kernels: compile only the kernels of
+    these names (default: all)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
-    target, seen, failed = GPUTarget("cuda", arch, 32), set(), []
-    for fn, args, kw in launches:
-        kw = dict(kw)
-        warps, stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
-        sig, consts = signature(fn, args, kw)
-        key = (fn.__name__, tuple(sorted(sig.items())), repr(sorted(consts.items())), warps, stages)
+    from dz_kernels.quant._aot import ptx_facts
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    seen, records, failed = set(), [], []
+    for fn, args, kw, grid in launches:
+        if kernels and fn.__name__ not in kernels:
+            continue
+        sig, consts, attrs, options = specialize(fn, args, kw, backend)
+        key = (fn.__name__, repr(sorted(sig.items())), repr(sorted(consts.items())), repr(sorted(attrs.items())),
+               repr(options))
         if key in seen:
             continue
         seen.add(key)
+        warps, stages = options.num_warps, options.num_stages
         try:
-            k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
-                               options={"num_warps": warps, "num_stages": stages})
-            print(f"ok   sm_{arch} {fn.__name__:32s} warps={warps:<2d} stages={stages} shared={k.metadata.shared} B")
+            k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
+                               options=options.__dict__)
+            facts = ptx_facts(k.asm["ptx"], arch)
         except Exception as e:  # noqa: BLE001 -- every failure is reported, then the status says so
             failed.append(fn.__name__)
             print(f"FAIL sm_{arch} {fn.__name__}: {type(e).__name__}: {str(e)[:600]}")
-    return failed
+            continue
+        grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
+        programs = 1
+        for g in grid:
+            programs *= int(g)
+        occ = occupancy(facts["regs"], warps, k.metadata.shared)
+        names = {c[0]: v for c, v in consts.items() if len(c) == 1}
+        blocks = {fn.arg_names[i]: v for i, v in names.items() if fn.arg_names[i].startswith(("BLOCK", "TILE", "NB"))}
+        dtypes = sorted({v[1:] for v in sig.values() if v.startswith("*")})
+        rec = dict(kernel=fn.__name__, warps=warps, stages=stages, shared=k.metadata.shared, grid=list(grid),
+                   programs=programs, per_sm=occ, waves=round(programs / max(1, occ * N_SM), 2), blocks=blocks,
+                   dtypes=dtypes, **facts)
+        records.append(rec)
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            rec["ptx"] = os.path.join(dump, f"{fn.__name__}-{len(records) - 1}.ptx")
+            with open(rec["ptx"], "w") as f:
+                f.write(k.asm["ptx"])
+        print(f"ok   sm_{arch} {fn.__name__:30s} warps={warps:<2d} stages={stages} regs={facts['regs']:<3d} "
+              f"spill={facts['spill_st']}/{facts['spill_ld']} shared={k.metadata.shared} "
+              f"mma={'+'.join(m.split('.')[0] for m in facts['mma'][:1]) or '-'} ld={_widths(facts['ld'])} "
+              f"st={_widths(facts['st'])} cp.async={_widths(facts['cp_async'])} tma={facts['tma']} "
+              f"grid={programs} per_sm={occ} waves={rec['waves']} {blocks} {','.join(dtypes)}")
+    return records, failed
 
 
-def fused_launches(dtypes: tuple, C: int = 5120, rows: tuple = (2, 37)) -> None:
-    """Forward and backward of every fused op, activations in `dtypes` with float32 modulation, the FP8 outputs of
-    the two LayerNorm ops."""
+def fused_launches(dtypes: tuple, small: bool = False, C: int = 5120) -> None:
+    """Forward and backward of every fused op, activations in `dtypes` with modulation in the activation dtype (the
+    bench's) or float32 (the model's), the FP8 outputs of the two LayerNorm ops; rows 2 x 1785 (--small: 2 x 37)."""
     from dz_kernels import fused
     import dz_kernels.fused._common as fcm
 
     fcm.kernels_interpreted = lambda: True          # its device check only: CPU tensors reach the launchers
+    rows = (2, 37) if small else (2, 1785)
     for dt in dtypes:
         def r(*s, d=dt):
-            return torch.randn(*s, dtype=d, requires_grad=True)
+            return torch.empty(*s, dtype=d, requires_grad=True)
         x, y = r(*rows, C), r(*rows, C)
-        g, sh, sc = (r(*rows, C, d=torch.float32) for _ in range(3))
         w, b, w_act = r(C, d=torch.float32), r(C, d=torch.float32), r(C)
-        for fn, a in [(fused.layernorm_modulate, (x, sh, sc, 1e-6)), (fused.layernorm_modulate, (x, None, None, 1e-6, w, b)),
+        calls = [(fused.layernorm_modulate, (x, None, None, 1e-6, w, b)), (fused.rms_norm, (x, w_act)),
+                 (fused.gelu_tanh, (x,))]
+        for md in dict.fromkeys((dt, torch.float32)):
+            g, sh, sc = (r(*rows, C, d=md) for _ in range(3))
+            calls += [(fused.layernorm_modulate, (x, sh, sc, 1e-6)),
                       (fused.gated_residual_layernorm_modulate, (x, y, g, sh, sc, 1e-6)),
                       (fused.gated_residual_layernorm_modulate, (x, y, None, sh, sc, 1e-6)),
-                      (fused.gated_residual, (x, y, g)), (fused.rms_norm, (x, w_act)), (fused.gelu_tanh, (x,))]:
+                      (fused.gated_residual, (x, y, g))]
+            with torch.no_grad():
+                fused.layernorm_modulate(x, sh, sc, 1e-6, fp8=True)
+                fused.gated_residual_layernorm_modulate(x, y, None, sh, sc, 1e-6, fp8=True)
+        for fn, a in calls:
             out = fn(*a)
             (out[1] if isinstance(out, tuple) else out).float().sum().backward()
-        with torch.no_grad():
-            fused.layernorm_modulate(x, sh, sc, 1e-6, fp8=True)
-            fused.gated_residual_layernorm_modulate(x, y, None, sh, sc, 1e-6, fp8=True)
 
 
-def kv_cache_launches(dtypes: tuple, B: int = 2, L: int = 37, H: int = 40, D: int = 128, T: int = 100) -> None:
+def kv_cache_launches(dtypes: tuple, small: bool = False, B: int = 2, H: int = 40, D: int = 128) -> None:
     """The fused q/k RMSNorm + RoPE + cache write and the plain write, activations in `dtypes`, weights in the
-    activation dtype or float32, every cache dtype (FP8 with its scales)."""
+    activation dtype or float32, every cache dtype (FP8 with its scales); the bench's observe pass: a chunk of
+    L = 1760 tokens into a cache of T = 7920 rows, q/k/v column slices of one [B, L, 3C] projection (--small:
+    L = 37, T = 100)."""
     import dz_kernels.kv_cache.ops as kops
     from dz_kernels.kv_cache import kv_cache_write, qk_norm_rope_kv_write
 
     kops.kernels_interpreted = lambda: True         # its backend and device checks only
+    L, T = (37, 100) if small else (1760, 7920)
     for act in dtypes:
         for cache in (torch.bfloat16, torch.float32, torch.float8_e4m3fn):
-            for wdt in {act, torch.float32}:
-                q, k, v = (torch.randn(B, L, H * D, dtype=act) for _ in range(3))
-                wq, wk = torch.randn(H * D, dtype=wdt), torch.randn(H * D, dtype=wdt)
-                cos, sin = torch.randn(L, D // 2), torch.randn(L, D // 2)
-                kc, vc = torch.zeros(B, T, H, D, dtype=cache), torch.zeros(B, T, H, D, dtype=cache)
+            for wdt in dict.fromkeys((act, torch.float32)):
+                q, k, v = torch.empty(B, L, 3 * H * D, dtype=act).split(H * D, dim=-1)
+                wq, wk = torch.empty(H * D, dtype=wdt), torch.empty(H * D, dtype=wdt)
+                cos, sin = torch.empty(L, D // 2), torch.empty(L, D // 2)
+                kc, vc = torch.empty(B, T, H, D, dtype=cache), torch.empty(B, T, H, D, dtype=cache)
                 ks = vs = None
                 if cache == torch.float8_e4m3fn:
-                    ks, vs = torch.zeros(B, T, H), torch.zeros(B, T, H)
+                    ks, vs = torch.empty(B, T, H), torch.empty(B, T, H)
                 pos = torch.zeros(1, dtype=torch.int32)
                 with torch.no_grad():
                     qk_norm_rope_kv_write(q, k, v, wq, wk, 1e-6, cos, sin, H, kc, vc, pos, ks, vs, backend="triton",
                                           check=False)
-                    kv_cache_write(k.view(B, L, H, D), v.view(B, L, H, D), kc, vc, pos, ks, vs, backend="triton",
-                                   check=False)
+                    kn = torch.empty(B, L, H, D, dtype=act)
+                    kv_cache_write(kn, kn, kc, vc, pos, ks, vs, backend="triton", check=False)
 
 
-FAMILIES = {"fused": fused_launches, "kv_cache": kv_cache_launches}
+def quant_launches(dtypes: tuple, small: bool = False) -> None:
+    """The quant launchers at the bench's Wan shape K = N = 5120 (--small: 256), M = 1785 (one denoising pass) and
+    M = 16 (decode-like; the NVFP4 split-K path), bf16 activations and outputs with a bias: FP8 per-row and block
+    quantization, dequantization, the FP8 GEMM (row and block scales, every autotune config), NVFP4 quantization and
+    dequantization, the W4A16 tiled GEMM (every autotune config), split-K GEMM and its reduction / scaled epilogue,
+    and the W4A4 register-dequantization GEMM (the Hopper emulation path). `dtypes` is not used: the quant kernels
+    take bf16 activations here."""
+    from types import SimpleNamespace
+
+    import dz_kernels.quant._common as qcm
+    from dz_kernels.quant import triton_fp8 as f8, triton_nvfp4 as f4, triton_nvfp4_splitk as sk
+
+    qcm.kernels_interpreted = lambda: False                          # the GPU launch configs, not the interpreter's
+    torch.cuda.get_device_properties = lambda *_: SimpleNamespace(multi_processor_count=N_SM)   # split-K's plan
+    K = N = 256 if small else 5120
+    bf, e4 = torch.bfloat16, torch.float8_e4m3fn
+    bias = torch.empty(N, dtype=bf)
+    for M in (1785, 16):
+        x = torch.empty(M, K, dtype=bf)
+        f8.launch_fp8_quant_rows(x)
+        f8.launch_fp8_quant_blocks(x, True)
+        a, b = torch.empty(M, K, dtype=e4), torch.empty(N, K, dtype=e4)
+        f8.launch_fp8_dequant(a, torch.empty(M, 1), "row", bf)
+        f8.launch_fp8_gemm(a, torch.empty(M, 1), b, torch.empty(N, 1), False, bias, None, None, None, bf)
+        if M > 16:
+            f8.launch_fp8_quant_blocks(x, False)
+            f8.launch_fp8_gemm(a, torch.empty(M, K // 128), b, torch.empty(N // 128, K // 128), True, bias, None,
+                               None, None, bf)
+        g = torch.ones((), dtype=torch.float32)
+        f4.launch_nvfp4_quant(x, g)
+        w, ws = torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(N, K // 16, dtype=e4)
+        if M > 16:
+            f4.launch_nvfp4_dequant(w, ws, g, bf)                     # the "dequant" path: then cuBLAS, then
+            sk.launch_scaled_epilogue(torch.empty(M, N), g, bias, 0, (x, 0, 0, x, 0, 0), False, False,
+                                      torch.empty(M, N, dtype=bf))    # the global scale and the bias in one pass
+            f4.launch_w4a16(x, w, ws, g, bias, None, None, None, bf, path="tiled")
+            f4.launch_w4a4(w[:M], ws[:M], g, w, ws, g, bias, None, None, None, bf, use_dot_scaled=False)
+        else:
+            f4.launch_w4a16(x, w, ws, g, bias, None, None, None, bf, path="splitk")
+
+
+FAMILIES = {"fused": fused_launches, "kv_cache": kv_cache_launches, "quant": quant_launches}
 
 
 def main(argv=None) -> int:
@@ -138,6 +240,10 @@ def main(argv=None) -> int:
     p.add_argument("families", nargs="*", help=f"of {', '.join(FAMILIES)} (default: all)")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--dtypes", default="bf16,fp32", help="activation dtypes, comma-separated (bf16, fp16, fp32)")
+    p.add_argument("--small", action="store_true", help="a few rows instead of the bench's shapes")
+    p.add_argument("--json", help="write the records (one per compiled variant) to this file")
+    p.add_argument("--dump", help="write each variant's PTX into this folder")
+    p.add_argument("--kernels", help="compile only these kernels (comma-separated names)")
     a = p.parse_args(argv)
     unknown = sorted(set(a.families) - set(FAMILIES))
     if unknown:
@@ -150,11 +256,14 @@ def main(argv=None) -> int:
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtypes = tuple(names[d] for d in a.dtypes.split(","))
     for fam in a.families or list(FAMILIES):
-        FAMILIES[fam](dtypes)
+        FAMILIES[fam](dtypes, small=a.small)
     if not launches:
         print("no launch was recorded: the ops did not reach their Triton kernels", file=sys.stderr)
         return 1
-    failed = compile_launches(launches, a.arch)
+    records, failed = compile_launches(launches, a.arch, a.dump, a.kernels and a.kernels.split(","))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(records, f, indent=1)
     print(f"{len(launches)} launches recorded; {'failed: ' + ', '.join(failed) if failed else 'every variant compiled'}")
     return 1 if failed else 0
 

@@ -34,36 +34,39 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import FP8_AMAX_FLOOR, FP8_DTYPE, cast_rne, fp8_scale_tl, kernels_interpreted, round_to
+from .._common import FP8_AMAX_FLOOR, FP8_DTYPE, cast_rne, fp8_scale_tl, kernels_interpreted, nan_amax, round_to
 
 __all__ = ["launch_qk_norm_rope_kv", "launch_kv_write"]
 
 
 @triton.jit
-def _rms_norm_pairs(ROW, W, even, odd, mask, C, eps, DT: tl.constexpr, ROUND_W: tl.constexpr):
-    """Wan's RMSNorm of rows of C (x at ROW + even/odd offsets: the pairs rotated by RoPE) with weight W, rounded
-    as the chain rounds it (to DT after the normalization, and after the weight when ROUND_W). fp32 (even, odd)."""
-    xe = tl.load(ROW + even, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(ROW + odd, mask=mask, other=0.0).to(tl.float32)
-    ss = tl.sum(tl.sum(xe * xe + xo * xo, axis=2), axis=1)
+def _rms_norm_heads(ROW, W, col, mask, C, eps, DT: tl.constexpr, ROUND_W: tl.constexpr):
+    """Wan's RMSNorm of rows of C (x at ROW + col: a [BLOCK_R, BLOCK_H, BLOCK_D] tile of whole heads, contiguous
+    along D so the loads are vectors) with weight W, rounded as the chain rounds it (to DT after the normalization,
+    and after the weight when ROUND_W). fp32."""
+    x = tl.load(ROW + col, mask=mask, other=0.0).to(tl.float32)
+    ss = tl.sum(tl.sum(x * x, axis=2), axis=1)
     rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, C * 1.0) + eps))[:, None, None]
-    we = tl.load(W + even, mask=mask, other=0.0).to(tl.float32)
-    wo = tl.load(W + odd, mask=mask, other=0.0).to(tl.float32)
-    ye = round_to(xe * rstd, DT) * we
-    yo = round_to(xo * rstd, DT) * wo
+    y = round_to(x * rstd, DT) * tl.load(W + col, mask=mask, other=0.0).to(tl.float32)
     if ROUND_W:
-        ye = round_to(ye, DT)
-        yo = round_to(yo, DT)
-    return ye, yo
+        y = round_to(y, DT)
+    return y
 
 
 @triton.jit
-def _head_amax(xe, xo, mask):
-    """Per (row, head) max |x| over both elements of the pairs [BLOCK_R, BLOCK_H, BLOCK_P] -> [BLOCK_R, BLOCK_H];
-    NaN when the head holds a NaN."""
-    a = tl.max(tl.where(mask, tl.maximum(tl.abs(xe), tl.abs(xo)), 0.0), axis=2)
-    bad = tl.max(tl.where(mask, ((xe != xe) | (xo != xo)).to(tl.int32), 0), axis=2)
-    return tl.where(bad != 0, float("nan"), a)
+def _rope(y, c, s, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Rotate the adjacent pairs (y[2i], y[2i+1]) of each head of a [BLOCK_R, BLOCK_H, 2 * BLOCK_P] tile by the
+    angles (c, s) [BLOCK_R, 1, BLOCK_P]: the pairs are split out of the contiguous tile in registers (no strided
+    loads), rotated in fp32 (each product rounded: the kernel runs without FMA contraction), joined back."""
+    ye, yo = tl.split(tl.reshape(y, (BLOCK_R, BLOCK_H, BLOCK_P, 2)))
+    return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), (BLOCK_R, BLOCK_H, 2 * BLOCK_P))
+
+
+@triton.jit
+def _head_amax(x, mask):
+    """Per (row, head) max |x| of a [BLOCK_R, BLOCK_H, BLOCK_D] tile -> [BLOCK_R, BLOCK_H]; NaN when the head holds
+    a NaN (lanes outside the mask count as 0)."""
+    return nan_amax(tl.where(mask, x, 0.0), 2)
 
 
 @triton.jit
@@ -79,64 +82,59 @@ def _qk_norm_rope_kv_kernel(
     POS,
     N, L, T, H, D, C, eps, amax_floor,
     ROUND_W: tl.constexpr, FP8: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # a program owns BLOCK_R token rows (r = b * L + l) as a [BLOCK_R, BLOCK_H, BLOCK_P] tile of head pairs
+    # a program owns BLOCK_R token rows (r = b * L + l) as a [BLOCK_R, BLOCK_H, BLOCK_D] tile of whole heads
+    BLOCK_P: tl.constexpr = BLOCK_D // 2
     rv = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r = rv[:, None, None]
     b = r // L
     l = r - b * L
     hv = tl.arange(0, BLOCK_H)
     h = hv[None, :, None]
-    p = tl.arange(0, BLOCK_P)[None, None, :]
-    half = D // 2
-    mask = (r < N) & (h < H) & (p < half)
-    even = h * D + 2 * p                      # offsets of x[2i] inside a row of C; x[2i+1] is even + 1
-    odd = even + 1
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = (r < N) & (h < H) & (d < D)
+    col = h * D + d                           # offsets inside a row of C = H * D
     DT = QO.dtype.element_ty                  # the activation dtype (q_rot has q's dtype)
 
     pos = tl.load(POS).to(tl.int64)
     ok = (pos >= 0) & (pos + L <= T)          # out of range: write no cache row (the host raises before that)
     wmask = tl.where(ok, mask, False)         # (where, not &: the interpreter mistypes bool & loaded scalar)
-    crow = b * scb + (pos + l) * sct          # each token's row in the cache
+    crow = b * scb + (pos + l) * sct + col    # each token's row in the cache
     r2 = rv[:, None]
     b2 = r2 // L
     srow = b2 * ssb + (pos + r2 - b2 * L) * sst + hv[None, :]     # [BLOCK_R, BLOCK_H] scale offsets
     smask = tl.where(ok, (r2 < N) & (hv[None, :] < H), False)
 
-    cmask = (r < N) & (p < half)
+    p = tl.arange(0, BLOCK_P)[None, None, :]
+    cmask = (r < N) & (p < D // 2)
     c = tl.load(COS + l * scos + p, mask=cmask, other=0.0)
     s = tl.load(SIN + l * ssin + p, mask=cmask, other=0.0)
 
     # ---- q: RMSNorm over C, weight, RoPE -> q_rot
-    ye, yo = _rms_norm_pairs(Q + b * sqb + l * sql, WQ, even, odd, mask, C, eps, DT, ROUND_W)
-    tl.store(QO + r * C + even, cast_rne(ye * c - yo * s, DT), mask=mask)
-    tl.store(QO + r * C + odd, cast_rne(ye * s + yo * c, DT), mask=mask)
+    y = _rms_norm_heads(Q + b * sqb + l * sql, WQ, col, mask, C, eps, DT, ROUND_W)
+    tl.store(QO + r * C + col, cast_rne(_rope(y, c, s, BLOCK_R, BLOCK_H, BLOCK_P), DT), mask=mask)
 
-    # ---- k: the same, into the cache row
-    ye, yo = _rms_norm_pairs(K + b * skb + l * skl, WK, even, odd, mask, C, eps, DT, ROUND_W)
-    re = round_to(ye * c - yo * s, DT)      # the rotated key as the chain rounds it
-    ro = round_to(ye * s + yo * c, DT)
-
-    ve = tl.load(V + b * svb + l * svl + even, mask=mask, other=0.0).to(tl.float32)
-    vo = tl.load(V + b * svb + l * svl + odd, mask=mask, other=0.0).to(tl.float32)
+    # ---- k: the same, into the cache row (the rotated key rounded as the chain rounds it)
+    y = _rms_norm_heads(K + b * skb + l * skl, WK, col, mask, C, eps, DT, ROUND_W)
+    kr = round_to(_rope(y, c, s, BLOCK_R, BLOCK_H, BLOCK_P), DT)
 
     CT = KC.dtype.element_ty
-    if FP8:
-        # per-(token, head) amax over both elements of the pairs, then quantize each with the head's scale
-        ks = fp8_scale_tl(_head_amax(re, ro, mask), amax_floor)
-        tl.store(KC + crow + even, cast_rne(tl.math.div_rn(re, ks[:, :, None]), CT), mask=wmask)
-        tl.store(KC + crow + odd, cast_rne(tl.math.div_rn(ro, ks[:, :, None]), CT), mask=wmask)
+    if FP8:   # one scale per (token, head) over its D values, then each value quantized with its head's scale
+        ks = fp8_scale_tl(_head_amax(kr, mask), amax_floor)
+        tl.store(KC + crow, cast_rne(tl.math.div_rn(kr, ks[:, :, None]), CT), mask=wmask)
         tl.store(KS + srow, ks, mask=smask)
-        vs = fp8_scale_tl(_head_amax(ve, vo, mask), amax_floor)
-        tl.store(VC + crow + even, cast_rne(tl.math.div_rn(ve, vs[:, :, None]), CT), mask=wmask)
-        tl.store(VC + crow + odd, cast_rne(tl.math.div_rn(vo, vs[:, :, None]), CT), mask=wmask)
+    else:
+        tl.store(KC + crow, cast_rne(kr, CT), mask=wmask)
+
+    # ---- v: copied (or quantized) into its cache row
+    v = tl.load(V + b * svb + l * svl + col, mask=mask, other=0.0).to(tl.float32)
+    if FP8:
+        vs = fp8_scale_tl(_head_amax(v, mask), amax_floor)
+        tl.store(VC + crow, cast_rne(tl.math.div_rn(v, vs[:, :, None]), CT), mask=wmask)
         tl.store(VS + srow, vs, mask=smask)
     else:
-        tl.store(KC + crow + even, cast_rne(re, CT), mask=wmask)
-        tl.store(KC + crow + odd, cast_rne(ro, CT), mask=wmask)
-        tl.store(VC + crow + even, cast_rne(ve, CT), mask=wmask)
-        tl.store(VC + crow + odd, cast_rne(vo, CT), mask=wmask)
+        tl.store(VC + crow, cast_rne(v, CT), mask=wmask)
 
 
 @triton.jit
@@ -170,10 +168,10 @@ def _kv_write_kernel(
     v = tl.load(V + b * svb + l * svl + h * svh + d, mask=mask, other=0.0).to(tl.float32)
     CT = KC.dtype.element_ty
     if FP8:
-        ks = fp8_scale_tl(_head_amax(k, k, mask), amax_floor)
+        ks = fp8_scale_tl(_head_amax(k, mask), amax_floor)
         tl.store(KC + crow, cast_rne(tl.math.div_rn(k, ks[:, :, None]), CT), mask=wmask)
         tl.store(KS + srow, ks, mask=smask)
-        vs = fp8_scale_tl(_head_amax(v, v, mask), amax_floor)
+        vs = fp8_scale_tl(_head_amax(v, mask), amax_floor)
         tl.store(VC + crow, cast_rne(tl.math.div_rn(v, vs[:, :, None]), CT), mask=wmask)
         tl.store(VS + srow, vs, mask=smask)
     else:
@@ -191,9 +189,9 @@ def _warps(elems: int) -> int:
 
 def _launch_params(kind: str, n_rows: int, tile: int, H: int, D: int, cache_dtype, device) -> tuple[int, int]:
     """(token rows per program, num_warps) of kernel `kind` ("epilogue" or "write") from the config table
-    dz_kernels/configs/kv_cache.json: by default enough rows for a tile of about tile_elems = 4096 elements (one
-    row at the droid shape, H=40 x D/2=64 -> 64 x 64) and warps by the tile's size; under the interpreter up to 64
-    rows (its cost is per program)."""
+    dz_kernels/configs/kv_cache.json: by default enough rows for a tile of about tile_elems = 4096 elements (at
+    least one row: at the droid shape a row is H=40 -> 64 heads x D=128 = 8192 elements) and warps by the tile's
+    size; under the interpreter up to 64 rows (its cost is per program)."""
     if kernels_interpreted():
         rows = 64
         warps = 0
@@ -222,8 +220,8 @@ def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v
     T = k_cache.shape[1]
     fp8 = k_cache.dtype == FP8_DTYPE
     block_h = triton.next_power_of_2(H)
-    block_p = triton.next_power_of_2(D // 2)
-    block_r, warps = _launch_params("epilogue", N, block_h * block_p, H, D, k_cache.dtype, q.device)
+    block_d = triton.next_power_of_2(D)
+    block_r, warps = _launch_params("epilogue", N, block_h * block_d, H, D, k_cache.dtype, q.device)
     ks, vs = (k_scale, v_scale) if fp8 else (pos, pos)     # dummies: never dereferenced without FP8
     ssb, sst = (k_scale.stride(0), k_scale.stride(1)) if fp8 else (0, 0)
     _qk_norm_rope_kv_kernel[(triton.cdiv(N, block_r),)](
@@ -238,7 +236,7 @@ def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v
         pos,
         N, L, T, H, D, C, float(eps), FP8_AMAX_FLOOR,
         ROUND_W=(wq.dtype == q.dtype and q.dtype != torch.float32), FP8=fp8,
-        BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=warps,
+        BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps,
         enable_fp_fusion=False,
     )
 

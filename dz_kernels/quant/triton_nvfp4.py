@@ -44,18 +44,20 @@ __all__ = ["launch_nvfp4_quant", "launch_nvfp4_dequant", "launch_w4a16", "launch
 @triton.jit
 def _nvfp4_quant_kernel(X, G, Q, S, R, C, stride_xr, stride_qr, stride_sr,
                         BLOCK_R: tl.constexpr, NB: tl.constexpr):
-    """A [BLOCK_R, NB*16] tile: NB blocks of 16 per row. Elements are read as even/odd halves [BLOCK_R, NB, 8] so
-    that the low nibble (even element) and high nibble (odd element) of each output byte are at hand."""
+    """A [BLOCK_R, NB*16] tile: NB blocks of 16 per row, read contiguously (vector loads on the GPU) and split in
+    registers into even/odd halves [BLOCK_R, NB, 8], so that the low nibble (even element) and high nibble (odd
+    element) of each output byte are at hand."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     blk = tl.program_id(1) * NB + tl.arange(0, NB)
     j = tl.arange(0, 8)
     m2 = (rows < R)[:, None] & (blk < C // 16)[None, :]
     m3 = m2[:, :, None] & (j < 8)[None, None, :]
     r64 = rows.to(tl.int64)
-    col = blk[None, :, None] * 16 + 2 * j[None, None, :]
-    xptr = X + r64[:, None, None] * stride_xr + col
-    xe = tl.load(xptr, mask=m3, other=0.0).to(tl.float32)
-    xo = tl.load(xptr + 1, mask=m3, other=0.0).to(tl.float32)
+    e = tl.arange(0, 16)
+    m16 = m2[:, :, None] & (e < 16)[None, None, :]
+    x = tl.load(X + r64[:, None, None] * stride_xr + blk[None, :, None] * 16 + e[None, None, :], mask=m16,
+                other=0.0).to(tl.float32)
+    xe, xo = tl.split(tl.reshape(x, (BLOCK_R, NB, 8, 2)))
     g = tl.load(G)
     ae = nan_amax(xe, 2)
     ao = nan_amax(xo, 2)
@@ -84,9 +86,11 @@ def _nvfp4_dequant_kernel(Q, S, G, O, R, C, stride_qr, stride_sr, stride_or,
     p = tl.load(Q + r64[:, None, None] * stride_qr + blk[None, :, None] * 8 + j[None, None, :], mask=m3, other=0)
     s = e4m3_value(tl.load(S + r64[:, None] * stride_sr + blk[None, :], mask=m2, other=0.0))
     bs = (s * tl.load(G))[:, :, None]
-    optr = O + r64[:, None, None] * stride_or + blk[None, :, None] * 16 + 2 * j[None, None, :]
-    tl.store(optr, cast_rne(_e2m1_decode(p) * bs, O.dtype.element_ty), mask=m3)
-    tl.store(optr + 1, cast_rne(_e2m1_decode(p >> 4) * bs, O.dtype.element_ty), mask=m3)
+    # the even (low nibble) and odd (high nibble) values joined in registers: one contiguous store of 16 per block
+    vals = tl.reshape(tl.join(_e2m1_decode(p) * bs, _e2m1_decode(p >> 4) * bs), (BLOCK_R, NB, 16))
+    e = tl.arange(0, 16)
+    tl.store(O + r64[:, None, None] * stride_or + blk[None, :, None] * 16 + e[None, None, :],
+             cast_rne(vals, O.dtype.element_ty), mask=m2[:, :, None] & (e < 16)[None, None, :])
 
 
 @triton.jit
@@ -100,7 +104,6 @@ def _nvfp4_w4a16_kernel(X, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_p = tl.arange(0, BLOCK_K // 2)
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
@@ -109,7 +112,7 @@ def _nvfp4_w4a16_kernel(X, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
-        acc = _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, k0 // 2 + offs_p, K // 2,
+        acc = _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, k0 // 2, K // 2,
                               BLOCK_N, BLOCK_K, INTERPRET)
         x_ptrs += BLOCK_K
     acc = acc * tl.load(WG)

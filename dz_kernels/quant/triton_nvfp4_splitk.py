@@ -44,7 +44,6 @@ def _nvfp4_w4a16_splitk_kernel(X, W, WS, WG, PART, BIAS, GATE, RES, OUT, M, N, K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_p = tl.arange(0, BLOCK_K // 2)
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -55,7 +54,7 @@ def _nvfp4_w4a16_splitk_kernel(X, W, WS, WG, PART, BIAS, GATE, RES, OUT, M, N, K
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
         x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & (k < k_end)[None, :], other=0.0)
-        acc = _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, k0 // 2 + offs_p, k_end // 2,
+        acc = _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, k0 // 2, k_end // 2,
                               BLOCK_N, BLOCK_K, INTERPRET)
     if SINGLE:
         acc = acc * tl.load(WG)
