@@ -29,109 +29,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))   # dz_kernels from this checkout when run as a program
 
-N_SM = 132          # H100 SXM / H200
-
-
-def record_launches() -> list:
-    """Replace Triton's launch by a recorder; returns the list it appends (kernel, args, kwargs, grid) to. An
-    autotuned kernel records one launch per config of its list (what the autotuner may pick)."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-
-    launches = []
-
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append((self, args, dict(kwargs), grid))
-
-    def record_all(self, *args, grid=None, warmup=False, **kwargs):
-        for cfg in self.configs:
-            kw = {**kwargs, **cfg.all_kwargs()}
-            g = grid(dict(zip(self.arg_names, args)) | kw) if callable(grid) else grid
-            launches.append((self.fn, args, kw, g))
-
-    JITFunction.run = record
-    Autotuner.run = record_all
-    return launches
-
-
-def specialize(fn, args, kw, backend) -> tuple:
-    """(signature, constexprs, attrs, options) of one recorded launch, as JITFunction.run computes them."""
-    from triton.runtime.jit import create_function_from_signature
-
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, spec, opts = binder(*args, **kw)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
-    return signature, constexprs, attrs, options
-
-
-def occupancy(regs: int, warps: int, shared: int) -> int:
-    """Programs resident per sm_90 multiprocessor: registers (allocated per warp in units of 256), threads, shared
-    memory (227 KB per program at most, 228 KB per SM with 1 KB reserved per program), 32 programs."""
-    warp_regs = -(-max(regs, 1) * 32 // 256) * 256
-    by_regs = 65536 // (warp_regs * warps)
-    by_threads = 2048 // (32 * warps)
-    by_smem = 233472 // (shared + 1024) if shared else 32
-    return max(0, min(by_regs, by_threads, by_smem, 32))
-
-
-def _widths(hist: dict) -> str:
-    return ",".join(f"{b}Bx{n}" for b, n in sorted(hist.items(), reverse=True)) or "-"
-
-
-def compile_launches(launches: list, arch: int, dump: str | None = None, kernels=None) -> tuple[list, list]:
-    """Compile each distinct launch for `arch`; returns (records, names of the kernels that failed). dump: a folder
-    to write each variant's PTX into (<kernel>-<n>.ptx, n as in the records). kernels: compile only the kernels of
-    these names (default: all)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-
-    from dz_kernels.quant._aot import ptx_facts
-
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    seen, records, failed = set(), [], []
-    for fn, args, kw, grid in launches:
-        if kernels and fn.__name__ not in kernels:
-            continue
-        sig, consts, attrs, options = specialize(fn, args, kw, backend)
-        key = (fn.__name__, repr(sorted(sig.items())), repr(sorted(consts.items())), repr(sorted(attrs.items())),
-               repr(options))
-        if key in seen:
-            continue
-        seen.add(key)
-        warps, stages = options.num_warps, options.num_stages
-        try:
-            k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
-                               options=options.__dict__)
-            facts = ptx_facts(k.asm["ptx"], arch)
-        except Exception as e:  # noqa: BLE001 -- every failure is reported, then the status says so
-            failed.append(fn.__name__)
-            print(f"FAIL sm_{arch} {fn.__name__}: {type(e).__name__}: {str(e)[:600]}")
-            continue
-        grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
-        programs = 1
-        for g in grid:
-            programs *= int(g)
-        occ = occupancy(facts["regs"], warps, k.metadata.shared)
-        names = {c[0]: v for c, v in consts.items() if len(c) == 1}
-        blocks = {fn.arg_names[i]: v for i, v in names.items() if fn.arg_names[i].startswith(("BLOCK", "TILE", "NB"))}
-        dtypes = sorted({v[1:] for v in sig.values() if v.startswith("*")})
-        rec = dict(kernel=fn.__name__, warps=warps, stages=stages, shared=k.metadata.shared, grid=list(grid),
-                   programs=programs, per_sm=occ, waves=round(programs / max(1, occ * N_SM), 2), blocks=blocks,
-                   dtypes=dtypes, **facts)
-        records.append(rec)
-        if dump:
-            os.makedirs(dump, exist_ok=True)
-            rec["ptx"] = os.path.join(dump, f"{fn.__name__}-{len(records) - 1}.ptx")
-            with open(rec["ptx"], "w") as f:
-                f.write(k.asm["ptx"])
-        print(f"ok   sm_{arch} {fn.__name__:30s} warps={warps:<2d} stages={stages} regs={facts['regs']:<3d} "
-              f"spill={facts['spill_st']}/{facts['spill_ld']} shared={k.metadata.shared} "
-              f"mma={'+'.join(m.split('.')[0] for m in facts['mma'][:1]) or '-'} ld={_widths(facts['ld'])} "
-              f"st={_widths(facts['st'])} cp.async={_widths(facts['cp_async'])} tma={facts['tma']} "
-              f"grid={programs} per_sm={occ} waves={rec['waves']} {blocks} {','.join(dtypes)}")
-    return records, failed
+from dz_kernels._aot import N_SM, compile_launches, record_launches  # noqa: E402
 
 
 def fused_launches(dtypes: tuple, small: bool = False, C: int = 5120) -> None:
@@ -252,11 +150,11 @@ def main(argv=None) -> int:
         print("run with TRITON_INTERPRET=0: the kernels must be compilable functions, not interpreted ones",
               file=sys.stderr)
         return 2
-    launches = record_launches()
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtypes = tuple(names[d] for d in a.dtypes.split(","))
-    for fam in a.families or list(FAMILIES):
-        FAMILIES[fam](dtypes, small=a.small)
+    with record_launches() as launches:
+        for fam in a.families or list(FAMILIES):
+            FAMILIES[fam](dtypes, small=a.small)
     if not launches:
         print("no launch was recorded: the ops did not reach their Triton kernels", file=sys.stderr)
         return 1

@@ -1,163 +1,143 @@
 """Compile the layout-attention kernels ahead of time for a CUDA architecture, without a GPU.
 
 The CPU tests run the kernels in Triton's interpreter, which never sees the GPU code path (bf16 tensor-core dots,
-full-precision fp32 dots, atomics, shared-memory limits). This compiles every kernel of the tile configs the config
-table gives for that architecture (dz_kernels/configs/attention.json, modes train and infer) for bf16, fp16 and
-fp32 and head dims 16..128 down to a cubin with Triton's bundled ptxas, and prints what each one needs: shared
-memory, registers per thread, and the bytes of register spills (local-memory stores) ptxas reports for it, with the
-matrix instruction its dots use (wgmma on sm_90, mma.sync otherwise):
+full-precision fp32 dots, atomics, shared-memory limits, registers). This calls the launchers of the forward and of
+both backward passes (separate dq kernel, atomic dq) on empty CPU tensors at the droid-14b patterns (training mask
+for the "train" tile config, the control step for "infer": forward only; 40 heads) with Triton's launch replaced by a recorder
+(dz_kernels._aot), specializes each launch as Triton's launcher would at that shape, compiles it with Triton's bundled
+ptxas for each dtype and head dim at the config table's tiles (dz_kernels/configs/attention.json), and prints what
+each kernel needs: shared memory, registers per thread, the bytes of register spills (local-memory stores) ptxas
+reports, and the matrix instruction its dots use (wgmma on sm_90, mma.sync otherwise):
 
     python -m dz_kernels.attention.compile_check [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 16,32,64,128]
-                                                 [--kernels fwd,...] [--config JSON] [--max-spill BYTES]
-
-Spills are a fact of the compiled code, not a timing: a kernel that spills in its key loop moves hundreds of bytes
-per thread through local memory on every tile. --max-spill fails (exit 1) when a kernel spills more than BYTES.
+                                                 [--kernels fwd,...] [--modes train,infer] [--config JSON]
+                                                 [--max-spill BYTES]
 
 --config compiles one TileConfig given as a JSON object of its fields instead (e.g. '{"fwd_ws": true}' or
 '{"fwd": [128, 128], "heads_first": true}'): how a tuning candidate is checked here before a GPU times it.
+Spills are a fact of the compiled code, not a timing: a kernel that spills in its key loop moves hundreds of bytes
+per thread through local memory on every tile. --max-spill fails (exit 1) when a kernel spills more than BYTES.
 Run it with TRITON_INTERPRET=0: under the interpreter the kernels are interpreted functions, not compilable (and on
 a machine without CUDA, dz_kernels turns the interpreter on when the variable is unset).
 """
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
+KERNELS = ("fwd", "row-flags", "preprocess", "dkdv", "dq", "dkdv-atomic-dq")
+
+# The droid-14b patterns (dreamzero's layout_for_config(get_config("droid-14b"), ...).attention_pattern(), as plain
+# data: the kernel library does not import the model; tests/test_attention_op.py checks they still agree):
+# (q_lengths, k_lengths, rows) of the training mask and of the control step (chunk 5 with 7 cached frames).
+_F, _A, _S = 880, 24, 1          # tokens of a video frame, an action block, a state block
+DROID_14B = {
+    "train": ((_F,) * 18 + (_A,) * 4 + (_S,) * 4, (_F,) * 18 + (_A,) * 4 + (_S,) * 4,
+              (1, 7, 7, 31, 31, 127, 127, 511, 511, 512, 4459521, 4459521, 8925191, 8925191, 17874975, 17874975,
+               35848319, 35848319, 4459521, 8925191, 17874975, 35848319, 4194304, 8388608, 16777216, 33554432)),
+    "infer": ((_F,) * 4 + (_A, _S), (_F,) * 11 + (_A, _S), (511, 511, 8191, 8191, 8191, 8191)),
+}
 _SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 
 
-def ptxas_resources(ptx: str, arch: int) -> dict:
-    """{"regs", "spill_stores", "spill_loads"} (registers per thread, bytes) of a kernel's PTX, from `ptxas -v` of the
-    ptxas Triton bundles for `arch` (the one that built the cubin)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
-        src.write_text(ptx)
-        proc = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(src), "-o",
-                               str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed for sm_{arch}: {proc.stderr[-2000:]}")
-
-    def field(pattern: str) -> int:
-        m = re.search(pattern, proc.stderr)
-        if m is None:
-            raise RuntimeError(f"ptxas -v printed no '{pattern}': {proc.stderr[-2000:]}")
-        return int(m.group(1))
-    return {"regs": field(r"Used (\d+) registers"), "spill_stores": field(r"(\d+) bytes spill stores"),
-            "spill_loads": field(r"(\d+) bytes spill loads")}
+def _kernel_name(rec: dict) -> str:
+    """compile_check's name of a recorded launch (the dk/dv kernel is two: with and without atomic dq)."""
+    fn = rec["kernel"]
+    if fn == "_bwd_dkdv_kernel":
+        return "dkdv-atomic-dq" if rec["consts"].get("ATOMIC_DQ") else "dkdv"
+    return {"_fwd_kernel": "fwd", "_row_flags_kernel": "row-flags", "_bwd_preprocess_kernel": "preprocess",
+            "_bwd_dq_kernel": "dq"}[fn]
 
 
-def mma_kind(ptx: str) -> str:
-    """The matrix instruction a kernel's dots compiled to: "wgmma", "mma.sync", both, or "-" (no dot)."""
-    kinds = [k for k, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if op in ptx]
-    return "+".join(kinds) or "-"
+def record_attention(dtype, head_dim: int, config, mode: str = "train", heads: int = 40) -> None:
+    """Call the launchers at the droid-14b pattern of `mode` ("train": the training mask, forward and both backward
+    passes; "infer": the control step, forward) on empty CPU tensors, `heads` heads of `head_dim`, tiles `config`
+    (a TileConfig). Meant to run under dz_kernels._aot.record_launches (nothing is launched there)."""
+    import torch
+
+    from .ops import schedule_tensors
+    from .pattern import AttentionPattern
+    from .triton_bwd import launch_backward
+    from .triton_fwd import launch_forward
+
+    pattern = AttentionPattern(*DROID_14B[mode])
+    tiles = config.as_list()
+    sched = schedule_tensors(pattern.key, tiles, "cpu")
+    q = torch.empty(1, pattern.q_len, heads, head_dim, dtype=dtype)
+    k, v = (torch.empty(1, pattern.k_len, heads, head_dim, dtype=dtype) for _ in range(2))
+    scale = head_dim ** -0.5
+    launch_forward(q, k, v, *sched[:3], *sched[4:6], sched[10], scale, tiles)
+    if mode == "train":
+        lse = torch.empty(1, heads, pattern.q_len)
+        for deterministic in (True, False):
+            launch_backward(q, q, k, v, q, lse, None, *sched[:4], *sched[6:10], scale, tiles, deterministic)
 
 
 def compile_all(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), head_dims=(16, 32, 64, 128), kernels=None,
-                verbose=True, config: dict | None = None, max_spill: int | None = None) -> list:
-    """Compile each kernel (all, or those named in `kernels`) for each (dtype, head dim) at the table's configs
-    (or at TileConfig.from_dict(config)); returns [(kernel, dtype, head dim, {"shared", "regs", "spill_stores",
-    "spill_loads", "mma", "warps", "stages", "blocks"})]. max_spill: raise when a kernel's spill stores exceed it."""
+                verbose=True, config: dict | None = None, max_spill: int | None = None,
+                modes=("train", "infer")) -> list:
+    """Compile each kernel (all, or those named in `kernels`) for each (dtype, head dim) at the table's configs of
+    `modes` (or at TileConfig.from_dict(config)); returns [(kernel, dtype, head dim, record)], record as in
+    dz_kernels._aot.compile_launches. Raises when a kernel needs more shared memory than the architecture has, or
+    spills more than `max_spill` bytes."""
+    from .._aot import compile_launches, record_launches
     from .._common import kernels_interpreted
 
     if kernels_interpreted():
         raise RuntimeError("compile_check needs TRITON_INTERPRET=0 (the kernels are interpreted functions under the "
                            "interpreter, which dz_kernels turns on without CUDA when the variable is unset)")
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from .config import TileConfig, table_config
-    from .schedule import nwin
-    from .triton_bwd import PRE_BLOCK_M, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
-    from .triton_common import _row_flags_kernel
-    from .triton_fwd import _fwd_kernel
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    target = GPUTarget("cuda", arch, 32)
-    results = []
-
-    def build(fn, elem: str, consts: dict, warps: int, stages: int) -> dict:
-        sig = {}
-        for name in fn.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "X"):
-                sig[name] = "*" + elem
-            elif name in ("V_BAD", "Q_FLAGS", "K_FLAGS", "FLAGS"):
-                sig[name] = "*i8"
-            elif name in ("LSE", "DELTA", "DQ_ACC", "DLSE"):
-                sig[name] = "*fp32"
-            elif name in ("Q_SEG", "K_SEG", "QK_BITS", "KQ_BITS", "ROWS", "COLS", "TILES"):
-                sig[name] = "*i32"
-            elif name in ("qk_scale", "sm_scale"):
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-        ptx = kernel.asm["ptx"]
-        return {"shared": int(kernel.metadata.shared), **ptxas_resources(ptx, arch), "mma": mma_kind(ptx),
-                "warps": warps, "stages": stages,
-                "blocks": [consts[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in consts]}
-
-    done = set()
+    unknown = set(kernels or ()) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {', '.join(KERNELS)}")
+    results, seen = [], set()
     for dt in dtypes:
         for d in head_dims:
-            if config is not None:
-                cfgs = [TileConfig.from_dict(config)]
-            else:
-                cfgs = [table_config(f"sm{arch}", torch_dtype[dt], d, mode)[0] for mode in ("train", "infer")]
-            jobs = []
-            for cfg in cfgs:
-                (fm, fn_), (km, kn), (qm, qn) = cfg.fwd, cfg.dkv, cfg.dq
-                hf = cfg.heads_first
-                jobs += [
-                    ("fwd", _fwd_kernel, dict(BLOCK_M=fm, BLOCK_N=fn_, HEAD_DIM=d, NWIN=nwin(fn_), INTERPRET=False,
-                                              HEADS_FIRST=hf, WS=cfg.fwd_ws), cfg.fwd_warps, cfg.fwd_stages),
-                    ("dkdv-atomic-dq", _bwd_dkdv_kernel, dict(BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=d, NWIN=nwin(km),
-                                                              ATOMIC_DQ=True, INTERPRET=False, HEADS_FIRST=hf),
-                     cfg.bwd_warps, cfg.bwd_stages),
-                    ("dkdv", _bwd_dkdv_kernel, dict(BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=d, NWIN=nwin(km),
-                                                    ATOMIC_DQ=False, INTERPRET=False, HEADS_FIRST=hf),
-                     cfg.bwd_warps, cfg.bwd_stages),
-                    ("dq", _bwd_dq_kernel, dict(BLOCK_M=qm, BLOCK_N=qn, HEAD_DIM=d, NWIN=nwin(qn), INTERPRET=False,
-                                                HEADS_FIRST=hf), cfg.dq_warps or cfg.bwd_warps,
-                     cfg.dq_stages or cfg.bwd_stages),
-                    ("preprocess", _bwd_preprocess_kernel, dict(HAS_DLSE=True, BLOCK_M=PRE_BLOCK_M, HEAD_DIM=d), 4,
-                     1),
-                    ("row-flags", _row_flags_kernel, dict(BLOCK=fn_, HEAD_DIM=d), 4, 1),
-                ]
-            for name, fn, consts, warps, stages in jobs:
-                ident = (name, dt, tuple(sorted(consts.items())), warps, stages)
-                if ident in done:      # the train and infer configs often share kernels
+            with record_launches() as launches:
+                for mode in modes:
+                    tc = (TileConfig.from_dict(config) if config is not None else
+                          table_config(f"sm{arch}", torch_dtype[dt], d, mode)[0])
+                    tc.validate()
+                    record_attention(torch_dtype[dt], d, tc, mode)
+            if kernels:
+                launches = [x for x in launches if _recorded_name(x) in kernels]
+            records, failed = compile_launches(launches, arch, verbose=False)
+            if failed:
+                raise RuntimeError(f"{', '.join(failed)} ({dt}, D={d}) failed to compile for sm_{arch} (above)")
+            for rec in records:
+                name = _kernel_name(rec)
+                ident = (name, dt, d, repr(rec["blocks"]), rec["warps"], rec["stages"])
+                if ident in seen:          # the train and infer forwards differ only in their lengths
                     continue
-                done.add(ident)
-                if kernels is not None and name not in kernels:
-                    continue
-                res = build(fn, dt, consts, warps, stages)
+                seen.add(ident)
                 if verbose:
-                    blocks = "x".join(str(b) for b in res["blocks"])
-                    print(f"sm_{arch} {name:15s} {dt} D={d:<4d} {blocks:>7s} w{warps} s{stages} shared "
-                          f"{res['shared']:7d} B  regs {res['regs']:3d}  spills {res['spill_stores']:5d} B  "
-                          f"{res['mma']}", flush=True)
+                    blocks = "x".join(str(b) for b in rec["blocks"].values())
+                    mma = "+".join(sorted({"mma.sync" if m.startswith("mma.sync") else m.split(".")[0]
+                                           for m in rec["mma"]})) or "-"
+                    print(f"sm_{arch} {name:15s} {dt} D={d:<4d} {blocks:>7s} w{rec['warps']} s{rec['stages']} "
+                          f"shared {rec['shared']:7d} B  regs {rec['regs']:3d}  spills {rec['spill_st']:5d} B  {mma}",
+                          flush=True)
                 limit = _SHARED_LIMIT.get(arch)
-                if limit is not None and res["shared"] > limit:
-                    raise RuntimeError(f"{name} {dt} D={d} needs {res['shared']} bytes of shared memory, over the "
+                if limit is not None and rec["shared"] > limit:
+                    raise RuntimeError(f"{name} {dt} D={d} needs {rec['shared']} bytes of shared memory, over the "
                                        f"{limit} of sm_{arch}")
-                if max_spill is not None and res["spill_stores"] > max_spill:
-                    raise RuntimeError(f"{name} {dt} D={d} at {res['blocks']} w{warps} s{stages} spills "
-                                       f"{res['spill_stores']} bytes of registers on sm_{arch}, over --max-spill "
+                if max_spill is not None and rec["spill_st"] > max_spill:
+                    raise RuntimeError(f"{name} {dt} D={d} at {rec['blocks']} w{rec['warps']} s{rec['stages']} "
+                                       f"spills {rec['spill_st']} bytes of registers on sm_{arch}, over --max-spill "
                                        f"{max_spill}")
-                results.append((name, dt, d, res))
+                results.append((name, dt, d, rec))
     return results
+
+
+def _recorded_name(launch) -> str:
+    """compile_check's name of a recorded (kernel, args, kwargs, grid)."""
+    fn, _args, kw, _grid = launch
+    consts = {"ATOMIC_DQ": kw.get("ATOMIC_DQ")}
+    return _kernel_name({"kernel": fn.__name__, "consts": consts})
 
 
 def main(argv=None) -> int:
@@ -165,8 +145,10 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--head-dims", default="16,32,64,128")
-    parser.add_argument("--kernels", default=None, help="comma-separated subset of fwd,dkdv-atomic-dq,dkdv,dq,"
-                                                          "preprocess,row-flags (default: all)")
+    parser.add_argument("--kernels", default=None, help=f"comma-separated subset of {','.join(KERNELS)} (default: "
+                                                          "all)")
+    parser.add_argument("--modes", default="train,infer", help="the config table's modes: train (the training mask, "
+                                                               "forward and backward), infer (the control step)")
     parser.add_argument("--max-spill", type=int, default=None, help="fail when a kernel spills more than this many "
                                                                         "bytes of registers (default: report only)")
     parser.add_argument("--config", default=None, help="one TileConfig as a JSON object of its fields (default: "
@@ -182,10 +164,15 @@ def main(argv=None) -> int:
             parser.error(f"--config is not valid JSON ({e}); example: --config '{{\"fwd\": [128, 128]}}'")
         if not isinstance(config, dict):
             parser.error("--config must be a JSON object of TileConfig fields")
+    modes = tuple(args.modes.split(","))
+    if set(modes) - {"train", "infer"}:
+        parser.error(f"--modes takes train and/or infer, got {args.modes!r}")
+    kernels = None if args.kernels is None else tuple(args.kernels.split(","))
+    if kernels is not None and set(kernels) - set(KERNELS):
+        parser.error(f"unknown kernels {sorted(set(kernels) - set(KERNELS))}; choose from {', '.join(KERNELS)}")
     try:
         compile_all(args.arch, tuple(args.dtypes.split(",")), tuple(int(x) for x in args.head_dims.split(",")),
-                    kernels=None if args.kernels is None else tuple(args.kernels.split(",")), config=config,
-                    max_spill=args.max_spill)
+                    kernels=kernels, config=config, max_spill=args.max_spill, modes=modes)
     except RuntimeError as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return 1

@@ -15,8 +15,9 @@ machine; whether they compute the right numbers there is checked by the CUDA tes
 from __future__ import annotations
 
 import json
-import re
 import sys
+
+from .._aot import mma_instructions as _mma
 
 
 def _sig(ptr_types: dict, n_ints: int, int_names, constexprs: dict) -> tuple[dict, dict]:
@@ -35,61 +36,6 @@ def _compile(fn, signature: dict, constexprs: dict, cap: int) -> str:
 
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
-
-
-def _mma(ptx: str) -> list[str]:
-    return sorted(set(re.findall(r"(tcgen05\.mma[\w.:]*|wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)))
-
-
-_GLOBAL = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)+)")
-
-
-def _access_bytes(mods: str) -> int:
-    """Bytes one ld/st.global instruction moves per thread, from its modifiers (".v4.b32" -> 16, ".b16" -> 2)."""
-    vec, bits = 1, 0
-    for m in mods.split(".")[1:]:
-        if re.fullmatch(r"v[248]", m):
-            vec = int(m[1:])
-        elif re.fullmatch(r"[bsuf](8|16|32|64)", m):
-            bits = int(m[1:])
-    return vec * bits // 8
-
-
-def ptx_facts(ptx: str, arch: int) -> dict:
-    """Static facts of one compiled kernel, from its PTX and ptxas -v (Triton's bundled ptxas, no GPU needed):
-    regs (per thread), spill_st / spill_ld (bytes of spill stores / loads per thread), mma (distinct MMA
-    instructions), ld / st ({bytes per thread per instruction: static count} of ld.global / st.global; a 16-bit
-    element loaded one per instruction shows as 2), cp_async (static count of cp.async copies to shared memory, their
-    byte sizes), tma (static count of bulk tensor copies)."""
-    import os
-    import subprocess
-    import tempfile
-    from collections import Counter
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", src, "-o", src + ".o"],
-                           capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {r.stderr[-2000:]}")
-
-    def num(pattern):
-        m = re.search(pattern, r.stderr)
-        return int(m.group(1)) if m else 0
-
-    acc = {"ld": Counter(), "st": Counter()}
-    for op, mods in _GLOBAL.findall(ptx):
-        acc[op][_access_bytes(mods)] += 1
-    cp = Counter(int(n, 0) for n in re.findall(
-        r"cp\.async\.c[ag]\.shared\.global[^\n;]*?\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", ptx))
-    return {"regs": num(r"Used (\d+) registers"), "spill_st": num(r"(\d+) bytes spill stores"),
-            "spill_ld": num(r"(\d+) bytes spill loads"), "mma": _mma(ptx), "ld": dict(sorted(acc["ld"].items())),
-            "st": dict(sorted(acc["st"].items())), "cp_async": dict(sorted(cp.items())),
-            "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx))}
 
 
 NAMES = ("fp8_gemm_row_sm90", "fp8_gemm_block_sm90", "nvfp4_w4a16_sm90", "nvfp4_w4a4_dot_scaled_sm100",
