@@ -24,6 +24,7 @@ def serve_model():
 
 
 def new_policy(model, **kw):
+    kw.setdefault("negative_prompt", None)      # zero features for the unconditional branch (no text encoder here)
     return Policy(model, PolicyConfig(num_steps=1, **kw))
 
 

@@ -87,7 +87,7 @@ def test_apply_in_the_policy_loop(kv_cache):
     state = torch.randn(1, 1, cfg.state_dim, generator=g).to(DEVICE)
 
     def run():
-        pol = Policy(m, PolicyConfig(num_steps=2, fused_control=True))
+        pol = Policy(m, PolicyConfig(num_steps=2, fused_control=True, negative_prompt=None))
         pol.reset(text, clip, first)
         return [pol.step(None, state).actions_raw, pol.step(obs, state).actions_raw]
 

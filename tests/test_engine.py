@@ -95,7 +95,7 @@ def test_dit_caching_static_and_dynamic(model):
     velocity at the skipped steps."""
     chosen = []
     text, clip, first, obs, states = episode(model.cfg, steps=2)
-    pol = Policy(model, PolicyConfig(num_steps=16, dit_cache="dynamic", return_video=True))
+    pol = Policy(model, PolicyConfig(num_steps=16, dit_cache="dynamic", return_video=True, negative_prompt=None))
     rule = pol._should_run
 
     def recording(i, mask, history, countdown):

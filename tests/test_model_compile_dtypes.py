@@ -107,11 +107,11 @@ def test_policy_compiled_blocks_trace_whole(option):
 
     m = tiny_model(option)
     x = policy_inputs(m.cfg)
-    want = run_policy(m, PolicyConfig(num_steps=1, fused_control=True), x)
+    want = run_policy(m, PolicyConfig(num_steps=1, fused_control=True, negative_prompt=None), x)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    got = run_policy(m, PolicyConfig(num_steps=1, fused_control=True, compile="aot_eager"), x)
+    got = run_policy(m, PolicyConfig(num_steps=1, fused_control=True, compile="aot_eager", negative_prompt=None), x)
     assert compiled_backend(m) == "aot_eager"
     assert not counters["graph_break"] and not counters["resumes"], {k: dict(counters[k])
                                                                      for k in ("graph_break", "resumes")}
@@ -141,9 +141,10 @@ def test_control_step_of_a_bf16_model(option):
     """A bf16 model (the engine's inference dtype) through two control steps, fused control and the KV cache
     included: bf16 actions close to the fp32 model's."""
     x32 = policy_inputs(tiny_model("reference").cfg)
-    want = run_policy(tiny_model(option), PolicyConfig(num_steps=1, fused_control=True), x32)
+    want = run_policy(tiny_model(option), PolicyConfig(num_steps=1, fused_control=True, negative_prompt=None), x32)
     m = tiny_model(option, torch.bfloat16)
-    got = run_policy(m, PolicyConfig(num_steps=1, fused_control=True), {k: v.bfloat16() for k, v in x32.items()})
+    got = run_policy(m, PolicyConfig(num_steps=1, fused_control=True, negative_prompt=None),
+                     {k: v.bfloat16() for k, v in x32.items()})
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, rtol=0.05, atol=0.05)

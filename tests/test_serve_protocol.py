@@ -110,7 +110,7 @@ print("client ok without torch")
 
 def test_the_client_needs_no_torch():
     """The protocol, client and demo import and run an episode in a process where `import torch` fails."""
-    policy = Policy(tiny_model(std=None).eval(), PolicyConfig(num_steps=1))
+    policy = Policy(tiny_model(std=None).eval(), PolicyConfig(num_steps=1, negative_prompt=None))
     with PolicyServer(policy, port=0) as srv:
         proc = subprocess.run([sys.executable, "-c", _NO_TORCH_CLIENT, srv.url], capture_output=True, text=True,
                               timeout=300)
