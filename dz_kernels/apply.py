@@ -52,44 +52,43 @@ def _dreamzero_ops(config: ApplyConfig) -> dict:
         from .attention import layout_attention
         fields["attention"] = layout_attention
     if config.norms:
-        from . import fused
-        fields.update(layernorm_modulate=fused.layernorm_modulate, gated_residual=fused.gated_residual,
-                      residual_layernorm_modulate=fused.gated_residual_layernorm_modulate,
-                      rms_norm=fused.rms_norm, gelu_tanh=fused.gelu_tanh, qk_norm_rope=_qk_norm_rope_fused,
-                      layernorm_modulate_rows=_layernorm_modulate_rows_fused,
-                      residual_layernorm_modulate_rows=_residual_layernorm_modulate_rows_fused)
+        fields.update(_fused_ops())
     if config.kv_cache:
         from .kv_cache import FusedKVCache
         fields["kv_cache"] = FusedKVCache
     return fields
 
 
-def _qk_norm_rope_fused(q, k, wq, wk, eps, cos, sin, num_heads):
-    """q/k RMSNorm with the fused kernel, then RoPE (the no-cache path, e.g. training). The norm weights are used
-    in the activations' dtype (under autocast: fp32 master weights, bf16 projections)."""
+def _fused_ops() -> dict:
+    """The table's fields for norms=True: dz_kernels.fused's ops, and three built on them here, as closures over the
+    modules they use (imported once, not on every call of the block)."""
     from dreamzero.backend import apply_rope
 
     from . import fused
-    q = fused.rms_norm(q, wq.to(q.dtype), eps).unflatten(-1, (num_heads, -1))
-    k = fused.rms_norm(k, wk.to(k.dtype), eps).unflatten(-1, (num_heads, -1))
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    from .quant.api import Float8Rows
 
+    def qk_norm_rope(q, k, wq, wk, eps, cos, sin, num_heads):
+        """q/k RMSNorm with the fused kernel, then RoPE (the no-cache path, e.g. training). The norm weights are
+        used in the activations' dtype (under autocast: fp32 master weights, bf16 projections)."""
+        q = fused.rms_norm(q, wq.to(q.dtype), eps).unflatten(-1, (num_heads, -1))
+        k = fused.rms_norm(k, wk.to(k.dtype), eps).unflatten(-1, (num_heads, -1))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-def _layernorm_modulate_rows_fused(x, shift, scale, eps, quantize):
-    """Ops.layernorm_modulate_rows with the quantization in the fused norm's epilogue (`quantize`, the consumers'
-    quantizer, is not needed: the kernel writes rows in its convention, dz_kernels.quant.Float8Rows)."""
-    from . import fused
-    from .quant import Float8Rows
-    q, s = fused.layernorm_modulate(x, shift, scale, eps, fp8=True)
-    return Float8Rows(q, s, x.dtype)
+    def layernorm_modulate_rows(x, shift, scale, eps, quantize):
+        """Ops.layernorm_modulate_rows with the quantization in the fused norm's epilogue (`quantize`, the
+        consumers' quantizer, is not needed: the kernel writes rows in its convention, quant.Float8Rows)."""
+        q, s = fused.layernorm_modulate(x, shift, scale, eps, fp8=True)
+        return Float8Rows(q, s, x.dtype)
 
+    def residual_layernorm_modulate_rows(x, y, gate, shift, scale, eps, quantize):
+        """Ops.residual_layernorm_modulate_rows with the fused kernel: (x_new, Float8Rows from its epilogue)."""
+        x_new, (q, s) = fused.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps, fp8=True)
+        return x_new, Float8Rows(q, s, x.dtype)
 
-def _residual_layernorm_modulate_rows_fused(x, y, gate, shift, scale, eps, quantize):
-    """Ops.residual_layernorm_modulate_rows with the fused kernel: (x_new, Float8Rows from its epilogue)."""
-    from . import fused
-    from .quant import Float8Rows
-    x_new, (q, s) = fused.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps, fp8=True)
-    return x_new, Float8Rows(q, s, x.dtype)
+    return dict(layernorm_modulate=fused.layernorm_modulate, gated_residual=fused.gated_residual,
+                residual_layernorm_modulate=fused.gated_residual_layernorm_modulate, rms_norm=fused.rms_norm,
+                gelu_tanh=fused.gelu_tanh, qk_norm_rope=qk_norm_rope, layernorm_modulate_rows=layernorm_modulate_rows,
+                residual_layernorm_modulate_rows=residual_layernorm_modulate_rows)
 
 
 _LATE_INTERPRETER = (

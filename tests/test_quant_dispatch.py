@@ -83,7 +83,8 @@ def test_splitk_plan_covers_k_without_empty_slices(M, N, K, split, waves):
 # --------------------------------------------------------------------------------------------------- FP8 dispatch
 @pytest.fixture
 def fp8_table(monkeypatch):
-    """Puts a table with the given linear_path rows (for this machine's architecture) in the loader's cache."""
+    """Puts a table with the given linear_path rows (for this machine's architecture) in the loader's cache. Each
+    change, and the end of the test, moves configs.generation() on, so no module keeps a path resolved under it."""
     configs.reload()
     monkeypatch.setattr(configs, "_MEMO", {})       # this test's lookups stay out of the shared memo
 
@@ -91,9 +92,10 @@ def fp8_table(monkeypatch):
         t = configs.merge_entries(configs.table("fp8"), configs.arch_of(torch.device(DEV)), "linear_path",
                                   [{"match": m, "config": {"path": p}, "source": "test"} for m, p in path_rows])
         monkeypatch.setitem(configs._TABLES, "fp8", configs.validate_table(t, "fp8"))
-        configs._MEMO.clear()
+        configs.invalidate()
 
-    return write
+    yield write
+    configs.invalidate()
 
 
 def test_fp8_path_rules(fp8_table):

@@ -171,7 +171,6 @@ def producer_off(m):
     m.ops = m.ops.replace(layernorm_modulate_rows=None, residual_layernorm_modulate_rows=None)
 
 
-@pytest.mark.filterwarnings("ignore:Policy.reset")
 @pytest.mark.parametrize("ops", ["reference", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiny_model_actions_with_and_without_the_producer(ops, dtype, monkeypatch):
@@ -185,14 +184,14 @@ def test_tiny_model_actions_with_and_without_the_producer(ops, dtype, monkeypatc
     real = quant_api.quantize_rows
     monkeypatch.setattr(quant_api, "quantize_rows", lambda x: calls.append(x.shape) or real(x))
     x = {k: v.to(dtype) for k, v in policy_inputs(m.cfg).items()}
-    got = run_policy(m, PolicyConfig(num_steps=1, fused_control=True), x)
+    got = run_policy(m, PolicyConfig(num_steps=1, fused_control=True, negative_prompt=None), x)
     assert seen == {"q": {"Float8Rows"}, "k": {"Float8Rows"}, "v": {"Float8Rows"}, "ffn0": {"Float8Rows"},
                     "o": {"Tensor"}, "ffn2": {"Tensor"}}, seen
     n_forwards = len(calls) // 2
     assert len(calls) == (2 * n_forwards if ops == "reference" else 0) and (ops == "fused" or n_forwards > 0)
     seen.clear()
     producer_off(m)
-    want = run_policy(m, PolicyConfig(num_steps=1, fused_control=True), x)
+    want = run_policy(m, PolicyConfig(num_steps=1, fused_control=True, negative_prompt=None), x)
     assert all(v == {"Tensor"} for v in seen.values()), seen
     for a, b in zip(got, want):
         assert a.dtype == dtype and torch.isfinite(a).all()
@@ -212,19 +211,24 @@ def test_plain_path_when_grad_is_on_or_consumers_take_floats():
         assert len(seen) == 6 and all(v == {"Tensor"} for v in seen.values()), seen
 
 
+def control_step_inputs(m, dtype=torch.float32) -> dict:
+    """The keyword arguments of one cached control-step forward of the tiny model (the first chunk)."""
+    x = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in train_inputs(m.cfg).items()}
+    fpc, apc = m.cfg.frames_per_chunk, m.cfg.actions_per_chunk
+    with torch.no_grad():
+        ckv = m.context_kv(x["text"], x["clip"])
+    return dict(clean=x["clean"][:, :, :1], clean_cond=x["clean_cond"][:, :, :1], noisy=x["noisy"][:, :, 1:1 + fpc],
+                noisy_cond=x["noisy_cond"][:, :, 1:1 + fpc], t_video=x["t_video"][:, 1:1 + fpc],
+                actions=x["actions"][:, :apc], t_action=x["t_action"][:, :apc], state=x["state"][:, :1],
+                embodiment=x["embodiment"], context_kv=ckv)
+
+
 @pytest.mark.parametrize("ops", ["reference", "fused"])
 def test_producer_path_traces_whole(ops):
     """torch.compile(fullgraph=True, aot_eager) of a control step of the FP8 model with the producer path: no graph
     break, the eager result."""
     m = quantized_tiny(ops)
-    x = train_inputs(m.cfg)
-    fpc, apc = m.cfg.frames_per_chunk, m.cfg.actions_per_chunk
-    with torch.no_grad():
-        ckv = m.context_kv(x["text"], x["clip"])
-    step = dict(clean=x["clean"][:, :, :1], clean_cond=x["clean_cond"][:, :, :1], noisy=x["noisy"][:, :, 1:1 + fpc],
-                noisy_cond=x["noisy_cond"][:, :, 1:1 + fpc], t_video=x["t_video"][:, 1:1 + fpc],
-                actions=x["actions"][:, :apc], t_action=x["t_action"][:, :apc], state=x["state"][:, :1],
-                embodiment=x["embodiment"], context_kv=ckv)
+    step = control_step_inputs(m)
     seen = record_inputs(m)
     compiled = torch.compile(lambda lay, cache, kw: m(lay, cache=cache, **kw), fullgraph=True, backend="aot_eager")
     outs = []
@@ -235,6 +239,82 @@ def test_producer_path_traces_whole(ops):
     assert seen["q"] == {"Float8Rows"}
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- per-call dispatch cost
+class CountingDict(dict):
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def get(self, key, default=None):
+        self.counter["dict"] += 1
+        return super().get(key, default)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+@pytest.mark.parametrize("ops", ["reference", "fused"])
+def test_block_forward_resolves_each_linear_path_once(ops, fp8_table, monkeypatch):  # noqa: F811
+    """The eager CUDA dispatch of the FP8 producer path (run here through the Triton interpreter and CPU
+    torch._scaled_mm): a control-step forward asks the block's 8 FP8 linears it runs for their paths 12 times in all
+    (the producer's accepts_fp8_rows for q, k, v and ffn.0, then each forward), which were 12 table lookups; now the
+    first forward at a shape resolves 8 (one per linear, at most one dictionary lookup each) and the next none. A
+    table change is seen at once. The output equals the uncached dispatch's, bit for bit."""
+    fp8_table([({}, "scaled_mm")])
+    monkeypatch.setattr(quant_api, "_runs_dispatch", lambda t: True)
+    m = quantized_tiny(ops, torch.bfloat16)
+    b = m.blocks[0]
+    lins = [b.self_attn.q, b.self_attn.k, b.self_attn.v, b.self_attn.o, b.cross_attn.q, b.cross_attn.o, b.ffn[0],
+            b.ffn[2]]            # what a forward runs (the cross-attention's k/v come from context_kv, before)
+    assert all(isinstance(lin, Float8Linear) for lin in lins)
+    n = {"calls": 0, "resolved": 0, "dict": 0}
+    real_path, real_resolve = Float8Linear._path, quant_api.fp8_linear_path
+
+    def counted_path(self, t, out_dtype):
+        n["calls"] += 1
+        return real_path(self, t, out_dtype)
+
+    def counted_resolve(*a, **k):
+        n["resolved"] += 1
+        return real_resolve(*a, **k)
+    monkeypatch.setattr(Float8Linear, "_path", counted_path)
+    monkeypatch.setattr(quant_api, "fp8_linear_path", counted_resolve)
+    for lin in lins:
+        lin._paths.paths = CountingDict(n)
+    seen = record_inputs(m)
+    step = control_step_inputs(m, torch.bfloat16)
+
+    def forward():
+        for k in n:
+            n[k] = 0
+        cache = m.new_cache(1)
+        with torch.no_grad():
+            out = m(cache.layout("control", 1), cache=cache, **step)
+        return out, dict(n)
+
+    first, counts = forward()
+    assert seen["q"] == {"Float8Rows"} and seen["ffn0"] == {"Float8Rows"} and seen["o"] == {"Tensor"}
+    assert counts == {"calls": 12, "resolved": 8, "dict": 8}, counts
+    again, counts = forward()
+    assert counts == {"calls": 12, "resolved": 0, "dict": 0}, counts
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+    # the uncached dispatch (a table lookup per call, as before) computes the same bits
+    monkeypatch.setattr(Float8Linear, "_path", lambda self, t, dt: real_resolve(
+        t.numel() // self.in_features, self.in_features, self.out_features, t.device,
+        block_scaled=self.block_scaled, has_bf16_weight=self._bf16_weight(t) is not None, out_dtype=dt))
+    uncached, _ = forward()
+    for a, b in zip(first, uncached):
+        assert torch.equal(a, b)
+
+    # a table change reaches the modules at once: "bf16" where the original weight is kept turns the producer off
+    monkeypatch.setattr(Float8Linear, "_path", counted_path)
+    fp8_table([({}, "bf16")])
+    seen.clear()
+    forward()
+    assert seen["q"] == {"Tensor"} and seen["ffn0"] == {"Tensor"}
+    assert {lin.path_for(torch.ones(5, lin.in_features, dtype=torch.bfloat16)) for lin in lins} == {"bf16"}
 
 
 # ------------------------------------------------------------------------------------------------------- the bench

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = ["FAMILIES", "Choice", "arch_of", "lookup", "table", "reload", "forced", "matches", "table_path",
-           "validate_table", "merge_entries", "dtype_name", "dumps"]
+           "validate_table", "merge_entries", "dtype_name", "dumps", "generation", "invalidate"]
 
 FAMILIES = ("attention", "fp8", "nvfp4", "fused", "kv_cache")
 FORMAT = 1
@@ -130,7 +130,7 @@ def reload() -> None:
     lookups traced by torch.compile then touch no file. A table that fails to read is left out, and its first
     lookup raises the reason."""
     _TABLES.clear()
-    _MEMO.clear()
+    invalidate()
     for family in FAMILIES:
         try:
             _TABLES[family] = _load(family)
@@ -160,6 +160,21 @@ def _first(entries, key):
 
 
 _MEMO: dict = {}
+_GENERATION = 0
+
+
+def generation() -> int:
+    """A number that changes whenever a lookup may answer differently than before (reload, forced, invalidate):
+    code that keeps a lookup's result beyond one call (dz_kernels.quant.Float8Linear's dispatch paths) keys it
+    with this number."""
+    return _GENERATION
+
+
+def invalidate() -> None:
+    """Forget the memoized lookups and move generation() on: call it after changing a loaded table in place."""
+    global _GENERATION
+    _MEMO.clear()
+    _GENERATION += 1
 
 
 def lookup(family: str, kind: str, arch: str, **key) -> Choice:
@@ -201,6 +216,7 @@ def forced(family: str, kind: str, config: dict):
     if base is None:
         raise ValueError(f"config table {family!r} has no kind {kind!r}")
     _FORCED[key] = dict(base[-1]["config"], **config)
+    invalidate()
     try:
         yield
     finally:
@@ -208,6 +224,7 @@ def forced(family: str, kind: str, config: dict):
             _FORCED.pop(key, None)
         else:
             _FORCED[key] = old
+        invalidate()
 
 
 _ARCH_CACHE: dict = {}

@@ -21,7 +21,9 @@ Execution: on CUDA the quantized modules run the Triton kernels (ops.py); on CPU
 PyTorch references of reference.py (same quantizer bits; the GEMM in float32). Inference only: no backward.
 An FP8 module on CUDA runs the path the config table picks for its shape (dispatch.py: our FP8 GEMM, our quantizer
 with cuBLAS's FP8 GEMM, or, where the tuning measured FP8 slower than bf16 and the original weight is kept, bf16);
-`Float8Linear.path_for(x)` says which.
+`Float8Linear.path_for(x)` says which. A module resolves its path once per input shape (device, tokens, output dtype)
+and keeps it until the config tables change (dz_kernels.configs.generation()), so an eager forward does at most one
+dictionary lookup for it, none when the shape repeats (Float8Linear._path).
 
 Pre-quantized activations: a per-token Float8Linear also takes a `Float8Rows` (the FP8 rows, their float32 scales
 and the output dtype) in place of x, so that a producer quantizes once for several linears (the fused LayerNorm +
@@ -42,7 +44,9 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
+from .. import configs
 from . import _common as cm
+from .dispatch import fp8_linear_dispatch, fp8_linear_path, fp8_rows_dispatch
 from .reference import (
     FP8_BLOCK, NVFP4_BLOCK, nvfp4_global_scale_from_amax, dequantize_fp8_reference, dequantize_nvfp4_reference,
     fp8_gemm_reference, nvfp4_gemm_w4a4_reference, nvfp4_gemm_w4a16_reference, quantize_fp8_reference,
@@ -183,6 +187,22 @@ class _QuantLinearBase(nn.Module):
         return self
 
 
+def _runs_dispatch(t: torch.Tensor) -> bool:
+    """Whether a Float8Linear runs the dispatch of dispatch.py (the kernels) for input t: on CUDA; a CPU input runs
+    the bit-identical references. (The tests replace it to run the CUDA dispatch through the Triton interpreter.)"""
+    return t.is_cuda
+
+
+class _PathCache:
+    """A Float8Linear's resolved dispatch paths: {key: path} and the last (key, path) (see Float8Linear._path).
+    A plain attribute, not module state: not in the state dict; keys name the device, so .to() needs no reset."""
+    SIZE = 64          # distinct input shapes kept; more (e.g. a sweep over token counts) start the dict again
+
+    def __init__(self):
+        self.paths: dict = {}
+        self.last: Optional[tuple] = None
+
+
 class Float8Linear(_QuantLinearBase):
     """nn.Linear with an FP8 E4M3 weight; the input is quantized to FP8 on each call.
 
@@ -204,6 +224,7 @@ class Float8Linear(_QuantLinearBase):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
         _keep_original(self, None)
+        self._paths = _PathCache()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_scaled: bool = False) -> "Float8Linear":
@@ -241,18 +262,40 @@ class Float8Linear(_QuantLinearBase):
         """The path forward(x) runs on CUDA: "triton", "scaled_mm" or "bf16" (see dz_kernels.quant.dispatch). For a
         Float8Rows: "triton" (our FP8 GEMM on the rows), "scaled_mm" (cuBLAS's FP8 GEMM on the rows) or "bf16" (the
         rows dequantized, then the kept bf16 weight's GEMM)."""
-        from .dispatch import fp8_linear_path
-
         t, out_dtype = (x.data, x.dtype) if isinstance(x, Float8Rows) else (x, x.dtype)
+        return self._path(t, out_dtype)
+
+    def _path(self, t: torch.Tensor, out_dtype: torch.dtype) -> str:
+        """fp8_linear_path for an input like t [..., K] (or its rows), resolved once per (device, tokens, output
+        dtype, bf16 weight kept, config generation). The last answer is kept beside the dict of all answers, so the
+        producer's accepts_fp8_rows(x) and the forward that follows it share one resolution, and a forward costs at
+        most one dictionary lookup (none when the shape repeats). Under torch.compile the lookup is traced as is
+        (it is constant-folded into the graph)."""
+        bf16 = self._bf16_weight(t) is not None
         M = t.numel() // self.in_features
-        return fp8_linear_path(M, self.in_features, self.out_features, t.device, block_scaled=self.block_scaled,
-                               has_bf16_weight=self._bf16_weight(t) is not None, out_dtype=out_dtype)
+        if torch.compiler.is_compiling():
+            return fp8_linear_path(M, self.in_features, self.out_features, t.device, block_scaled=self.block_scaled,
+                                   has_bf16_weight=bf16, out_dtype=out_dtype)
+        key = (t.device, M, out_dtype, bf16, configs.generation())
+        cache = self._paths
+        last = cache.last
+        if last is not None and last[0] == key:
+            return last[1]
+        path = cache.paths.get(key)
+        if path is None:
+            if len(cache.paths) >= _PathCache.SIZE:
+                cache.paths.clear()
+            path = cache.paths[key] = fp8_linear_path(M, self.in_features, self.out_features, t.device,
+                                                      block_scaled=self.block_scaled, has_bf16_weight=bf16,
+                                                      out_dtype=out_dtype)
+        cache.last = (key, path)
+        return path
 
     def accepts_fp8_rows(self, x: torch.Tensor) -> bool:
         """True when handing this module quantize_rows(x) (or a producer's equal Float8Rows) in place of x saves
         work: per-token scaling and, on CUDA, an FP8 path for x's shape (where the dispatch runs bf16, the module
         is better off with the float x)."""
-        return not self.block_scaled and (not x.is_cuda or self.path_for(x) != "bf16")
+        return not self.block_scaled and (not _runs_dispatch(x) or self._path(x, x.dtype) != "bf16")
 
     @staticmethod
     def quantize_rows(x: torch.Tensor) -> Float8Rows:
@@ -263,10 +306,9 @@ class Float8Linear(_QuantLinearBase):
         _check_rows(self, r)
         K, lead = self.in_features, r.data.shape[:-1]
         a, sa = r.data.reshape(-1, K), r.scale.reshape(-1, 1)
-        if a.is_cuda:
-            from .dispatch import fp8_rows_dispatch
+        if _runs_dispatch(a):
             y = fp8_rows_dispatch(a, sa, self.weight, self.weight_scale, self.bias, out_dtype=r.dtype,
-                                  bf16_weight=self._bf16_weight(a))
+                                  bf16_weight=self._bf16_weight(a), path=self._path(a, r.dtype))
         else:
             y = fp8_gemm_reference(a, sa, self.weight, self.weight_scale, block_scaled=False, bias=self.bias,
                                    out_dtype=r.dtype)
@@ -276,10 +318,9 @@ class Float8Linear(_QuantLinearBase):
         if isinstance(x, Float8Rows):
             return self._forward_rows(x)
         _check_input(self, x)
-        if x.is_cuda:
-            from .dispatch import fp8_linear_dispatch
+        if _runs_dispatch(x):
             return fp8_linear_dispatch(x, self.weight, self.weight_scale, self.bias, block_scaled=self.block_scaled,
-                                       bf16_weight=self._bf16_weight(x))
+                                       bf16_weight=self._bf16_weight(x), path=self._path(x, x.dtype))
         x2 = cm.as_rows(x)
         a, sa = quantize_fp8_reference(x2, "block1x128" if self.block_scaled else "row")
         y = fp8_gemm_reference(a, sa, self.weight, self.weight_scale, block_scaled=self.block_scaled, bias=self.bias,

@@ -14,6 +14,9 @@ runs everything. `fp8_linear_dispatch(...)` runs the call on the chosen path and
 took is `fp8_linear_path` of the same arguments (pure: the bench records it beside each row).
 `fp8_rows_dispatch(...)` is the same for an activation a producer already quantized per token (api.Float8Rows):
 no quantization pass on any path ("bf16" dequantizes the rows first).
+
+Both take `path=`, a path fp8_linear_path already gave for the call's arguments: Float8Linear resolves its path once
+per input shape and passes it, so its forward does no table lookup (see Float8Linear._path).
 """
 from __future__ import annotations
 
@@ -50,6 +53,13 @@ def fp8_linear_path(M: int, K: int, N: int, device, *, block_scaled: bool = Fals
     return path
 
 
+def _check_given_path(path: str, bf16_weight: Optional[torch.Tensor], block_scaled: bool) -> None:
+    """A path handed to a dispatch function must be one fp8_linear_path can give for the call."""
+    if path not in PATHS or (path == "bf16" and bf16_weight is None) or (path == "scaled_mm" and block_scaled):
+        raise ValueError(f"path={path!r} cannot run this call (bf16 weight given: {bf16_weight is not None}, "
+                         f"block_scaled: {block_scaled}); pass a path fp8_linear_path returned for it, or None")
+
+
 def scaled_mm_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """x2 [M, K] float -> [M, N]: our per-token quantizer, then torch._scaled_mm with rowwise scales (the weight
@@ -67,16 +77,20 @@ def _scaled_mm(a, sa, weight, weight_scale, bias, out_dtype):
 
 def fp8_linear_dispatch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                         bias: Optional[torch.Tensor] = None, *, block_scaled: bool = False,
-                        bf16_weight: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None
-                        ) -> torch.Tensor:
+                        bf16_weight: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                        path: Optional[str] = None) -> torch.Tensor:
     """y = x @ dequant(weight)^T + bias for x [..., K], on the path fp8_linear_path picks (see the module doc).
     weight [N, K] float8_e4m3fn with weight_scale as ops.fp8_linear takes them; bf16_weight [N, K] (optional): the
-    unquantized weight, for the "bf16" path."""
+    unquantized weight, for the "bf16" path. path: fp8_linear_path's answer for these arguments, when the caller
+    already has it (None: looked up here)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     K, N = x.shape[-1], weight.shape[0]
-    M = x.numel() // K if K else 0
-    path = fp8_linear_path(M, K, N, x.device, block_scaled=block_scaled, has_bf16_weight=bf16_weight is not None,
-                           out_dtype=out_dtype)
+    if path is None:
+        M = x.numel() // K if K else 0
+        path = fp8_linear_path(M, K, N, x.device, block_scaled=block_scaled, has_bf16_weight=bf16_weight is not None,
+                               out_dtype=out_dtype)
+    else:
+        _check_given_path(path, bf16_weight, block_scaled)
     if path == "bf16":
         y = F.linear(x.to(bf16_weight.dtype), bf16_weight, None if bias is None else bias.to(bf16_weight.dtype))
         return y.to(out_dtype)
@@ -88,14 +102,18 @@ def fp8_linear_dispatch(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
 
 def fp8_rows_dispatch(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, *, out_dtype: torch.dtype = torch.bfloat16,
-                      bf16_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      bf16_weight: Optional[torch.Tensor] = None, path: Optional[str] = None) -> torch.Tensor:
     """y = (a * a_scale) @ dequant(weight)^T + bias for an activation already quantized per token: a [M, K]
     float8_e4m3fn, a_scale [M, 1] float32; weight [N, K] e4m3 with per-channel weight_scale. The path is
-    fp8_linear_path's for (M, K, N, out_dtype): "triton" runs ops.fp8_gemm, "scaled_mm" torch._scaled_mm on `a`
-    itself, "bf16" dequantizes `a` (one pass) and runs F.linear with bf16_weight."""
-    M, K = a.shape
-    N = weight.shape[0]
-    path = fp8_linear_path(M, K, N, a.device, has_bf16_weight=bf16_weight is not None, out_dtype=out_dtype)
+    fp8_linear_path's for (M, K, N, out_dtype) (or `path`, when the caller already has it): "triton" runs
+    ops.fp8_gemm, "scaled_mm" torch._scaled_mm on `a` itself, "bf16" dequantizes `a` (one pass) and runs F.linear
+    with bf16_weight."""
+    if path is None:
+        M, K = a.shape
+        path = fp8_linear_path(M, K, weight.shape[0], a.device, has_bf16_weight=bf16_weight is not None,
+                               out_dtype=out_dtype)
+    else:
+        _check_given_path(path, bf16_weight, False)
     if path == "bf16":
         x = dequantize_fp8(a, a_scale, "row", bf16_weight.dtype)
         y = F.linear(x, bf16_weight, None if bias is None else bias.to(bf16_weight.dtype))
