@@ -24,6 +24,16 @@ What changes, per ``WanTransformerBlock`` (in place; ``undo`` restores every obj
   rounding to the stream's dtype, which is what diffusers' ``(... .float() ...).type_as(x)`` expressions do; the
   residual is rounded to the stream's dtype before the following LayerNorm, as in diffusers.
 
+  FP8 producer path (inference, per-token FP8 linears: ``ApplyConfig(quant=Float8DynamicActivationFloat8Weight())``
+  or ``quantize_`` after ``apply_``): where every linear a norm feeds takes pre-quantized rows (``accepts_fp8_rows``,
+  as in the DreamZero block: norm1 -> attn1's to_q, to_k, to_v; norm2 -> attn2's to_q; norm3 -> the FFN's first
+  linear, when its GELU is the fused tanh one), that norm runs with ``fp8=True`` and hands one
+  :class:`dz_kernels.quant.Float8Rows` (its epilogue's per-token FP8 output) to all of them, instead of a float
+  output that each linear quantizes again. The rows are the per-token quantizer's bits of the norm's float32
+  result: for a float32 stream the bits each linear would have computed (the outputs are identical); for a
+  bfloat16 stream one rounding fewer, which moves some FP8 codes by a step (as accurate, not the same bits). With
+  grad enabled, or any other linear (nn.Linear, block-scaled FP8, NVFP4), the norm outputs floats as above.
+
 - ``attn1`` and ``attn2`` get a :class:`FusedWanAttnProcessor` (a ``WanAttnProcessor`` subclass): diffusers'
   processor with ``norm_q`` / ``norm_k`` (and the I2V ``norm_added_k``), RMSNorm across all heads, computed by
   :func:`dz_kernels.fused.rms_norm`. The rotary embedding is diffusers' own (interleaved pairs). The attention
@@ -55,6 +65,7 @@ import torch
 import torch.nn as nn
 
 from . import fused
+from .quant.api import Float8Rows
 
 try:
     from diffusers.models.activations import GELU as _DiffusersGELU
@@ -193,10 +204,51 @@ def _ln_params(norm: nn.Module):
     return norm.weight, norm.bias, norm.eps
 
 
-def _ffn(ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """diffusers' FeedForward, with the fused GELU-tanh when its activation is GELU(approximate="tanh")."""
+def _fused_gelu(ffn: nn.Module):
+    """The FFN's GELU module when it is diffusers' GELU(approximate="tanh") (run as its proj, then the fused
+    GELU), else None."""
     act = ffn.net[0]
-    if type(act) is _DiffusersGELU and act.approximate == "tanh":
+    return act if type(act) is _DiffusersGELU and act.approximate == "tanh" else None
+
+
+def _fp8_rows(x: torch.Tensor, *linears) -> bool:
+    """Whether the norm of x emits FP8 rows for `linears` (the FP8 producer path): in inference, when every one
+    takes pre-quantized rows for an input like x (``accepts_fp8_rows(x)``: per-token Float8Linear; nn.Linear,
+    block-scaled FP8 and NVFP4 modules do not). Each Float8Linear resolves its path once per shape, so this costs
+    no table lookup after the first call (dz_kernels.quant.Float8Linear._path)."""
+    if torch.is_grad_enabled():
+        return False
+    for lin in linears:
+        accepts = getattr(lin, "accepts_fp8_rows", None)
+        if accepts is None or not accepts(x):
+            return False
+    return True
+
+
+def _attn_rows(attn, x: torch.Tensor) -> bool:
+    """Whether the norm before `attn` emits FP8 rows: our processor (which hands its input only to linears, _qkv)
+    and every projection that input feeds taking them: q, k and v of self-attention (or the fused to_qkv), q of
+    cross-attention."""
+    if not isinstance(attn.processor, FusedWanAttnProcessor):
+        return False
+    if getattr(attn, "fused_projections", False):
+        linears = (attn.to_q,) if attn.is_cross_attention else (attn.to_qkv,)
+    else:
+        linears = (attn.to_q,) if attn.is_cross_attention else (attn.to_q, attn.to_k, attn.to_v)
+    return _fp8_rows(x, *linears)
+
+
+def _norm_out(out, rows: bool, x: torch.Tensor):
+    """A fused norm's output as its linears take it: Float8Rows (in x's dtype) from its (q, q_scale) when it ran
+    with fp8=True, else the float tensor itself."""
+    return Float8Rows(*out, x.dtype) if rows else out
+
+
+def _ffn(ffn: nn.Module, h) -> torch.Tensor:
+    """diffusers' FeedForward, with the fused GELU-tanh when its activation is GELU(approximate="tanh") (then h may
+    be the FP8 rows of its input, for its first linear)."""
+    act = _fused_gelu(ffn)
+    if act is not None:
         y = fused.gelu_tanh(act.proj(h))
         for m in list(ffn.net)[1:]:
             y = m(y)
@@ -222,13 +274,16 @@ def fused_wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_st
 
     # 1. self-attention
     w1, b1, eps1 = _ln_params(self.norm1)
-    h = fused.layernorm_modulate(x, shift_msa, scale_msa, eps1, w1, b1)
+    rows = _attn_rows(self.attn1, x)   # one FP8 output for q, k and v
+    h = _norm_out(fused.layernorm_modulate(x, shift_msa, scale_msa, eps1, w1, b1, fp8=rows), rows, x)
     attn_output = self.attn1(h, None, None, rotary_emb)
 
     # 2. cross-attention: the gated residual, then norm2 (affine LayerNorm, or an identity)
     if isinstance(self.norm2, nn.LayerNorm):
         w2, b2, eps2 = _ln_params(self.norm2)
-        x, h = fused.gated_residual_layernorm_modulate(x, attn_output, gate_msa, None, None, eps2, w2, b2)
+        rows = _attn_rows(self.attn2, x)
+        x, h = fused.gated_residual_layernorm_modulate(x, attn_output, gate_msa, None, None, eps2, w2, b2, fp8=rows)
+        h = _norm_out(h, rows, x)
     else:
         x = fused.gated_residual(x, attn_output, gate_msa)
         h = x
@@ -236,7 +291,11 @@ def fused_wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_st
 
     # 3. feed-forward: the plain residual, then norm3 + modulate
     w3, b3, eps3 = _ln_params(self.norm3)
-    x, h = fused.gated_residual_layernorm_modulate(x, attn_output, None, c_shift_msa, c_scale_msa, eps3, w3, b3)
+    act = _fused_gelu(self.ffn)
+    rows = act is not None and _fp8_rows(x, act.proj)
+    x, h = fused.gated_residual_layernorm_modulate(x, attn_output, None, c_shift_msa, c_scale_msa, eps3, w3, b3,
+                                                   fp8=rows)
+    h = _norm_out(h, rows, x)
     ff_output = _ffn(self.ffn, h)
     return fused.gated_residual(x, ff_output, c_gate_msa)
 

@@ -285,3 +285,179 @@ def test_apply_with_fp8_quant_on_wan():
     # FP8 E4M3 weights and activations: about 3 significant bits per element, ~25-30 dB per GEMM
     assert sqnr_db(y0, y1) > 20.0
     assert torch.equal(y2, y0)
+
+
+# ---------------------------------------------------------------------------------------------- FP8 producer path
+def fp8_apply(m, quant=None):
+    """apply_ the fused ops and `quant` (default: per-token FP8) to the blocks' linears; returns the handle."""
+    from dz_kernels.quant import Float8DynamicActivationFloat8Weight
+
+    quant = Float8DynamicActivationFloat8Weight() if quant is None else quant
+    return apply_(m, ApplyConfig(attention=True, norms=True, kv_cache=False, quant=quant))
+
+
+def record_linear_inputs(m):
+    """{qualified name: [input type name, ...]} of every Float8Linear call, and the forward hook handles."""
+    from dz_kernels.quant import Float8Linear
+
+    seen, hooks = {}, []
+    for name, mod in m.named_modules():
+        if isinstance(mod, Float8Linear):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda mod, args, _n=name: seen.setdefault(_n, []).append(type(args[0]).__name__)))
+    return seen, hooks
+
+
+def count_fp8_norms(monkeypatch):
+    """Counts the fused norms' calls with fp8=True (the producer's one quantization per norm)."""
+    calls = {"fp8 norm": 0}
+    for name in ("layernorm_modulate", "gated_residual_layernorm_modulate"):
+        op = getattr(fused, name)
+
+        def counted(*a, _op=op, **k):
+            calls["fp8 norm"] += bool(k.get("fp8"))
+            return _op(*a, **k)
+        monkeypatch.setattr(fused, name, counted)
+    return calls
+
+
+def producer_off(monkeypatch):
+    import dz_kernels.diffusers_wan as dw
+
+    monkeypatch.setattr(dw, "_fp8_rows", lambda x, *linears: False)
+
+
+def test_fp8_producer_quantizes_once_per_norm_and_changes_no_bit(monkeypatch):
+    """Per-token FP8 linears under apply_: norm1 hands one Float8Rows to attn1's q, k and v, norm2 to attn2's q,
+    norm3 to the FFN's first linear; every other linear quantizes its float input itself. So a block quantizes 8
+    activations where the per-linear path quantized 10, and with a float32 stream the output is the per-linear
+    path's, bit for bit. (T2V: the I2V block differs only in attn2's image k/v, fed from the context.)"""
+    from dz_kernels.quant import api as quant_api
+
+    m = tiny_wan()
+    handle = fp8_apply(m)
+    x = wan_inputs()
+    norms = count_fp8_norms(monkeypatch)
+    ref_quant = {"n": 0}
+    real = quant_api.quantize_fp8_reference       # a CPU Float8Linear's own quantizer of its float input
+    monkeypatch.setattr(quant_api, "quantize_fp8_reference", lambda *a, **k: ref_quant.__setitem__(
+        "n", ref_quant["n"] + 1) or real(*a, **k))
+    seen, hooks = record_linear_inputs(m)
+    with torch.no_grad():
+        got = run(m, x)
+    n = len(m.blocks)
+    rows = {f"blocks.{i}.{name}" for i in range(n) for name in
+            ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "ffn.net.0.proj")}
+    assert {k for k, v in seen.items() if v == ["Float8Rows"]} == rows, seen
+    floats = sum(v.count("Tensor") for v in seen.values())
+    assert all(v == ["Tensor"] for k, v in seen.items() if k not in rows)
+    assert norms["fp8 norm"] == 3 * n and floats == 5 * n
+    assert ref_quant["n"] == (floats if DEVICE.type == "cpu" else 0)
+
+    producer_off(monkeypatch)
+    seen.clear()
+    norms["fp8 norm"] = ref_quant["n"] = 0
+    with torch.no_grad():
+        want = run(m, x)
+    assert all(set(v) == {"Tensor"} for v in seen.values()) and norms["fp8 norm"] == 0
+    assert sum(len(v) for v in seen.values()) == floats + 5 * n
+    for h in hooks:
+        h.remove()
+    handle.undo()
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+
+
+def test_fp8_producer_bf16_as_accurate_as_per_linear(monkeypatch):
+    """diffusers' bf16 layout (float32 norms and modulation): the producer quantizes the norm's float32 result, the
+    per-linear path its bf16 rounding, which moves some FP8 codes by one step; against the unquantized bf16 fused
+    model the producer's output is as accurate as the per-linear path's (within 1 dB; both FP8, > 30 dB)."""
+    m = to_bf16_keeping_fp32_modules(tiny_wan())
+    x = {k: (v.to(torch.bfloat16) if k != "timestep" else v) for k, v in wan_inputs().items()}
+    with torch.no_grad():
+        handle = apply_(m, NORMS)
+        base = run(m, x).float()
+        handle.undo()
+        handle = fp8_apply(m)
+        seen, hooks = record_linear_inputs(m)
+        got = run(m, x)
+        producer_off(monkeypatch)
+        want = run(m, x)
+    handle.undo()
+    assert seen["blocks.0.attn1.to_q"] == ["Float8Rows", "Tensor"]
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert not torch.equal(got, want)         # the rounding the producer skips shows
+    assert sqnr_db(base, got.float()) > max(30.0, sqnr_db(base, want.float()) - 1.0)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")     # the interpreter's max of the NaN row
+def test_fp8_producer_nan_row_stays_in_its_row():
+    """A NaN in one token of the block input: that token's rows of q, k and v (fed the norm's Float8Rows) are NaN,
+    every other token's are finite (the per-token scales keep the NaN in its row)."""
+    m = tiny_wan()
+    handle = fp8_apply(m)
+    x = wan_inputs()
+    x["hidden_states"][0, :, 0, 0, 0] = float("nan")      # the first 2x2 patch of frame 0: token 0
+    blk, outs = m.blocks[0], {}
+    hooks = [getattr(blk.attn1, n).register_forward_hook(
+        lambda mod, args, out, _n=n: outs.__setitem__(_n, (type(args[0]).__name__, out))) for n in
+        ("to_q", "to_k", "to_v")]
+    with torch.no_grad():
+        run(m, x)
+    for h in hooks:
+        h.remove()
+    handle.undo()
+    for name, (kind, y) in outs.items():
+        assert kind == "Float8Rows", name
+        assert torch.isnan(y[0, 0]).all(), name
+        assert torch.isfinite(y[0, 1:]).all(), name
+
+
+def test_fp8_producer_off_in_training_and_for_other_linears():
+    """Grad enabled (training), or linears that take no FP8 rows (NVFP4, block-scaled FP8): every norm outputs
+    floats."""
+    from dz_kernels.quant import Float8BlockScaled, NVFP4WeightOnly
+
+    x = wan_inputs()
+    for quant, grad in ((None, True), (NVFP4WeightOnly(), False), (Float8BlockScaled(), False)):
+        if isinstance(quant, Float8BlockScaled):      # 1x128 blocks need K % 128: a wider tiny model
+            m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64,
+                                      out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=128, num_layers=1,
+                                      rope_max_seq_len=32, in_channels=16).to(DEVICE)
+        else:
+            m = tiny_wan()
+        handle = fp8_apply(m, quant)
+        seen = {}
+        for name in ("attn1.to_q", "attn2.to_q", "ffn.net.0.proj"):
+            m.blocks[0].get_submodule(name).register_forward_pre_hook(
+                lambda mod, args, _n=name: seen.setdefault(_n, set()).add(type(args[0]).__name__))
+        with torch.set_grad_enabled(grad):
+            run(m, x)
+        handle.undo()
+        assert seen == {n: {"Tensor"} for n in ("attn1.to_q", "attn2.to_q", "ffn.net.0.proj")}, (quant, seen)
+
+
+def test_fp8_producer_block_traces_whole(monkeypatch):
+    """torch.compile(fullgraph=True, aot_eager) of a swapped bf16 block with the FP8 producer and the kernels'
+    dispatch (the CUDA path: here the Triton interpreter's custom ops): no graph break, the eager bits, the rows
+    taken."""
+    from dz_kernels.quant import api as quant_api
+
+    m = to_bf16_keeping_fp32_modules(tiny_wan())
+    handle = fp8_apply(m)
+    blk, args = m.blocks[0], {}
+    hook = blk.register_forward_pre_hook(lambda mod, a, kw: args.update(a=a, kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        run(m, {k: (v.to(torch.bfloat16) if k != "timestep" else v) for k, v in wan_inputs().items()})
+    hook.remove()
+    monkeypatch.setattr(quant_api, "_runs_dispatch", lambda t: True)
+    seen, hooks = record_linear_inputs(m)
+    compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(*args["a"], **args["kw"])
+        want = blk(*args["a"], **args["kw"])
+    for h in hooks:
+        h.remove()
+    handle.undo()
+    assert seen["blocks.0.attn1.to_q"] == ["Float8Rows"] * 2 and seen["blocks.0.ffn.net.0.proj"] == ["Float8Rows"] * 2
+    assert torch.equal(got, want)
