@@ -43,6 +43,20 @@ def test_backward_bf16(name, deterministic):
     check_backward(LAYOUTS[name](), 1, 1, 16, torch.bfloat16, SMALL, deterministic)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bit_windows_capped_at_the_words_of_the_table(deterministic):
+    """42 one-token segments: two bit words per row, fewer than the three windows a 64-wide tile spans, so the
+    launchers load two (schedule.nwin caps the windows at the table's words); the forward, both backward passes and
+    the dk/dv kernel's key-major table still give the reference."""
+    from dreamzero.layout import train_layout
+    from dz_kernels.attention.schedule import nwin, token_tables
+
+    lay = train_layout(1, 1, 1, 1, 10, 7)
+    words = token_tables(lay)
+    assert words.qk_bits.shape[1] == words.kq_bits.shape[1] == 2 and nwin(64, 2) == 2 < nwin(64)
+    check_backward(lay, 1, 2, 16, torch.float32, WIDE, deterministic)
+
+
 def test_backward_fp16_wide_tiles_head_dim_64():
     check_backward(LAYOUTS["train-7-a24"](), 1, 2, 64, torch.float16, WIDE, True, scale=0.2)
 

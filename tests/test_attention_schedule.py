@@ -141,6 +141,7 @@ def test_pack_bits_roundtrip():
         bits = (packed[:, :, None].astype(np.int64) >> np.arange(32)) & 1
         assert (bits.reshape(5, -1)[:, :cols].astype(bool) == m).all()
     assert nwin(16) == 2 and nwin(32) == 2 and nwin(64) == 3 and nwin(128) == 5
+    assert nwin(128, 1) == 1 and nwin(128, 2) == 2 and nwin(64, 7) == 3 and nwin(16, 0) == 1
 
 
 def test_schedule_is_cached_per_layout_and_blocks():

@@ -3,11 +3,11 @@
 The CPU tests run the kernels in Triton's interpreter, which never sees the GPU code path (bf16 tensor-core dots,
 full-precision fp32 dots, atomics, shared-memory limits, registers). This calls the launchers of the forward and of
 both backward passes (separate dq kernel, atomic dq) on empty CPU tensors at the droid-14b patterns (training mask
-for the "train" tile config, the control step for "infer": forward only; 40 heads) with Triton's launch replaced by a recorder
-(dz_kernels._aot), specializes each launch as Triton's launcher would at that shape, compiles it with Triton's bundled
-ptxas for each dtype and head dim at the config table's tiles (dz_kernels/configs/attention.json), and prints what
-each kernel needs: shared memory, registers per thread, the bytes of register spills (local-memory stores) ptxas
-reports, and the matrix instruction its dots use (wgmma on sm_90, mma.sync otherwise):
+for the "train" tile config, the control step for "infer": forward only; 40 heads) with Triton's launch replaced by
+a recorder (dz_kernels._aot), specializes each launch as Triton's launcher would at that shape, compiles it with
+Triton's bundled ptxas for each dtype and head dim at the config table's tiles (dz_kernels/configs/attention.json),
+and prints what each kernel needs: shared memory, registers per thread, the bytes of register spills (local-memory
+stores) ptxas reports, and the matrix instruction its dots use (wgmma on sm_90, mma.sync otherwise):
 
     python -m dz_kernels.attention.compile_check [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 16,32,64,128]
                                                  [--kernels fwd,...] [--modes train,infer] [--config JSON]

@@ -18,8 +18,9 @@ Token mask inside a PARTIAL tile (what the kernels compute, emulated by `tile_ma
     (`k_seg`, int32 [Lk]); `qk_bits` (int32 [n_q_segments, n_words]) holds row i of the segment mask as a bit
     string (bit j of the row = word j // 32, bit j % 32). A key tile spans at most BLOCK_N consecutive key
     segments starting at `base` (the segment of its first key), so the kernel loads NWIN = (BLOCK_N + 30) // 32 + 1
-    words per query row starting at word base // 32 and picks bit (k_seg - 32 * (base // 32)) for each column:
-    a handful of [BLOCK_M] gathers from a table of a few hundred bytes, no [BLOCK_M, BLOCK_N] gather.
+    words per query row (at most the table's words per row: `nwin`) starting at word base // 32 and picks bit
+    (k_seg - 32 * (base // 32)) for each column: a handful of [BLOCK_M] gathers from a table of a few hundred
+    bytes, no [BLOCK_M, BLOCK_N] gather.
     `kq_bits` is the transposed table for the kernels that hold a key tile and walk query tiles (dk, dv).
 
 Flattened for the kernels (CSR-like, int32, built with numpy, cached per (pattern, BLOCK_M, BLOCK_N)):
@@ -47,9 +48,12 @@ SKIP, PARTIAL, FULL = 0, 1, 2
 PARTIAL_COST = 1.25   # relative cost of a partial tile in the load-balance order (mask work on top of the dots)
 
 
-def nwin(block_n: int) -> int:
-    """Bit-table words a kernel loads per row of a tile BLOCK_N wide (see the module doc)."""
-    return (block_n + 30) // 32 + 1
+def nwin(block_n: int, n_words: int | None = None) -> int:
+    """Bit-table words a kernel loads per row of a tile BLOCK_N wide (see the module doc); with `n_words`, the words
+    per row of the table, at most that many: a window never selects a word past the table's last (the column
+    segments of a tile are < 32 * n_words), so a layout of up to 32 segments (every DreamZero layout) needs one."""
+    w = (block_n + 30) // 32 + 1
+    return w if n_words is None else max(1, min(w, int(n_words)))
 
 
 @dataclass(frozen=True, eq=False)

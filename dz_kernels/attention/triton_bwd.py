@@ -278,8 +278,8 @@ def launch_backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bit
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dq_strides,
         H, Lq, Lk, kq_bits.shape[1], scale * LOG2E, scale,
-        BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=D, NWIN=nwin(km), ATOMIC_DQ=not deterministic, INTERPRET=interp,
-        HEADS_FIRST=heads_first, **launch)
+        BLOCK_M=km, BLOCK_N=kn, HEAD_DIM=D, NWIN=nwin(km, kq_bits.shape[1]), ATOMIC_DQ=not deterministic,
+        INTERPRET=interp, HEADS_FIRST=heads_first, **launch)
     if deterministic:
         dq = empty((B, Lq, H, D), q.dtype, q.device)
         _bwd_dq_kernel[grid(dq_rows.shape[0], B * H, heads_first)](
@@ -288,8 +288,8 @@ def launch_backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bit
             v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             H, Lq, Lk, qk_bits.shape[1], scale * LOG2E, scale,
-            BLOCK_M=qm, BLOCK_N=qn, HEAD_DIM=D, NWIN=nwin(qn), INTERPRET=interp, HEADS_FIRST=heads_first,
-            **launch_dq)
+            BLOCK_M=qm, BLOCK_N=qn, HEAD_DIM=D, NWIN=nwin(qn, qk_bits.shape[1]), INTERPRET=interp,
+            HEADS_FIRST=heads_first, **launch_dq)
     else:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv

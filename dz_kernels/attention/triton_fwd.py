@@ -129,6 +129,6 @@ def launch_forward(q, k, v, q_seg, k_seg, qk_bits, rows, cols, partial_kt, scale
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, Lq, Lk, qk_bits.shape[1], scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, NWIN=nwin(bn), INTERPRET=kernels_interpreted(),
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, NWIN=nwin(bn, qk_bits.shape[1]), INTERPRET=kernels_interpreted(),
         HEADS_FIRST=heads_first, WS=bool(flags & FLAG_FWD_WS), **launch_kwargs(tiles[6], tiles[7]))
     return out, lse
