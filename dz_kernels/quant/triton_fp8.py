@@ -26,28 +26,36 @@ __all__ = ["launch_fp8_quant_rows", "launch_fp8_quant_blocks", "launch_fp8_dequa
 # ----------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _fp8_quant_rows_kernel(X, Q, S, M, K, stride_xm, stride_qm, amax_floor,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr = False):
     """One scale per row: pass 1 takes the row amax (NaN if the row holds one), pass 2 writes the E4M3 bytes of
-    x / s, s = max(amax, floor) / 448 (dz_kernels._common). Q is the uint8 view of the float8_e4m3fn output."""
+    x / s, s = max(amax, floor) / 448 (dz_kernels._common). Q is the uint8 view of the float8_e4m3fn output.
+    ONE_PASS (BLOCK_K >= K): the whole row is loaded once and kept in registers for both."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     cols = tl.arange(0, BLOCK_K)
     xrow = X + rows.to(tl.int64)[:, None] * stride_xm
     qrow = Q + rows.to(tl.int64)[:, None] * stride_qm
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        c = k0 + cols
-        m = rmask[:, None] & (c < K)[None, :]
-        x = tl.load(xrow + c[None, :], mask=m, other=0.0).to(tl.float32)
-        a = nan_amax(x, 1)
-        amax = tl.where((a != a) | (amax != amax), float("nan"), tl.maximum(amax, a))   # a NaN, once in, stays
-    s = fp8_scale_tl(amax, amax_floor)
-    tl.store(S + rows, s, mask=rmask)
-    for k0 in range(0, K, BLOCK_K):
-        c = k0 + cols
-        m = rmask[:, None] & (c < K)[None, :]
-        x = tl.load(xrow + c[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(qrow + c[None, :], e4m3_bits(tl.math.div_rn(x, s[:, None])), mask=m)
+    if ONE_PASS:
+        m = rmask[:, None] & (cols < K)[None, :]
+        x = tl.load(xrow + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        s = fp8_scale_tl(nan_amax(x, 1), amax_floor)
+        tl.store(S + rows, s, mask=rmask)
+        tl.store(qrow + cols[None, :], e4m3_bits(tl.math.div_rn(x, s[:, None])), mask=m)
+    else:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + cols
+            m = rmask[:, None] & (c < K)[None, :]
+            x = tl.load(xrow + c[None, :], mask=m, other=0.0).to(tl.float32)
+            a = nan_amax(x, 1)
+            amax = tl.where((a != a) | (amax != amax), float("nan"), tl.maximum(amax, a))   # a NaN, once in, stays
+        s = fp8_scale_tl(amax, amax_floor)
+        tl.store(S + rows, s, mask=rmask)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + cols
+            m = rmask[:, None] & (c < K)[None, :]
+            x = tl.load(xrow + c[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(qrow + c[None, :], e4m3_bits(tl.math.div_rn(x, s[:, None])), mask=m)
 
 
 @triton.jit
@@ -158,7 +166,7 @@ def launch_fp8_quant_rows(x2: torch.Tensor):
         block_k = min(int(cfg["BLOCK_K"]), triton.next_power_of_2(K))
     _fp8_quant_rows_kernel[(triton.cdiv(M, block_m),)](
         x2, q.view(torch.uint8), s, M, K, x2.stride(0), q.stride(0), FP8_AMAX_FLOOR,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=warps)
     return q, s
 
 

@@ -133,11 +133,14 @@ def tune_fp8(t: Tuner) -> dict:
     for K in sorted({k for k, _ in shapes}):
         M = ms[1] if len(ms) > 1 else ms[0]
         case = f"quant-rows/M{M}-K{K}"
-        cands = [{"BLOCK_M": 4, "BLOCK_K": 1024, "num_warps": 4}]
+        # first the table's default (one pass over a row of up to 8192 columns, else the two-pass 4 x 1024)
+        cands = [{"BLOCK_M": 1, "BLOCK_K": 8192, "num_warps": 8} if K <= 8192 else
+                 {"BLOCK_M": 4, "BLOCK_K": 1024, "num_warps": 4}]
         if not t.small:
             cands += [{"BLOCK_M": bm, "BLOCK_K": bk, "num_warps": w}
-                      for bm, bk, w in ((1, 2048, 4), (2, 1024, 4), (4, 2048, 8), (8, 1024, 8), (1, 8192, 8),
-                                        (2, 4096, 8), (16, 512, 8))]
+                      for bm, bk, w in ((4, 1024, 4), (1, 2048, 4), (2, 1024, 4), (4, 2048, 8), (8, 1024, 8),
+                                        (1, 8192, 4), (2, 8192, 8), (1, 16384, 16))]
+            cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
 
         def prepare_q(cfg, seed, M=M, K=K):
             x, _, _ = _linear_inputs(t, M, K, 16, seed)
