@@ -24,8 +24,8 @@ import triton.language as tl
 from .._common import empty, kernels_interpreted
 from .config import FLAG_HEADS_FIRST
 from .schedule import nwin
-from .triton_common import (LOG2E, _dot, _nonfinite, _tile_and_head, _tile_mask, grid, last_contiguous,
-                            launch_kwargs, tile_flags)
+from .triton_common import (LOG2E, _dot, _load_rows, _nonfinite, _program_row, _store_rows, _tile_mask, grid,
+                            last_contiguous, launch_kwargs, tile_flags)
 
 
 PRE_BLOCK_M = 32      # query rows per program of the preprocess (three [rows, D] tiles: o, dO, q)
@@ -40,14 +40,10 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, Q, Q_FLAGS, stride_ob, stride_ol,
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Lq
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dl + offs_d[None, :],
-                 mask=m_ok[:, None], other=0.0).to(tl.float32)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_ol, m_ok, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dl, m_ok, HEAD_DIM).to(tl.float32)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_ql, m_ok, HEAD_DIM)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
@@ -119,21 +115,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_SEG, K_SEG, KQ_B
                      H, Lq, Lk, n_words, qk_scale, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
                      ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr, HEADS_FIRST: tl.constexpr = False):
-    pid, bh = _tile_and_head(HEADS_FIRST)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    tile = tl.load(ROWS + pid * 4)
-    e_start = tl.load(ROWS + pid * 4 + 1)
-    e_mid = tl.load(ROWS + pid * 4 + 2)
-    e_end = tl.load(ROWS + pid * 4 + 3)
-
+    bh, b, h, tile, e_start, e_mid, e_end = _program_row(ROWS, H, HEADS_FIRST)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     n_ok = offs_n < Lk
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
-                mask=n_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
-                mask=n_ok[:, None], other=0.0)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kl, n_ok, HEAD_DIM)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vl, n_ok, HEAD_DIM)
     k_seg = tl.load(K_SEG + offs_n, mask=n_ok, other=0)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
@@ -153,10 +139,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_SEG, K_SEG, KQ_B
                          stride_dql, LSE, DELTA, Q_FLAGS, row_off, COLS, e_mid, e_end, Q_SEG, KQ_BITS, n_words, Lq,
                          qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, ATOMIC_DQ, INTERPRET)
     dk *= sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+    _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkl, n_ok, dk, HEAD_DIM)
+    _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvl, n_ok, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -200,21 +184,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Q_SEG, K_SEG, QK_BITS, ROWS, COL
                    H, Lq, Lk, n_words, qk_scale, sm_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
                    INTERPRET: tl.constexpr, HEADS_FIRST: tl.constexpr = False):
-    pid, bh = _tile_and_head(HEADS_FIRST)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    tile = tl.load(ROWS + pid * 4)
-    e_start = tl.load(ROWS + pid * 4 + 1)
-    e_mid = tl.load(ROWS + pid * 4 + 2)
-    e_end = tl.load(ROWS + pid * 4 + 3)
-
+    bh, b, h, tile, e_start, e_mid, e_end = _program_row(ROWS, H, HEADS_FIRST)
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Lq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
-                 mask=m_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_ql, m_ok, HEAD_DIM)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dol, m_ok, HEAD_DIM)
     row_off = bh.to(tl.int64) * Lq
     lse2 = _load_lse2(LSE, row_off, offs_m, m_ok)
     delta = tl.load(DELTA + row_off + offs_m, mask=m_ok, other=0.0)
@@ -230,8 +204,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Q_SEG, K_SEG, QK_BITS, ROWS, COL
     dq = _dq_inner(dq, q, do, lse2, delta, q_seg, k_base, v_base, k_flags, stride_kl, stride_vl, COLS, e_mid, e_end,
                    K_SEG, QK_BITS, n_words, Lk, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NWIN, True, INTERPRET)
     dq *= sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dql, m_ok, dq, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------- launcher

@@ -32,12 +32,34 @@ def _dot(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _tile_and_head(HEADS_FIRST: tl.constexpr):
-    """(schedule row, batch x head) of this program: grid (rows, B*H), or (B*H, rows) with HEADS_FIRST, which
-    launches every head of the first (heaviest) schedule row before the next row."""
+def _program_row(ROWS, H, HEADS_FIRST: tl.constexpr):
+    """This program's (bh, b, h, tile, start, mid, end): its batch x head (and the two, int64), and its schedule row
+    of ROWS (int32 [n, 4], schedule.py: the tile, then entries [start, mid) full and [mid, end) partial). The grid is
+    (rows, B*H), or (B*H, rows) with HEADS_FIRST, which launches every head of the first (heaviest) row first."""
     if HEADS_FIRST:
-        return tl.program_id(1), tl.program_id(0)
-    return tl.program_id(0), tl.program_id(1)
+        pid = tl.program_id(1)
+        bh = tl.program_id(0)
+    else:
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+    row = ROWS + pid * 4
+    return (bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), tl.load(row), tl.load(row + 1), tl.load(row + 2),
+            tl.load(row + 3))
+
+
+@triton.jit
+def _load_rows(base, offs, stride_l, ok, HEAD_DIM: tl.constexpr):
+    """[len(offs), HEAD_DIM]: the rows `offs` of the [L, HEAD_DIM] slice at `base` (row stride stride_l, contiguous
+    last dim); rows that are not `ok` read as 0."""
+    return tl.load(base + offs[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, offs, stride_l, ok, value, HEAD_DIM: tl.constexpr):
+    """Store `value` [len(offs), HEAD_DIM] into the rows `offs` of the slice at `base` (as _load_rows), in the
+    pointer's dtype; rows that are not `ok` are not written."""
+    tl.store(base + offs[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :], value.to(base.dtype.element_ty),
+             mask=ok[:, None])
 
 
 @triton.jit

@@ -13,8 +13,8 @@ import triton.language as tl
 from .._common import empty, kernels_interpreted
 from .config import FLAG_FWD_WS, FLAG_HEADS_FIRST
 from .schedule import nwin
-from .triton_common import (LOG2E, _dot, _row_flags_kernel, _tile_and_head, _tile_mask, grid, last_contiguous,
-                            launch_kwargs, tile_flags)
+from .triton_common import (LOG2E, _dot, _load_rows, _program_row, _row_flags_kernel, _store_rows, _tile_mask,
+                            grid, last_contiguous, launch_kwargs, tile_flags)
 
 
 @triton.jit
@@ -63,19 +63,10 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SEG, K_SEG, QK_BITS, ROWS, COLS, V_BAD,
                 H, Lq, Lk, n_words, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NWIN: tl.constexpr,
                 INTERPRET: tl.constexpr, HEADS_FIRST: tl.constexpr = False, WS: tl.constexpr = False):
-    pid, bh = _tile_and_head(HEADS_FIRST)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    tile = tl.load(ROWS + pid * 4)
-    e_start = tl.load(ROWS + pid * 4 + 1)
-    e_mid = tl.load(ROWS + pid * 4 + 2)
-    e_end = tl.load(ROWS + pid * 4 + 3)
-
+    bh, b, h, tile, e_start, e_mid, e_end = _program_row(ROWS, H, HEADS_FIRST)
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Lq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_ql, m_ok, HEAD_DIM)
     q_seg = tl.load(Q_SEG + offs_m, mask=m_ok, other=0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -95,8 +86,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SEG, K_SEG, QK_BITS, ROWS, COLS, V_BAD,
     l_safe = tl.where(no_key, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None])
+    _store_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_ol, m_ok, out, HEAD_DIM)
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
 
 
