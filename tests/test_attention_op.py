@@ -243,6 +243,21 @@ def test_kernels_compile_for_hopper_without_spilling():
     assert not any(spills.values()), f"register spills on sm_90:\n{proc.stdout}"
 
 
+@pytest.mark.parametrize("args,says", [(["--dtypes", "bf17"], "--dtypes takes bf16"),
+                                       (["--config", '{"fwd": [100, 64]}'], "--config: TileConfig.fwd must be"),
+                                       (["--kernels", "fwdx"], "unknown kernels ['fwdx']")])
+def test_compile_check_mistakes_are_one_line(args, says):
+    """A command-line mistake is one line naming it (argparse's usage line above it), exit status 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dz_kernels.attention.compile_check", *args],
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert says in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 def test_compile_check_patterns_are_the_models():
     """compile_check carries the droid-14b patterns as plain data (the kernel library does not import the model):
     they must be the model's."""

@@ -164,15 +164,28 @@ def main(argv=None) -> int:
             parser.error(f"--config is not valid JSON ({e}); example: --config '{{\"fwd\": [128, 128]}}'")
         if not isinstance(config, dict):
             parser.error("--config must be a JSON object of TileConfig fields")
+        from .config import TileConfig
+
+        try:
+            TileConfig.from_dict(config).validate()
+        except (ValueError, TypeError) as e:
+            parser.error(f"--config: {e}")
     modes = tuple(args.modes.split(","))
     if set(modes) - {"train", "infer"}:
         parser.error(f"--modes takes train and/or infer, got {args.modes!r}")
+    dtypes = tuple(args.dtypes.split(","))
+    if set(dtypes) - {"bf16", "fp16", "fp32"}:
+        parser.error(f"--dtypes takes bf16, fp16 and/or fp32, got {args.dtypes!r}")
+    head_dims = tuple(args.head_dims.split(","))
+    if set(head_dims) - {"16", "32", "64", "128"}:
+        parser.error(f"--head-dims takes 16, 32, 64 and/or 128 (the kernels' head dims), got {args.head_dims!r}")
+    head_dims = tuple(int(x) for x in head_dims)
     kernels = None if args.kernels is None else tuple(args.kernels.split(","))
     if kernels is not None and set(kernels) - set(KERNELS):
         parser.error(f"unknown kernels {sorted(set(kernels) - set(KERNELS))}; choose from {', '.join(KERNELS)}")
     try:
-        compile_all(args.arch, tuple(args.dtypes.split(",")), tuple(int(x) for x in args.head_dims.split(",")),
-                    kernels=kernels, config=config, max_spill=args.max_spill, modes=modes)
+        compile_all(args.arch, dtypes, head_dims, kernels=kernels, config=config, max_spill=args.max_spill,
+                    modes=modes)
     except RuntimeError as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return 1
