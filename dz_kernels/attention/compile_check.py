@@ -40,11 +40,11 @@ DROID_14B = {
 _SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 
 
-def _kernel_name(rec: dict) -> str:
-    """compile_check's name of a recorded launch (the dk/dv kernel is two: with and without atomic dq)."""
-    fn = rec["kernel"]
+def _kernel_name(fn: str, atomic_dq) -> str:
+    """compile_check's name of a launch of the Triton kernel named `fn` (the dk/dv kernel is two: with and without
+    atomic dq, its ATOMIC_DQ argument)."""
     if fn == "_bwd_dkdv_kernel":
-        return "dkdv-atomic-dq" if rec["consts"].get("ATOMIC_DQ") else "dkdv"
+        return "dkdv-atomic-dq" if atomic_dq else "dkdv"
     return {"_fwd_kernel": "fwd", "_row_flags_kernel": "row-flags", "_bwd_preprocess_kernel": "preprocess",
             "_bwd_dq_kernel": "dq"}[fn]
 
@@ -104,12 +104,12 @@ def compile_all(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), head_dims=(16, 
                     tc.validate()
                     record_attention(torch_dtype[dt], d, tc, mode)
             if kernels:
-                launches = [x for x in launches if _recorded_name(x) in kernels]
+                launches = [x for x in launches if _kernel_name(x[0].__name__, x[2].get("ATOMIC_DQ")) in kernels]
             records, failed = compile_launches(launches, arch, verbose=False)
             if failed:
                 raise RuntimeError(f"{', '.join(failed)} ({dt}, D={d}) failed to compile for sm_{arch} (above)")
             for rec in records:
-                name = _kernel_name(rec)
+                name = _kernel_name(rec["kernel"], rec["consts"].get("ATOMIC_DQ"))
                 ident = (name, dt, d, repr(rec["blocks"]), rec["warps"], rec["stages"])
                 if ident in seen:          # the train and infer forwards differ only in their lengths
                     continue
@@ -131,13 +131,6 @@ def compile_all(arch: int = 90, dtypes=("bf16", "fp16", "fp32"), head_dims=(16, 
                                        f"{max_spill}")
                 results.append((name, dt, d, rec))
     return results
-
-
-def _recorded_name(launch) -> str:
-    """compile_check's name of a recorded (kernel, args, kwargs, grid)."""
-    fn, _args, kw, _grid = launch
-    consts = {"ATOMIC_DQ": kw.get("ATOMIC_DQ")}
-    return _kernel_name({"kernel": fn.__name__, "consts": consts})
 
 
 def main(argv=None) -> int:
