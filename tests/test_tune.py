@@ -100,3 +100,22 @@ def test_cli_mistakes_are_one_line(capsys):
         tune.main(["fp8", "--budget-s", "0"])
     assert tune.main(["--list"]) == 0
     assert "attention:bwd" in capsys.readouterr().out
+
+
+def test_fp8_gemm_sweep_times_its_tile_candidates_not_the_autotuner():
+    """A forced entry is merged over the table's default, which says autotune: the sweep's tile candidates must turn
+    it off, or the launcher runs the autotuned kernel for every candidate and the table gets tiles nobody timed
+    (it did, until the candidates said autotune=False)."""
+    from dz_bench.tune.quant import gemm_configs
+    from dz_kernels.quant._common import launch_config
+
+    tiles = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+    for small, M in ((False, 16), (False, 1785), (True, 48)):
+        cands = gemm_configs(small, M)
+        assert cands[0] == {"autotune": True} and len(cands) > 1
+        for cand in cands:
+            with configs.forced("fp8", "gemm", cand):
+                got = launch_config("fp8", "gemm", torch.device("cpu"), m=M, n=5120, k=5120, block_scaled=False)
+            assert bool(got.get("autotune")) == cand["autotune"], (cand, got)
+            if not cand["autotune"]:
+                assert {k: got[k] for k in tiles} == {k: cand[k] for k in tiles}

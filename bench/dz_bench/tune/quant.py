@@ -46,15 +46,26 @@ GEMM_GRID = [  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
     (64, 256, 128, 8, 8, 3),
 ]
 GEMM_SMALL_M = [(16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 4), (64, 64, 128, 1, 4, 4)]
+# the split-K kernel's candidates besides the table's default: (BLOCK_N, BLOCK_K, waves, warps, stages); none spills
+# registers on sm_90 (tests/aot_capture.py; 64 x 256 and 128 x 128 on 4 warps spilled 8-24 bytes a thread, 128 x 256
+# on 8 warps 96)
+SPLITK_GRID = [(64, 256, 4, 8, 3), (128, 128, 4, 8, 3), (32, 256, 4, 4, 3), (64, 128, 8, 4, 4), (128, 64, 4, 4, 4)]
 
 
-def _gemm_configs(t, M):
-    if t.small:
-        return [{"autotune": True}, dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"),
-                                             (16, 64, 64, 2, 1, 1)))]
-    grid = GEMM_SMALL_M if M <= 64 else GEMM_GRID
+def gemm_configs(small: bool, M: int) -> list[dict]:
+    """The FP8 GEMM sweep's candidates at M: the autotuned kernel, then fixed tiles (autotune off: a forced entry
+    is merged over the table's default, which says autotune)."""
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-    return [{"autotune": True}] + [dict(zip(keys, g)) for g in grid]
+    grid = [(16, 64, 64, 2, 1, 1)] if small else GEMM_SMALL_M if M <= 64 else GEMM_GRID
+    return [{"autotune": True}] + [dict(zip(keys, g), autotune=False) for g in grid]
+
+
+def splitk_configs(small: bool, default: dict) -> list[dict]:
+    """The split-K sweep's candidates: the table's default first."""
+    if small:
+        return [dict(default), dict(default, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)]
+    return [dict(default)] + [dict(default, BLOCK_N=bn, BLOCK_K=bk, waves=wv, num_warps=w, num_stages=s)
+                              for bn, bk, wv, w, s in SPLITK_GRID]
 
 
 def tune_fp8(t: Tuner) -> dict:
@@ -91,7 +102,7 @@ def tune_fp8(t: Tuner) -> dict:
                         return fp8.fp8_linear(x, qw, sw.reshape(-1), b)
                 return run, ref
 
-            rows = run_candidates(t, "fp8", "gemm", case, _gemm_configs(t, M), prepare_gemm)
+            rows = run_candidates(t, "fp8", "gemm", case, gemm_configs(t.small, M), prepare_gemm)
             best, dflt = pick(rows)
             gemm_best.setdefault((K, N), {})[M] = (best, dflt, case)
 
@@ -197,14 +208,8 @@ def tune_nvfp4(t: Tuner) -> dict:
             if time.time() > stop:
                 break
             case = f"nvfp4-w4a16/M{M}-K{K}-N{N}"
-            cands = [dict(splitk_default)]
-            if t.small:
-                cands.append(dict(splitk_default, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2))
-            else:
-                cands += [dict(splitk_default, BLOCK_N=bn, BLOCK_K=bk, waves=wv, num_warps=w, num_stages=s)
-                          for bn, bk, wv, w, s in ((64, 256, 4, 4, 3), (128, 128, 4, 4, 3), (32, 256, 4, 4, 3),
-                                                   (64, 128, 8, 4, 4), (128, 256, 2, 8, 3))]
-            rows = run_candidates(t, "nvfp4", "splitk", case, cands, prepare("splitk", M, K, N))
+            rows = run_candidates(t, "nvfp4", "splitk", case, splitk_configs(t.small, splitk_default),
+                                  prepare("splitk", M, K, N))
             split_best.setdefault((K, N), {})[M] = (*pick(rows), case)
     for K, N in shapes:
         for M in small_ms[-1:] + ms[:1]:
