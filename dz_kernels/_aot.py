@@ -29,7 +29,8 @@ N_SM = 132          # H100 SXM / H200
 @contextlib.contextmanager
 def record_launches():
     """Replace Triton's launch by a recorder for the block; yields the list it appends (kernel, args, kwargs, grid)
-    to. An autotuned kernel records one launch per config of its list (what the autotuner may pick)."""
+    to. An autotuned kernel records one launch per config the autotuner would time for the call (its list, after
+    its early_config_prune)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
@@ -39,7 +40,10 @@ def record_launches():
         launches.append((self, args, dict(kwargs), grid))
 
     def record_all(self, *args, grid=None, warmup=False, **kwargs):
-        for cfg in self.configs:
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs)
+        self.nargs = None
+        for cfg in configs:
             kw = {**kwargs, **cfg.all_kwargs()}
             g = grid(dict(zip(self.arg_names, args)) | kw) if callable(grid) else grid
             launches.append((self.fn, args, kw, g))

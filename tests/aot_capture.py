@@ -7,9 +7,9 @@ does):
                                                    [--small] [--json PATH]
 
 The public ops (fused, kv_cache) and the quant launchers are called on CPU tensors at the bench's shapes (droid-14b:
-C = 5120, 40 heads x 128, 2 x 1785 rows; quant M = 1785 and 16 at K = N = 5120; --small: a few rows); Triton's
-launch (JITFunction.run) is replaced by a recorder, so nothing runs, and an autotuned kernel records every config
-of its list. Each distinct launch is specialized as Triton's own launcher specializes it (its binder: the 16-byte
+C = 5120, 40 heads x 128, 2 x 1785 rows; quant M = 1785 and 16 at K = N = 5120, plus the tile candidates of the
+quant tuning sweeps; --small: a few rows); Triton's launch (JITFunction.run) is replaced by a recorder, so nothing
+runs, and an autotuned kernel records every config its autotuner would time. Each distinct launch is specialized as Triton's own launcher specializes it (its binder: the 16-byte
 divisibility of pointers and integers, integers equal to 1 made constant; the launch options, num_warps, num_stages,
 enable_fp_fusion) and compiled to a cubin with Triton's bundled ptxas (triton.compile of an ASTSource). For each
 one line: registers per thread, spill stores/loads (bytes per thread; ptxas -v), shared memory, MMA instructions,
@@ -28,8 +28,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))   # dz_kernels from this checkout when run as a program
+sys.path.insert(1, os.path.join(os.path.dirname(HERE), "bench"))   # and dz_bench
 
-from dz_kernels._aot import N_SM, compile_launches, record_launches  # noqa: E402
+from dz_kernels._aot import compile_launches, record_launches  # noqa: E402
 
 
 def fused_launches(dtypes: tuple, small: bool = False, C: int = 5120) -> None:
@@ -90,44 +91,31 @@ def kv_cache_launches(dtypes: tuple, small: bool = False, B: int = 2, H: int = 4
 
 
 def quant_launches(dtypes: tuple, small: bool = False) -> None:
-    """The quant launchers at the bench's Wan shape K = N = 5120 (--small: 256), M = 1785 (one denoising pass) and
-    M = 16 (decode-like; the NVFP4 split-K path), bf16 activations and outputs with a bias: FP8 per-row and block
-    quantization, dequantization, the FP8 GEMM (row and block scales, every autotune config), NVFP4 quantization and
-    dequantization, the W4A16 tiled GEMM (every autotune config), split-K GEMM and its reduction / scaled epilogue,
-    and the W4A4 register-dequantization GEMM (the Hopper emulation path). `dtypes` is not used: the quant kernels
+    """The quant launchers (dz_kernels.quant._aot.record_quant_launches: FP8 and NVFP4 quantization, the GEMMs with
+    every config their autotuners would time, split-K, at K = N = 5120, M = 1785 and 16), then the candidates the
+    tuning sweeps time (dz_bench.tune.quant: FP8 GEMM tiles, split-K tiles). `dtypes` is not used: the quant kernels
     take bf16 activations here."""
-    from types import SimpleNamespace
+    from dz_bench.tune.quant import gemm_configs, splitk_configs
+    from dz_kernels import configs
+    from dz_kernels.quant import triton_fp8 as f8, triton_nvfp4 as f4
+    from dz_kernels.quant._aot import gpu_launch_rules, record_quant_launches
 
-    import dz_kernels.quant._common as qcm
-    from dz_kernels.quant import triton_fp8 as f8, triton_nvfp4 as f4, triton_nvfp4_splitk as sk
-
-    qcm.kernels_interpreted = lambda: False                          # the GPU launch configs, not the interpreter's
-    torch.cuda.get_device_properties = lambda *_: SimpleNamespace(multi_processor_count=N_SM)   # split-K's plan
+    record_quant_launches(small)
     K = N = 256 if small else 5120
     bf, e4 = torch.bfloat16, torch.float8_e4m3fn
     bias = torch.empty(N, dtype=bf)
-    for M in (1785, 16):
-        x = torch.empty(M, K, dtype=bf)
-        f8.launch_fp8_quant_rows(x)
-        f8.launch_fp8_quant_blocks(x, True)
-        a, b = torch.empty(M, K, dtype=e4), torch.empty(N, K, dtype=e4)
-        f8.launch_fp8_dequant(a, torch.empty(M, 1), "row", bf)
-        f8.launch_fp8_gemm(a, torch.empty(M, 1), b, torch.empty(N, 1), False, bias, None, None, None, bf)
-        if M > 16:
-            f8.launch_fp8_quant_blocks(x, False)
-            f8.launch_fp8_gemm(a, torch.empty(M, K // 128), b, torch.empty(N // 128, K // 128), True, bias, None,
-                               None, None, bf)
-        g = torch.ones((), dtype=torch.float32)
-        f4.launch_nvfp4_quant(x, g)
+    splitk_default = configs.table("nvfp4")["defaults"]["splitk"][-1]["config"]
+    with gpu_launch_rules():
+        for M in (1785, 16):
+            a, b = torch.empty(M, K, dtype=e4), torch.empty(N, K, dtype=e4)
+            for cfg in gemm_configs(small, M)[1:]:
+                with configs.forced("fp8", "gemm", cfg):
+                    f8.launch_fp8_gemm(a, torch.empty(M, 1), b, torch.empty(N, 1), False, bias, None, None, None, bf)
+        x = torch.empty(16, K, dtype=bf)
         w, ws = torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(N, K // 16, dtype=e4)
-        if M > 16:
-            f4.launch_nvfp4_dequant(w, ws, g, bf)                     # the "dequant" path: then cuBLAS, then
-            sk.launch_scaled_epilogue(torch.empty(M, N), g, bias, 0, (x, 0, 0, x, 0, 0), False, False,
-                                      torch.empty(M, N, dtype=bf))    # the global scale and the bias in one pass
-            f4.launch_w4a16(x, w, ws, g, bias, None, None, None, bf, path="tiled")
-            f4.launch_w4a4(w[:M], ws[:M], g, w, ws, g, bias, None, None, None, bf, use_dot_scaled=False)
-        else:
-            f4.launch_w4a16(x, w, ws, g, bias, None, None, None, bf, path="splitk")
+        for cfg in splitk_configs(small, splitk_default)[1:]:
+            with configs.forced("nvfp4", "splitk", cfg):
+                f4.launch_w4a16(x, w, ws, torch.ones(()), bias, None, None, None, bf, path="splitk")
 
 
 FAMILIES = {"fused": fused_launches, "kv_cache": kv_cache_launches, "quant": quant_launches}

@@ -1,45 +1,97 @@
-"""Ahead-of-time compilation of the quant GEMM kernels for a GPU this machine may not have (no driver needed).
+"""Ahead-of-time compilation of the quant kernels for a GPU this machine may not have (no driver needed).
 
-`python -m dz_kernels.quant._aot [NAME ...]` compiles (all by default), with Triton's own compiler and ptxas:
-    fp8_gemm (row and block scales)  for sm_90   (Hopper: expects FP8 wgmma)
-    nvfp4_w4a16                      for sm_90   (bf16 wgmma after in-register dequantization)
-    nvfp4_w4a16 split-K (small M)    for sm_90   (the same, on [16, BLOCK_K] activation tiles)
-    nvfp4_w4a4, dot_scaled           for sm_100  (Blackwell: expects tcgen05.mma kind::mxf4nvf4 block16)
-    nvfp4_w4a4, register dequant     for sm_90
+`python -m dz_kernels.quant._aot [NAME ...]` records the launches the quant launchers make (dz_kernels._aot: Triton's
+launch replaced by a recorder, CPU tensors, the GPU's launch rules) and compiles, for each NAME (all by default),
+the first launch of its kernel, specialized as Triton's launcher specializes it, with Triton's own compiler and
+ptxas:
+    fp8_gemm_row_sm90, fp8_gemm_block_sm90   FP8 GEMM, row / block scales, sm_90 (Hopper: expects FP8 wgmma)
+    nvfp4_w4a16_sm90                         tiled W4A16 (bf16 wgmma after in-register dequantization)
+    nvfp4_w4a16_splitk_sm90                  split-K W4A16 (small M: bf16 mma on [16, BLOCK_K] activation tiles)
+    nvfp4_w4a4_dot_scaled_sm100              W4A4 through tl.dot_scaled, sm_100 (Blackwell: expects tcgen05.mma
+                                             kind::mxf4nvf4 block16)
+    nvfp4_w4a4_dequant_sm90                  W4A4, register dequantization (the Hopper emulation)
 and prints a JSON object {name: [distinct MMA instructions found in the PTX]}. It must run with TRITON_INTERPRET=0
 (the interpreter replaces @triton.jit functions by Python ones that cannot be compiled, and dz_kernels turns it on
 without CUDA when the variable is unset).
 The tests use it to check that the GPU paths compile and reach the intended tensor-core instructions on a CPU-only
 machine; whether they compute the right numbers there is checked by the CUDA tests where a GPU is present.
+`record_quant_launches` is also the quant family of tests/aot_capture.py (every launch and autotune config).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
-from .._aot import mma_instructions as _mma
+import torch
+
+from .._aot import N_SM, compile_launches, record_launches
+
+# name: (kernel, the constants its launch must have, the architecture it is compiled for)
+KERNELS = {
+    "fp8_gemm_row_sm90": ("_fp8_gemm_kernel", {"BLOCK_SCALED": False}, 90),
+    "fp8_gemm_block_sm90": ("_fp8_gemm_kernel", {"BLOCK_SCALED": True}, 90),
+    "nvfp4_w4a16_sm90": ("_nvfp4_w4a16_kernel", {}, 90),
+    "nvfp4_w4a4_dot_scaled_sm100": ("_nvfp4_w4a4_kernel", {"USE_DOT_SCALED": True}, 100),
+    "nvfp4_w4a4_dequant_sm90": ("_nvfp4_w4a4_kernel", {"USE_DOT_SCALED": False}, 90),
+    "nvfp4_w4a16_splitk_sm90": ("_nvfp4_w4a16_splitk_kernel", {}, 90),
+}
+NAMES = tuple(KERNELS)
 
 
-def _sig(ptr_types: dict, n_ints: int, int_names, constexprs: dict) -> tuple[dict, dict]:
-    sig = dict(ptr_types)
-    for name in int_names[:n_ints]:
-        sig[name] = "i32"
-    for name in constexprs:
-        sig[name] = "constexpr"
-    return sig, constexprs
+@contextlib.contextmanager
+def gpu_launch_rules():
+    """Inside the block the quant launchers take their GPU choices on CPU tensors: the config tables and autotuned
+    wrappers instead of the interpreter's fixed tiles, and split-K's plan over N_SM multiprocessors. Restored after."""
+    from types import SimpleNamespace
+
+    from . import _common as qcm
+
+    saved = qcm.kernels_interpreted, torch.cuda.get_device_properties
+    qcm.kernels_interpreted = lambda: False
+    torch.cuda.get_device_properties = lambda *_: SimpleNamespace(multi_processor_count=N_SM)
+    try:
+        yield
+    finally:
+        qcm.kernels_interpreted, torch.cuda.get_device_properties = saved
 
 
-def _compile(fn, signature: dict, constexprs: dict, cap: int) -> str:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def record_quant_launches(small: bool = False, dot_scaled: bool = False) -> None:
+    """Call the quant launchers at the bench's Wan shape K = N = 5120 (small: 256), M = 1785 (one denoising pass) and
+    M = 16 (decode-like; the NVFP4 split-K path), bf16 activations and outputs with a bias: FP8 per-row and block
+    quantization, dequantization, the FP8 GEMM (row and block scales), NVFP4 quantization and dequantization, the
+    W4A16 tiled GEMM, the split-K GEMM and its reduction / scaled epilogue, and the W4A4 register-dequantization GEMM
+    (the Hopper emulation path; dot_scaled: also its tl.dot_scaled path). Inside record_launches() nothing runs, and
+    an autotuned GEMM records every config its autotuner would time."""
+    from . import triton_fp8 as f8, triton_nvfp4 as f4, triton_nvfp4_splitk as sk
 
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
-
-
-NAMES = ("fp8_gemm_row_sm90", "fp8_gemm_block_sm90", "nvfp4_w4a16_sm90", "nvfp4_w4a4_dot_scaled_sm100",
-         "nvfp4_w4a4_dequant_sm90", "nvfp4_w4a16_splitk_sm90")
+    K = N = 256 if small else 5120
+    bf, e4 = torch.bfloat16, torch.float8_e4m3fn
+    bias = torch.empty(N, dtype=bf)
+    with gpu_launch_rules():
+        for M in (1785, 16):
+            x = torch.empty(M, K, dtype=bf)
+            f8.launch_fp8_quant_rows(x)
+            f8.launch_fp8_quant_blocks(x, True)
+            a, b = torch.empty(M, K, dtype=e4), torch.empty(N, K, dtype=e4)
+            f8.launch_fp8_dequant(a, torch.empty(M, 1), "row", bf)
+            f8.launch_fp8_gemm(a, torch.empty(M, 1), b, torch.empty(N, 1), False, bias, None, None, None, bf)
+            if M > 16:
+                f8.launch_fp8_quant_blocks(x, False)
+                f8.launch_fp8_gemm(a, torch.empty(M, K // 128), b, torch.empty(N // 128, K // 128), True, bias, None,
+                                   None, None, bf)
+            g = torch.ones((), dtype=torch.float32)
+            f4.launch_nvfp4_quant(x, g)
+            w, ws = torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(N, K // 16, dtype=e4)
+            if M > 16:
+                f4.launch_nvfp4_dequant(w, ws, g, bf)                 # the "dequant" path: then cuBLAS, then
+                sk.launch_scaled_epilogue(torch.empty(M, N), g, bias, 0, (x, 0, 0, x, 0, 0), False, False,
+                                          torch.empty(M, N, dtype=bf))    # the global scale and the bias in one pass
+                f4.launch_w4a16(x, w, ws, g, bias, None, None, None, bf, path="tiled")
+                for use_ds in (False, True) if dot_scaled else (False,):
+                    f4.launch_w4a4(w[:M], ws[:M], g, w, ws, g, bias, None, None, None, bf, use_dot_scaled=use_ds)
+            else:
+                f4.launch_w4a16(x, w, ws, g, bias, None, None, None, bf, path="splitk")
 
 
 def main(names=NAMES) -> dict:
@@ -53,51 +105,19 @@ def main(names=NAMES) -> dict:
     if kernels_interpreted():
         raise RuntimeError("the kernels were built for the Triton interpreter: run with TRITON_INTERPRET=0 (dz_kernels "
                            "turns the interpreter on without CUDA when the variable is unset)")
-    from . import triton_fp8 as fp8, triton_nvfp4 as nvfp4
-
-    epi = {"HAS_BIAS": True, "ACT": 1, "HAS_GATE": True, "HAS_RES": True}
-    tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}
+    with record_launches() as launches:
+        record_quant_launches(small=True, dot_scaled="nvfp4_w4a4_dot_scaled_sm100" in names)
     out = {}
-
-    fp8_ints = ["M", "N", "K", "stride_am", "stride_bn", "stride_asm", "stride_ask", "stride_bsn", "stride_bsk",
-                "stride_gm", "stride_gn", "stride_rm", "stride_rn", "stride_om"]
-    fp8_ptrs = {"A": "*fp8e4nv", "B": "*fp8e4nv", "AS": "*fp32", "BS": "*fp32", "BIAS": "*bf16", "GATE": "*bf16",
-                "RES": "*bf16", "OUT": "*bf16"}
-    for block in (False, True):
-        ce = {"BLOCK_SCALED": block, **epi, **tiles}
-        sig, ce = _sig(fp8_ptrs, len(fp8_ints), fp8_ints, ce)
-        name = f"fp8_gemm_{'block' if block else 'row'}_sm90"
-        if name in names:
-            out[name] = _mma(_compile(fp8._fp8_gemm_kernel, sig, ce, 90))
-
-    w16_ints = ["M", "N", "K", "stride_xm", "stride_wn", "stride_wsn", "stride_gm", "stride_gn", "stride_rm",
-                "stride_rn", "stride_om"]
-    w16_ptrs = {"X": "*bf16", "W": "*u8", "WS": "*fp8e4nv", "WG": "*fp32", "BIAS": "*bf16", "GATE": "*bf16",
-                "RES": "*bf16", "OUT": "*bf16"}
-    sig, ce = _sig(w16_ptrs, len(w16_ints), w16_ints, {**epi, "INTERPRET": False, **tiles})
-    if "nvfp4_w4a16_sm90" in names:
-        out["nvfp4_w4a16_sm90"] = _mma(_compile(nvfp4._nvfp4_w4a16_kernel, sig, ce, 90))
-
-    if "nvfp4_w4a16_splitk_sm90" in names:
-        from . import triton_nvfp4_splitk as nvfp4_splitk
-
-        sk_ints = ["M", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_wsn", "stride_ps", "stride_pm",
-                   "stride_gm", "stride_gn", "stride_rm", "stride_rn", "stride_om"]
-        sk_ptrs = {**w16_ptrs, "PART": "*fp32"}
-        sig, ce = _sig(sk_ptrs, len(sk_ints), sk_ints, {**epi, "SINGLE": False, "INTERPRET": False, "BLOCK_M": 16,
-                                                         "BLOCK_N": 64, "BLOCK_K": 256})
-        out["nvfp4_w4a16_splitk_sm90"] = _mma(_compile(nvfp4_splitk._nvfp4_w4a16_splitk_kernel, sig, ce, 90))
-
-    w4_ints = ["M", "N", "K", "stride_am", "stride_asm", "stride_wn", "stride_wsn", "stride_gm", "stride_gn",
-               "stride_rm", "stride_rn", "stride_om"]
-    w4_ptrs = {"A": "*u8", "AS": "*fp8e4nv", "AG": "*fp32", "W": "*u8", "WS": "*fp8e4nv", "WG": "*fp32",
-               "BIAS": "*bf16", "GATE": "*bf16", "RES": "*bf16", "OUT": "*bf16"}
-    for use_ds, cap in ((True, 100), (False, 90)):
-        sig, ce = _sig(w4_ptrs, len(w4_ints), w4_ints,
-                       {**epi, "USE_DOT_SCALED": use_ds, "INTERPRET": False, **tiles})
-        name = "nvfp4_w4a4_dot_scaled_sm100" if use_ds else "nvfp4_w4a4_dequant_sm90"
-        if name in names:
-            out[name] = _mma(_compile(nvfp4._nvfp4_w4a4_kernel, sig, ce, cap))
+    for name in names:
+        kernel, consts, arch = KERNELS[name]
+        first = next((ln for ln in launches if ln[0].__name__ == kernel
+                      and all(ln[2].get(c) == v for c, v in consts.items())), None)
+        if first is None:
+            raise RuntimeError(f"{name}: the quant launchers made no launch of {kernel} with {consts}")
+        records, failed = compile_launches([first], arch, verbose=False)
+        if failed:
+            raise RuntimeError(f"{name}: {kernel} did not compile for sm_{arch} (the error is printed above)")
+        out[name] = records[0]["mma"]
     return out
 
 

@@ -83,19 +83,27 @@ def _unpack_tile(packed, scale_per_byte, ROWS: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
+def _scale_per_byte(S, rows, stride_s, mask_rows, p0, p_end, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 [ROWS, BLOCK_K/2]: the E4M3 block scale of each packed byte p0 .. p0 + BLOCK_K/2 of the rows `rows`
+    (one scale per 8 bytes, decoded by hand: the interpreter reads the NaN byte as a number; 0 for bytes >= p_end
+    and rows not in mask_rows). The [ROWS, BLOCK_K/16] scales are loaded once each and broadcast in registers."""
+    sb = p0 // 8 + tl.arange(0, BLOCK_K // 16)
+    smask = mask_rows[:, None] & (sb * 8 < p_end)[None, :]
+    s = e4m3_value(tl.load(S + rows * stride_s + sb[None, :], mask=smask, other=0.0))
+    return tl.reshape(tl.broadcast_to(s[:, :, None], (ROWS, BLOCK_K // 16, 8)), (ROWS, BLOCK_K // 2))
+
+
+@triton.jit
 def _w4a16_tile_dot(acc, x, W, WS, w_rows, stride_wn, stride_wsn, mask_n, p0, p_end,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + x @ (e2m1(w) * ws)^T for one K step: x [BLOCK_M, BLOCK_K] (16-bit, masked by the caller), the packed
     weight bytes p0 .. p0 + BLOCK_K/2 (those < p_end; p0 and p_end multiples of 8, as K is of 16) of rows w_rows and
     their E4M3 scales (one per 8 bytes, decoded by hand: the interpreter reads the NaN byte as a number), unpacked in
-    registers (exact in bf16). The bytes are one contiguous [BLOCK_N, BLOCK_K/2] load (vector loads on the GPU); the
-    [BLOCK_N, BLOCK_K/16] scales are loaded once each and broadcast to their 8 bytes in registers."""
+    registers (exact in bf16). The bytes are one contiguous [BLOCK_N, BLOCK_K/2] load (vector loads on the GPU), the
+    scales come from _scale_per_byte."""
     p = p0 + tl.arange(0, BLOCK_K // 2)
     wp = tl.load(W + w_rows * stride_wn + p[None, :], mask=mask_n[:, None] & (p < p_end)[None, :], other=0)
-    sb = p0 // 8 + tl.arange(0, BLOCK_K // 16)
-    smask = mask_n[:, None] & (sb * 8 < p_end)[None, :]
-    ws = e4m3_value(tl.load(WS + w_rows * stride_wsn + sb[None, :], mask=smask, other=0.0))
-    ws = tl.reshape(tl.broadcast_to(ws[:, :, None], (BLOCK_N, BLOCK_K // 16, 8)), (BLOCK_N, BLOCK_K // 2))
+    ws = _scale_per_byte(WS, w_rows, stride_wsn, mask_n, p0, p_end, BLOCK_N, BLOCK_K)
     w = _unpack_tile(wp, ws, BLOCK_N, BLOCK_K)
     if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 operands give the exact products
         return tl.dot(x.to(tl.float32), tl.trans(w), acc)

@@ -32,7 +32,7 @@ from .._common import cast_rne, e4m3_bits, e4m3_round, e4m3_value, nan_amax
 from . import _common as cm
 from .reference import NVFP4_BLOCK
 from .triton_common import (
-    _e2m1_decode, _e2m1_encode, _epilogue_store, _grouped_pid, _unpack_tile, _w4a16_tile_dot, activation_code,
+    _e2m1_decode, _e2m1_encode, _epilogue_store, _grouped_pid, _scale_per_byte, _unpack_tile, _w4a16_tile_dot, activation_code,
     launch_gemm,
 )
 from .triton_nvfp4_splitk import launch_scaled_epilogue, launch_w4a16_splitk
@@ -150,10 +150,8 @@ def _nvfp4_w4a4_kernel(A, AS, AG, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
             w_s = tl.load(WS + w_rows * stride_wsn + sb[None, :], mask=mask_n[:, None] & sk, other=0.0)
             acc = tl.dot_scaled(ap, a_s, "e2m1", tl.trans(wp), w_s, "e2m1", acc)
         else:
-            a_s = e4m3_value(tl.load(AS + a_rows * stride_asm + (p // 8)[None, :], mask=mask_m[:, None] & pk,
-                                     other=0.0))
-            w_s = e4m3_value(tl.load(WS + w_rows * stride_wsn + (p // 8)[None, :], mask=mask_n[:, None] & pk,
-                                     other=0.0))
+            a_s = _scale_per_byte(AS, a_rows, stride_asm, mask_m, k0 // 2, K // 2, BLOCK_M, BLOCK_K)
+            w_s = _scale_per_byte(WS, w_rows, stride_wsn, mask_n, k0 // 2, K // 2, BLOCK_N, BLOCK_K)
             a = _unpack_tile(ap, a_s, BLOCK_M, BLOCK_K)
             w = _unpack_tile(wp, w_s, BLOCK_N, BLOCK_K)
             if INTERPRET:
@@ -166,21 +164,42 @@ def _nvfp4_w4a4_kernel(A, AS, AG, W, WS, WG, BIAS, GATE, RES, OUT, M, N, K,
 
 
 _EPI_KEYS = ["M", "N", "K", "HAS_BIAS", "ACT", "HAS_GATE", "HAS_RES"]
+# Tiles for sm_90 that compile without register spills with triton 3.6 and 3.9 (tests/aot_capture.py): 128 x 256 x 64
+# on 8 warps and 64 x 128 x 128 on 4 warps spilled 16 bytes a thread with 3.6 (in-register dequantization of the
+# weight tile beside the accumulator), 16 x 128 x 128 on 4 warps 576 bytes with 3.9; replaced by 64 x 256 x 64,
+# 64 x 128 x 64 and the 16-row tile on 8 warps.
 _W4A16_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=8, num_stages=4),
 ]
-_W4A4_CONFIGS = [  # BLOCK_K a multiple of 64 so the packed K tile is >= 32 bytes for dot_scaled
+# W4A4: BLOCK_K a multiple of 64 so the packed K tile is >= 32 bytes for dot_scaled. The dot_scaled tiles (Blackwell:
+# the accumulator lives in tensor memory) and the Hopper emulation's (both operands dequantized in registers: its
+# Blackwell tiles spilled 20 B to 11 KB a thread on sm_90; these compile without a spill with triton 3.6 and 3.9) are
+# separate lists.
+_W4A4_DOT_SCALED = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
+_W4A4_EMULATED = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+]
+
+
+def _w4a4_configs(configs, named_args, **kwargs):
+    """The W4A4 autotuner's candidates for one launch: the dot_scaled list or the emulation's."""
+    return _W4A4_DOT_SCALED if kwargs.get("USE_DOT_SCALED", named_args.get("USE_DOT_SCALED")) else _W4A4_EMULATED
+
+
 _w4a16_tuned = triton.autotune(configs=_W4A16_CONFIGS, key=_EPI_KEYS)(_nvfp4_w4a16_kernel)
-_w4a4_tuned = triton.autotune(configs=_W4A4_CONFIGS, key=_EPI_KEYS + ["USE_DOT_SCALED"])(_nvfp4_w4a4_kernel)
+_w4a4_tuned = triton.autotune(configs=_W4A4_DOT_SCALED + _W4A4_EMULATED, key=_EPI_KEYS + ["USE_DOT_SCALED"],
+                              prune_configs_by={"early_config_prune": _w4a4_configs})(_nvfp4_w4a4_kernel)
 
 
 def dot_scaled_available(device) -> bool:
