@@ -33,6 +33,8 @@ What changes, per ``WanTransformerBlock`` (in place; ``undo`` restores every obj
   result: for a float32 stream the bits each linear would have computed (the outputs are identical); for a
   bfloat16 stream one rounding fewer, which moves some FP8 codes by a step (as accurate, not the same bits). With
   grad enabled, or any other linear (nn.Linear, block-scaled FP8, NVFP4), the norm outputs floats as above.
+  Likewise attn2's k and v (and the I2V image k/v) take one quantization of their shared context, not one each
+  (the same bits as each linear's own).
 
 - ``attn1`` and ``attn2`` get a :class:`FusedWanAttnProcessor` (a ``WanAttnProcessor`` subclass): diffusers'
   processor with ``norm_q`` / ``norm_k`` (and the I2V ``norm_added_k``), RMSNorm across all heads, computed by
@@ -65,7 +67,7 @@ import torch
 import torch.nn as nn
 
 from . import fused
-from .quant.api import Float8Rows
+from .quant.api import Float8Rows, quantize_rows
 
 try:
     from diffusers.models.activations import GELU as _DiffusersGELU
@@ -112,14 +114,25 @@ def _qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torc
             return attn.to_qkv(hidden_states).chunk(3, dim=-1)
         key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
         return attn.to_q(hidden_states), key, value
-    return attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+    ctx = _shared_rows(encoder_hidden_states, attn.to_k, attn.to_v)
+    return attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
 
 
 def _added_kv(attn, encoder_hidden_states_img: torch.Tensor):
     """diffusers' ``_get_added_kv_projections`` (0.42.1)."""
     if getattr(attn, "fused_projections", False):
         return attn.to_added_kv(encoder_hidden_states_img).chunk(2, dim=-1)
-    return attn.add_k_proj(encoder_hidden_states_img), attn.add_v_proj(encoder_hidden_states_img)
+    ctx = _shared_rows(encoder_hidden_states_img, attn.add_k_proj, attn.add_v_proj)
+    return attn.add_k_proj(ctx), attn.add_v_proj(ctx)
+
+
+def _shared_rows(x, *linears):
+    """x once quantized to FP8 rows when every one of `linears` takes them (_fp8_rows: per-token Float8Linears, in
+    inference), so k and v of the same context share one quantization instead of one each; else x itself. The same
+    results: a Float8Linear computes the same from quantize_rows(x) as from x."""
+    if isinstance(x, torch.Tensor) and _fp8_rows(x, *linears):
+        return quantize_rows(x)
+    return x
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
