@@ -1,5 +1,6 @@
 """What every op family of dz_kernels shares: the interpreter check, output allocation (with the tests' NaN-poisoning
-hook), the FP8 E4M3 convention, and the Triton device functions that round to a storage format.
+hook), the custom-op registration and its eager call (`custom_op`, `call`), the FP8 E4M3 convention, and the Triton
+device functions that round to a storage format.
 
 Rounding: one code path on the GPU and in the Triton CPU interpreter
     The interpreter's float casts do not round like the GPU (triton 3.9, the CPU machine's): float32 -> bfloat16
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import triton
 import triton.language as tl
@@ -33,7 +35,8 @@ __all__ = [
     "FP8_DTYPE", "E4M3_MAX", "FP8_AMAX_FLOOR", "kernels_interpreted", "triton_runs_on", "empty", "poisoned",
     "fp8_scale", "quantize_e4m3", "nan_amax", "fp8_scale_tl", "e4m3_bits", "e4m3_round", "e4m3_value",
     "round_bf16", "round_fp16",
-    "round_to", "cast_rne",
+    "round_to", "cast_rne", "custom_op", "call", "plain_eager", "cdiv",
+    "next_pow2",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -52,6 +55,18 @@ def kernels_interpreted() -> bool:
 def triton_runs_on(t: torch.Tensor) -> bool:
     """Whether a Triton kernel can take tensor `t`: a CUDA tensor, or a CPU tensor under the interpreter."""
     return t.device.type == "cuda" or (t.device.type == "cpu" and kernels_interpreted())
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host integers, as triton.cdiv, which is a ConstexprFunction: about 2.5 us a call from Python
+    (a launcher makes several per launch), against 0.03 us for this."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n of a host integer (0 for 0), as triton.next_power_of_2 (about 2.5 us a call
+    from Python, a ConstexprFunction)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 # ----------------------------------------------------------------------------------------- output allocation hook
@@ -77,6 +92,45 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
     if _POISON_OUTPUTS[0]:
         return poisoned(shape, dtype, device)
     return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------- custom ops and their eager calls
+_OP_FUNCTIONS: dict = {}
+
+
+def custom_op(name: str, mutates_args=()):
+    """Decorator: torch.library.custom_op(name, mutates_args=...) of the function (every kernel op of this package
+    is one, with a fake implementation, for torch.compile and CUDA graphs), remembering the function for `call`."""
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        _OP_FUNCTIONS[op] = fn
+        return op
+    return register
+
+
+def call(op, *args):
+    """op(*args) for an op made by `custom_op`; in plain eager use the op's own function on args instead: when
+    torch.compile (or export) is not tracing, no dispatch mode is active (fake tensors, flop counters, ...), every
+    tensor argument is a plain tensor (or Parameter) off the meta device, and autograd has nothing to record (grad
+    mode off, or no argument requiring grad). That function is what the op runs, so the results are the same; the
+    call skips the dispatcher's Python layers (autograd wrapper, redispatch, dynamo guard), which took about 50 us
+    of host time per call on the project's 2-core CPU machine (bench/NOTES.md, "Host time of the ops"): on the GPU,
+    as long as a fused-norm kernel runs at the control step's 1,785 tokens."""
+    if plain_eager(args):
+        return _OP_FUNCTIONS[op](*args)
+    return op(*args)
+
+
+def plain_eager(args) -> bool:
+    """Whether `call` would run an op with these arguments as its plain function (see there)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and ((type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter)
+                                            or a.is_meta or (grad and a.requires_grad)):
+            return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------- FP8, plain PyTorch form

@@ -22,6 +22,7 @@ import torch
 
 from dz_kernels import env
 from dz_kernels._cache_rows import check_offset, check_rows_contiguous, host_offset, write_rows_masked
+from dz_kernels._common import call, custom_op
 
 __all__ = [
     "cuda_ext", "cuda_ext_reason", "csrc_dir", "cupy_available", "cupy_module", "cupy_launch", "write_rows",
@@ -260,7 +261,7 @@ def _write_rows_cupy(dst, src, offset):
     cupy_launch("kv_cache.cu", f"dz_write_rows_v{w}", grid, block, args, dst.device)
 
 
-@torch.library.custom_op("dz_kernels::write_rows", mutates_args=("dst",))
+@custom_op("dz_kernels::write_rows", mutates_args=("dst",))
 def _write_rows_op(dst: torch.Tensor, src: torch.Tensor, offset: torch.Tensor, backend: str, check: bool) -> None:
     T, cap = src.shape[1], dst.shape[1]
     off = host_offset(offset, dst.device) if check else None
@@ -301,5 +302,5 @@ def write_rows(dst: torch.Tensor, src: torch.Tensor, offset: torch.Tensor, backe
         pos += T
     """
     _check_write_rows(dst, src, offset, backend)
-    torch.ops.dz_kernels.write_rows(dst, src, offset, backend, check)
+    call(_write_rows_op, dst, src, offset, backend, check)
     return dst

@@ -35,3 +35,22 @@ def test_quant_case_names_carry_their_shapes(small):
 def test_case_names_are_unique(bench):
     names = [c.case for c in _cases(bench, True)]
     assert names and len(names) == len(set(names))
+
+
+def test_host_time_tool_times_every_op_and_refuses_a_bad_count():
+    """python -m dz_bench.host (bench/NOTES.md, "Host time of the ops") runs every op with its launches skipped, on
+    any machine; a mistaken --calls is one line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "dz_bench.host", "--small", "--calls", "3"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("host time per call, us") and len(lines) == 11, r.stdout
+    assert all(float(line.split()[-1]) > 0 for line in lines[1:]), r.stdout
+    bad = subprocess.run([sys.executable, "-m", "dz_bench.host", "--calls", "0"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert bad.returncode == 2 and "--calls must be at least 1" in bad.stderr and "Traceback" not in bad.stderr

@@ -140,3 +140,83 @@ def test_kernels_run_where_the_suite_says():
     """CUDA when present, else the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton loads)."""
     assert cm.kernels_interpreted() == (not torch.cuda.is_available())
     assert cm.triton_runs_on(torch.zeros(1, device=DEVICE))
+
+
+# ------------------------------------------------------------------------------- custom ops and their eager calls
+def _counting(monkeypatch, op):
+    """Counts the calls `cm.call` makes to op's own function directly (the op's dispatcher path does not count)."""
+    n = {"direct": 0}
+    fn = cm._OP_FUNCTIONS[op]
+
+    def counted(*a):
+        n["direct"] += 1
+        return fn(*a)
+    monkeypatch.setitem(cm._OP_FUNCTIONS, op, counted)
+    return n
+
+
+def test_call_runs_the_function_in_plain_eager_and_the_op_otherwise(monkeypatch):
+    """cm.call skips the dispatcher only where nothing needs it: no autograd to record, no dispatch mode, no
+    torch.compile tracing; the results are the same bits either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dz_kernels import fused
+    from dz_kernels.fused.ops import _gelu_tanh_op
+
+    n = _counting(monkeypatch, _gelu_tanh_op)
+    x = torch.randn(3, 37, 64, device=DEVICE)
+    with torch.no_grad():
+        y_direct = fused.gelu_tanh(x)
+    assert n["direct"] == 1
+    y_grad_mode = fused.gelu_tanh(x)                    # grad mode on, nothing requires grad: still direct
+    assert n["direct"] == 2 and torch.equal(y_grad_mode, y_direct)
+
+    xg = x.clone().requires_grad_(True)
+    y_op = fused.gelu_tanh(xg)                          # autograd to record: the op, with its backward
+    assert n["direct"] == 2 and y_op.grad_fn is not None
+    assert torch.equal(y_op.detach(), y_direct)
+    y_op.sum().backward()                               # the backward op runs directly (grad mode is off there)
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen() as mode:               # a dispatch mode sees the op itself
+        y_mode = fused.gelu_tanh(x)
+    assert any("dz.gelu_tanh" in o for o in mode.ops), mode.ops
+    assert n["direct"] == 2 and torch.equal(y_mode, y_direct)
+
+    calls_before = n["direct"]
+    compiled = torch.compile(lambda t: fused.gelu_tanh(t), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        y_compiled = compiled(x)
+    assert torch.equal(y_compiled, y_direct)
+    assert n["direct"] == calls_before                  # traced as the op: fake tensors never reach the function
+
+
+def test_plain_eager_refuses_tensor_subclasses_and_grad():
+    t = torch.zeros(2)
+    assert cm.plain_eager((t, None, 3, "x"))
+    assert not cm.plain_eager((t.requires_grad_(True),))
+    with torch.no_grad():
+        assert cm.plain_eager((t,))
+    assert cm.plain_eager((torch.nn.Parameter(torch.zeros(2), requires_grad=False),))
+    assert not cm.plain_eager((torch.empty(2, device="meta"),))
+
+    class Sub(torch.Tensor):
+        pass
+    assert not cm.plain_eager((torch.zeros(2).as_subclass(Sub),))
+
+
+def test_host_cdiv_and_next_pow2_equal_tritons():
+    """The launchers' host helpers give Triton's values (triton.cdiv / next_power_of_2 cost 2.6 us a call)."""
+    for n in range(20001):
+        assert cm.next_pow2(n) == triton.next_power_of_2(n), n
+        for b in (1, 16, 64, 128, 8192):
+            assert cm.cdiv(n, b) == triton.cdiv(n, b), (n, b)

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._common import kernels_interpreted
+from .._common import call, custom_op, kernels_interpreted
 from .config import TileConfig, config_mode, default_config
 from .pattern import AttentionPattern, as_pattern, pattern_by_key
 from .schedule import _MEMO, _memo, schedule_for, token_tables
@@ -169,8 +169,8 @@ def layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, 
     cfg.validate()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # the atomic-free dq pass also serves a non-deterministic call when the config says it is the faster one
-    out, _lse = layout_attention_op(q, k, v, pattern.key, scale, cfg.as_list(),
-                                    bool(deterministic) or not cfg.atomic_dq)
+    out, _lse = call(layout_attention_op, q, k, v, pattern.key, scale, cfg.as_list(),
+                      bool(deterministic) or not cfg.atomic_dq)
     return out
 
 
@@ -221,7 +221,7 @@ def _check_pattern(q, k, pattern: int):
 
 
 # ---------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dz::layout_attention", mutates_args=())
+@custom_op("dz::layout_attention", mutates_args=())
 def layout_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: int, scale: float,
                         tiles: list[int], deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, Lq, H, D] (q's dtype), lse fp32 [B, H, Lq]. `pattern`: an AttentionPattern.key. See the module doc."""
@@ -236,7 +236,7 @@ def _layout_attention_fake(q, k, v, pattern, scale, tiles, deterministic):
     return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("dz::layout_attention_backward", mutates_args=())
+@custom_op("dz::layout_attention_backward", mutates_args=())
 def layout_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor], pattern: int,
                                  scale: float, tiles: list[int],
@@ -263,8 +263,8 @@ def _autograd_backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.dz.layout_attention_backward(dout, q, k, v, out, lse, dlse, ctx.pattern, ctx.scale,
-                                                        ctx.tiles, ctx.deterministic)
+    dq, dk, dv = call(layout_attention_backward_op, dout, q, k, v, out, lse, dlse, ctx.pattern, ctx.scale,
+                      ctx.tiles, ctx.deterministic)
     return dq, dk, dv, None, None, None, None
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import empty, kernels_interpreted
+from .._common import cdiv, empty, kernels_interpreted
 from .config import FLAG_HEADS_FIRST
 from .schedule import nwin
 from .triton_common import (LOG2E, _dot, _load_rows, _nonfinite, _program_row, _store_rows, _tile_mask, grid,
@@ -215,10 +215,10 @@ def launch_backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bit
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     km, kn, qm, qn = tiles[2], tiles[3], tiles[4], tiles[5]
-    if dkv_rows.shape[0] != triton.cdiv(Lk, kn):
-        raise ValueError(f"dk/dv schedule has {dkv_rows.shape[0]} rows, expected {triton.cdiv(Lk, kn)}")
-    if dq_rows.shape[0] != triton.cdiv(Lq, qm):
-        raise ValueError(f"dq schedule has {dq_rows.shape[0]} rows, expected {triton.cdiv(Lq, qm)}")
+    if dkv_rows.shape[0] != cdiv(Lk, kn):
+        raise ValueError(f"dk/dv schedule has {dkv_rows.shape[0]} rows, expected {cdiv(Lk, kn)}")
+    if dq_rows.shape[0] != cdiv(Lq, qm):
+        raise ValueError(f"dq schedule has {dq_rows.shape[0]} rows, expected {cdiv(Lq, qm)}")
     q, k, v, out, dout = (last_contiguous(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
@@ -232,7 +232,7 @@ def launch_backward(dout, q, k, v, out, lse, dlse, q_seg, k_seg, qk_bits, kq_bit
     delta = empty((B, H, Lq), torch.float32, q.device)
     q_flags = torch.empty((B * H, Lq), dtype=torch.int8, device=q.device)     # every entry written below
     k_flags = torch.empty((B * H, Lk) if deterministic else (1,), dtype=torch.int8, device=q.device)
-    _bwd_preprocess_kernel[(triton.cdiv(Lq, PRE_BLOCK_M), B * H)](
+    _bwd_preprocess_kernel[(cdiv(Lq, PRE_BLOCK_M), B * H)](
         out, dout, dlse if dlse is not None else lse, delta, q, q_flags,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         q.stride(0), q.stride(1), q.stride(2), H, Lq, HAS_DLSE=dlse is not None, BLOCK_M=PRE_BLOCK_M, HEAD_DIM=D)

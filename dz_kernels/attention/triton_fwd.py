@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import empty, kernels_interpreted
+from .._common import cdiv, empty, kernels_interpreted
 from .config import FLAG_FWD_WS, FLAG_HEADS_FIRST
 from .schedule import nwin
 from .triton_common import (LOG2E, _dot, _load_rows, _program_row, _row_flags_kernel, _store_rows, _tile_mask,
@@ -102,8 +102,8 @@ def launch_forward(q, k, v, q_seg, k_seg, qk_bits, rows, cols, partial_kt, scale
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     bm, bn = tiles[0], tiles[1]
-    if rows.shape[0] != triton.cdiv(Lq, bm):
-        raise ValueError(f"forward schedule has {rows.shape[0]} rows, expected {triton.cdiv(Lq, bm)} for "
+    if rows.shape[0] != cdiv(Lq, bm):
+        raise ValueError(f"forward schedule has {rows.shape[0]} rows, expected {cdiv(Lq, bm)} for "
                          f"Lq={Lq}, BLOCK_M={bm}: build it with the same block sizes")
     out = empty((B, Lq, H, D), q.dtype, q.device)
     lse = empty((B, H, Lq), torch.float32, q.device)

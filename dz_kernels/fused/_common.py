@@ -17,9 +17,7 @@ from typing import Optional
 
 import torch
 
-import triton
-
-from .._common import FP8_AMAX_FLOOR, FP8_DTYPE, empty, kernels_interpreted  # noqa: F401
+from .._common import FP8_AMAX_FLOOR, FP8_DTYPE, empty, kernels_interpreted, next_pow2  # noqa: F401
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_C = 16384  # the whole row lives in registers: one program holds next_pow2(C) float32 values per tensor
@@ -40,7 +38,7 @@ def row_config(C: int, backward: bool = False, device=None) -> tuple[int, int]:
     from ptxas register reports for sm_90 (triton 3.9): at BLOCK_C 8192 the forward kernels fit 16 warps without
     spilling; the backward kernels keep more values live and spill least with 32 warps (8 values per thread per
     tensor); at 16384 everything takes 32 warps."""
-    block = triton.next_power_of_2(C)
+    block = next_pow2(C)
     cfg = launch_config("row_bwd" if backward else "row_fwd", device, block_c=block)
     return block, int(cfg["num_warps"])
 
@@ -50,7 +48,7 @@ def partial_programs(n_rows: int, device: torch.device, C: int | None = None) ->
     own float32 partial row; the partials are summed afterwards in torch: deterministic for a given device):
     programs_per_sm (config table, kind row_bwd) per multiprocessor on CUDA."""
     if device.type == "cuda":
-        block = triton.next_power_of_2(C) if C else 0
+        block = next_pow2(C) if C else 0
         per_sm = launch_config("row_bwd", device, block_c=block)["programs_per_sm"]
         target = int(per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter: a few programs, so multi-row blocks and a short last block are exercised
@@ -99,10 +97,6 @@ def check_activation(name: str, x: torch.Tensor) -> None:
     check_last_dim_contiguous(name, x)
 
 
-def as_3d(x: torch.Tensor) -> torch.Tensor:
-    return x.unsqueeze(0) if x.dim() == 2 else x
-
-
 def check_broadcast(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     """t must broadcast to x's shape without changing it (sizes equal or 1, no more dims than x)."""
     check_float(name, t)
@@ -148,14 +142,27 @@ def check_no_grad_for_out(*tensors: Optional[torch.Tensor]) -> None:
                          "are needed, or run under torch.no_grad()")
 
 
+def rows_shape(shape) -> tuple[int, int, int]:
+    """(B, L, C) of an activation shape [B, L, C], or [N, C] read as [1, N, C]."""
+    return (shape[0], shape[1], shape[2]) if len(shape) == 3 else (1, shape[0], shape[1])
+
+
 def rows_view(t: torch.Tensor, x_shape) -> tuple[torch.Tensor, int, int]:
-    """(t expanded to x's shape as [B, L, C], batch stride, token stride); broadcast dims get stride 0. No copy."""
-    e = t.expand(tuple(x_shape))
-    if e.shape[-1] > 1 and e.stride(-1) != 1:
-        raise ValueError(f"a tensor of shape {tuple(t.shape)} has last-dim stride {e.stride(-1)}; the kernels need 1")
-    if e.dim() == 2:
-        e = e.unsqueeze(0)
-    return e, e.stride(0), e.stride(1)
+    """(t, batch stride, token stride) of t broadcast to x_shape as [B, L, C] (rows_shape); broadcast dims get
+    stride 0. t itself comes back (the kernels read its data pointer with these strides): no view, no copy."""
+    shape, stride = t.shape, t.stride()
+    off = len(x_shape) - len(shape)
+    if off < 0 or any(n != 1 and n != x_shape[off + j] for j, n in enumerate(shape)):
+        raise ValueError(f"a tensor of shape {tuple(shape)} does not broadcast to {tuple(x_shape)}")
+    if shape and shape[-1] > 1 and stride[-1] != 1:
+        raise ValueError(f"a tensor of shape {tuple(shape)} has last-dim stride {stride[-1]}; the kernels need 1")
+
+    def dim_stride(i):                      # t's stride along dim i of x_shape (0 where t broadcasts)
+        j = i - off
+        return 0 if j < 0 or shape[j] == 1 else stride[j]
+    if len(x_shape) == 2:
+        return t, 0, dim_stride(0)
+    return t, dim_stride(0), dim_stride(1)
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from .._common import call, custom_op, plain_eager
 from . import _common as cm
 from .triton_kernels import (
     gated_residual_bwd_specs, launch_gated_residual_bwd, launch_gated_residual_fwd, launch_gelu_bwd, launch_gelu_fwd,
@@ -31,7 +32,7 @@ def _fwd_specs(x, y, fp8):
     return x_new, out, out_scale, ((n,), torch.float32), ((n,), torch.float32)
 
 
-@torch.library.custom_op("dz::fused_layernorm", mutates_args=())
+@custom_op("dz::fused_layernorm", mutates_args=())
 def _fused_layernorm_op(
     x: torch.Tensor, y: Optional[torch.Tensor], gate: Optional[torch.Tensor], shift: Optional[torch.Tensor],
     scale: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
@@ -48,7 +49,7 @@ def _(x, y, gate, shift, scale, weight, bias, eps, fp8):
     return tuple(x.new_empty(s, dtype=d) for s, d in _fwd_specs(x, y, fp8))
 
 
-@torch.library.custom_op("dz::fused_layernorm_out", mutates_args=("x_out", "out", "out_scale"))
+@custom_op("dz::fused_layernorm_out", mutates_args=("x_out", "out", "out_scale"))
 def _fused_layernorm_out_op(
     x: torch.Tensor, y: Optional[torch.Tensor], gate: Optional[torch.Tensor], shift: Optional[torch.Tensor],
     scale: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
@@ -62,7 +63,7 @@ def _(x, y, gate, shift, scale, weight, bias, eps, x_out, out, out_scale):
     return None
 
 
-@torch.library.custom_op("dz::fused_layernorm_backward", mutates_args=())
+@custom_op("dz::fused_layernorm_backward", mutates_args=())
 def _fused_layernorm_bwd_op(
     dout: torch.Tensor, dxn: Optional[torch.Tensor], xn: torch.Tensor, y: Optional[torch.Tensor],
     gate: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -96,8 +97,8 @@ def _layernorm_backward(ctx, d_xnew, d_out, d_out_scale, d_mean, d_rstd):
     needs = [bool(nig[1]), bool(nig[2]), bool(nig[4]), bool(nig[5]), bool(nig[6])]
     d_out = torch.zeros_like(xn) if d_out is None else cm.last_dim_contiguous(d_out)
     dxn = cm.last_dim_contiguous(d_xnew) if (ctx.has_res and d_xnew is not None) else None
-    dx, dy, dg, dsc, dw, db = torch.ops.dz.fused_layernorm_backward(
-        d_out, dxn, xn, y, gate, scale, weight, bias, mean, rstd, needs)
+    dx, dy, dg, dsc, dw, db = call(_fused_layernorm_bwd_op, d_out, dxn, xn, y, gate, scale, weight, bias, mean, rstd,
+                                   needs)
     g_y = g_gate = g_shift = g_scale = g_w = g_b = None
     if nig[1] and y is not None:
         g_y = dy if gate is not None else dx.to(y.dtype)
@@ -147,9 +148,12 @@ def _forward(x, y, gate, shift, scale, eps, weight, bias, fp8, x_out, out, out_s
                 t is not None and t.requires_grad for t in (x, y, gate, shift, scale, weight, bias)):
             raise ValueError("fp8=True is forward-only (no backward through FP8 output); run it under "
                              "torch.no_grad() or with inputs that do not require grad")
-        x_new, o, o_scale, _, _ = torch.ops.dz.fused_layernorm(x, y, gate, shift, scale, weight, bias, float(eps),
-                                                               bool(fp8))
-        return (x_new if has_res else None), ((o, o_scale) if fp8 else o)
+        if not plain_eager((x, y, gate, shift, scale, weight, bias)):
+            # autograd to record or torch.compile tracing: the functional op, which keeps mean and rstd for the
+            # backward; plain eager calls without autograd write only their outputs (below, no statistics)
+            x_new, o, o_scale, _, _ = _fused_layernorm_op(x, y, gate, shift, scale, weight, bias, float(eps),
+                                                          bool(fp8))
+            return (x_new if has_res else None), ((o, o_scale) if fp8 else o)
 
     cm.check_no_grad_for_out(x, y, gate, shift, scale, weight, bias)
     if x_out is not None and not has_res:
@@ -173,7 +177,7 @@ def _forward(x, y, gate, shift, scale, eps, weight, bias, fp8, x_out, out, out_s
             cm.check_out("out", out, x.shape, cm.SUPPORTED_DTYPES, x)
         else:
             out = cm.empty(x.shape, x.dtype, x.device)
-    torch.ops.dz.fused_layernorm_out(x, y, gate, shift, scale, weight, bias, float(eps), x_out, out, out_scale)
+    call(_fused_layernorm_out_op, x, y, gate, shift, scale, weight, bias, float(eps), x_out, out, out_scale)
     return x_out, ((out, out_scale) if fp8 else out)
 
 
@@ -250,7 +254,7 @@ def gated_residual_layernorm_modulate(
 
 
 # ================================================================================================== gated residual add
-@torch.library.custom_op("dz::gated_residual", mutates_args=())
+@custom_op("dz::gated_residual", mutates_args=())
 def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     out = cm.empty(x.shape, x.dtype, x.device)
     launch_gated_residual_fwd(x, y, gate, out)
@@ -262,7 +266,7 @@ def _(x, y, gate):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("dz::gated_residual_out", mutates_args=("out",))
+@custom_op("dz::gated_residual_out", mutates_args=("out",))
 def _gated_residual_out_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> None:
     launch_gated_residual_fwd(x, y, gate, out)
 
@@ -272,7 +276,7 @@ def _(x, y, gate, out):
     return None
 
 
-@torch.library.custom_op("dz::gated_residual_backward", mutates_args=())
+@custom_op("dz::gated_residual_backward", mutates_args=())
 def _gated_residual_bwd_op(d: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, need_dy: bool,
                            need_dgate: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_gated_residual_bwd(d, y, gate, need_dy, need_dgate)
@@ -292,7 +296,7 @@ def _gated_residual_setup_context(ctx, inputs, output):
 def _gated_residual_backward(ctx, d):
     y, gate = ctx.saved_tensors
     need_x, need_y, need_g = ctx.needs_input_grad
-    dy, dg = torch.ops.dz.gated_residual_backward(cm.last_dim_contiguous(d), y, gate, bool(need_y), bool(need_g))
+    dy, dg = call(_gated_residual_bwd_op, cm.last_dim_contiguous(d), y, gate, bool(need_y), bool(need_g))
     return (d.to(ctx.x_dtype) if need_x else None, dy if need_y else None,
             cm.reduce_to(dg, gate) if need_g else None)
 
@@ -322,15 +326,15 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
     cm.check_mixed_precision(named)
     cm.check_device(named, x)
     if out is None:
-        return torch.ops.dz.gated_residual(x, y, gate)
+        return call(_gated_residual_op, x, y, gate)
     cm.check_no_grad_for_out(x, y, gate)
     cm.check_out("out", out, x.shape, cm.SUPPORTED_DTYPES, x)
-    torch.ops.dz.gated_residual_out(x, y, gate, out)
+    call(_gated_residual_out_op, x, y, gate, out)
     return out
 
 
 # ============================================================================================================= RMSNorm
-@torch.library.custom_op("dz::rms_norm", mutates_args=())
+@custom_op("dz::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     out = cm.empty(x.shape, x.dtype, x.device)
     rstd = cm.empty((row_count(x.shape),), torch.float32, x.device)
@@ -343,7 +347,7 @@ def _(x, weight, eps):
     return x.new_empty(x.shape), x.new_empty((row_count(x.shape),), dtype=torch.float32)
 
 
-@torch.library.custom_op("dz::rms_norm_out", mutates_args=("out",))
+@custom_op("dz::rms_norm_out", mutates_args=("out",))
 def _rms_norm_out_op(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
     launch_rms_norm_fwd(x, weight, eps, out, None)
 
@@ -353,7 +357,7 @@ def _(x, weight, eps, out):
     return None
 
 
-@torch.library.custom_op("dz::rms_norm_backward", mutates_args=())
+@custom_op("dz::rms_norm_backward", mutates_args=())
 def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                      need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_rms_norm_bwd(dy, x, weight, rstd, need_dweight)
@@ -375,7 +379,7 @@ def _rms_norm_setup_context(ctx, inputs, output):
 def _rms_norm_backward(ctx, dy, d_rstd):
     x, weight, rstd = ctx.saved_tensors
     need_x, need_w, _ = ctx.needs_input_grad
-    dx, dw = torch.ops.dz.rms_norm_backward(cm.last_dim_contiguous(dy), x, weight, rstd, bool(need_w))
+    dx, dw = call(_rms_norm_bwd_op, cm.last_dim_contiguous(dy), x, weight, rstd, bool(need_w))
     return (dx if need_x else None), (dw.to(weight.dtype) if need_w else None), None
 
 
@@ -405,15 +409,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     if not isinstance(eps, (int, float)) or not eps >= 0.0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if out is None:
-        return torch.ops.dz.rms_norm(x, weight, float(eps))[0]
+        return call(_rms_norm_op, x, weight, float(eps))[0]
     cm.check_no_grad_for_out(x, weight)
     cm.check_out("out", out, x.shape, cm.SUPPORTED_DTYPES, x)
-    torch.ops.dz.rms_norm_out(x, weight, float(eps), out)
+    call(_rms_norm_out_op, x, weight, float(eps), out)
     return out
 
 
 # =========================================================================================== GELU (tanh approximation)
-@torch.library.custom_op("dz::gelu_tanh", mutates_args=())
+@custom_op("dz::gelu_tanh", mutates_args=())
 def _gelu_tanh_op(x: torch.Tensor) -> torch.Tensor:
     out = cm.empty(x.shape, x.dtype, x.device)
     launch_gelu_fwd(x, out)
@@ -425,7 +429,7 @@ def _(x):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("dz::gelu_tanh_out", mutates_args=("out",))
+@custom_op("dz::gelu_tanh_out", mutates_args=("out",))
 def _gelu_tanh_out_op(x: torch.Tensor, out: torch.Tensor) -> None:
     launch_gelu_fwd(x, out)
 
@@ -435,7 +439,7 @@ def _(x, out):
     return None
 
 
-@torch.library.custom_op("dz::gelu_tanh_backward", mutates_args=())
+@custom_op("dz::gelu_tanh_backward", mutates_args=())
 def _gelu_tanh_bwd_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return launch_gelu_bwd(dy, x)
 
@@ -452,7 +456,7 @@ def _gelu_setup_context(ctx, inputs, output):
 
 def _gelu_backward(ctx, dy):
     (x,) = ctx.saved_tensors
-    return torch.ops.dz.gelu_tanh_backward(dy, x)
+    return call(_gelu_tanh_bwd_op, dy, x)
 
 
 _gelu_tanh_op.register_autograd(_gelu_backward, setup_context=_gelu_setup_context)
@@ -473,8 +477,8 @@ def gelu_tanh(x: torch.Tensor, *, out: Optional[torch.Tensor] = None) -> torch.T
         raise ValueError("x must be contiguous; call .contiguous() first")
     cm.check_device({}, x)
     if out is None:
-        return torch.ops.dz.gelu_tanh(x)
+        return call(_gelu_tanh_op, x)
     cm.check_no_grad_for_out(x)
     cm.check_out("out", out, x.shape, cm.SUPPORTED_DTYPES, x)
-    torch.ops.dz.gelu_tanh_out(x, out)
+    call(_gelu_tanh_out_op, x, out)
     return out

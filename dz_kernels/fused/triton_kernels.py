@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cast_rne, fp8_scale_tl, nan_amax
+from .._common import cast_rne, cdiv, fp8_scale_tl, nan_amax
 from . import _common as cm
 
 __all__ = [
@@ -195,7 +195,7 @@ def launch_layernorm_fwd(x, y, gate, shift, scale, weight, bias, eps, x_out, out
     """Writes x_out (if y is given), out (FP8 when out is float8, then out_scale too) and mean/rstd (if given)."""
     shape = x.shape
     x3, sxb, sxl = cm.rows_view(x, shape)
-    B, L, C = x3.shape
+    B, L, C = cm.rows_shape(shape)
     n_rows = B * L
     if n_rows == 0:
         return
@@ -247,7 +247,7 @@ def launch_layernorm_bwd(dout, dxn, xn, y, gate, scale, weight, bias, mean, rstd
     specs = layernorm_bwd_specs(x_shape, xn.dtype, y, gate, scale, weight, bias, needs)
     dx, dy, dg, dsc, dw, db = (cm.empty(s, d, xn.device) for s, d in specs)
     x3, sxb, sxl = cm.rows_view(xn, x_shape)
-    B, L, C = x3.shape
+    B, L, C = cm.rows_shape(x_shape)
     n_rows = B * L
     need_dy, need_dg, need_dsc = dy.numel() > 0, dg.numel() > 0, dsc.numel() > 0
     need_dw, need_db = dw.numel() > 0, db.numel() > 0
@@ -265,8 +265,8 @@ def launch_layernorm_bwd(dout, dxn, xn, y, gate, scale, weight, bias, mean, rstd
     sc3, sscb, sscl = cm.rows_view(scale, x_shape) if scale is not None else (dummy, 0, 0)
     if need_dw or need_db:
         programs = cm.partial_programs(n_rows, xn.device, C)
-        rows_per_prog = triton.cdiv(n_rows, programs)
-        programs = triton.cdiv(n_rows, rows_per_prog)
+        rows_per_prog = cdiv(n_rows, programs)
+        programs = cdiv(n_rows, rows_per_prog)
     else:
         programs, rows_per_prog = n_rows, 1
     dw_part = cm.empty((programs, C), torch.float32, xn.device) if need_dw else dummy
@@ -340,7 +340,7 @@ def _residual_grid(x_shape, block: int):
     rows = 1
     for s in x_shape[:-1]:
         rows *= s
-    return rows, triton.cdiv(C, block)
+    return rows, cdiv(C, block)
 
 
 def launch_gated_residual_fwd(x, y, gate, out):
@@ -349,7 +349,7 @@ def launch_gated_residual_fwd(x, y, gate, out):
     if rows == 0:
         return
     x3, sxb, sxl = cm.rows_view(x, x.shape)
-    _, L, C = x3.shape
+    _, L, C = cm.rows_shape(x.shape)
     y3, syb, syl = cm.rows_view(y, x.shape)
     g3, sgb, sgl = cm.rows_view(gate, x.shape)
     _gated_residual_fwd_kernel[(rows, col_blocks)](
@@ -371,7 +371,7 @@ def launch_gated_residual_bwd(d, y, gate, need_dy, need_dg):
     rows, col_blocks = _residual_grid(y.shape, cfg["BLOCK"])
     if rows == 0 or not (need_dy or need_dg):
         return dy, dg
-    _, L, C = cm.as_3d(y).shape
+    _, L, C = cm.rows_shape(y.shape)
     d3, sdb, sdl = cm.rows_view(d, y.shape)
     y3, syb, syl = cm.rows_view(y, y.shape)
     g3, sgb, sgl = cm.rows_view(gate, y.shape)
@@ -443,7 +443,7 @@ def launch_rms_norm_fwd(x, weight, eps, out, rstd):
     if n_rows == 0:
         return
     x3, sxb, sxl = cm.rows_view(x, x.shape)
-    _, L, C = x3.shape
+    _, L, C = cm.rows_shape(x.shape)
     block, warps = cm.row_config(C, device=x3.device)
     _rms_norm_fwd_kernel[(n_rows,)](
         x3, sxb, sxl, weight, out, rstd if rstd is not None else out,
@@ -461,12 +461,12 @@ def launch_rms_norm_bwd(dy, x, weight, rstd, need_dw):
             dw.zero_()
         return dx, dw
     x3, sxb, sxl = cm.rows_view(x, x.shape)
-    _, L, _ = x3.shape
+    _, L, _ = cm.rows_shape(x.shape)
     dy3, sdb, sdl = cm.rows_view(dy, x.shape)
     if need_dw:
         programs = cm.partial_programs(n_rows, x.device, C)
-        rows_per_prog = triton.cdiv(n_rows, programs)
-        programs = triton.cdiv(n_rows, rows_per_prog)
+        rows_per_prog = cdiv(n_rows, programs)
+        programs = cdiv(n_rows, rows_per_prog)
         dw_part = cm.empty((programs, C), torch.float32, x.device)
     else:
         programs, rows_per_prog, dw_part = n_rows, 1, dx
@@ -517,7 +517,7 @@ def launch_gelu_fwd(x, out):
     n = x.numel()
     if n:
         cfg = cm.launch_config("elementwise", x.device, op="gelu_tanh_fwd")
-        _gelu_tanh_fwd_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](x, out, n, _K, _A, BLOCK=cfg["BLOCK"],
+        _gelu_tanh_fwd_kernel[(cdiv(n, cfg["BLOCK"]),)](x, out, n, _K, _A, BLOCK=cfg["BLOCK"],
                                                                num_warps=cfg["num_warps"])
 
 
@@ -526,6 +526,6 @@ def launch_gelu_bwd(dy, x):
     n = x.numel()
     if n:
         cfg = cm.launch_config("elementwise", x.device, op="gelu_tanh_bwd")
-        _gelu_tanh_bwd_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](dy.contiguous(), x, dx, n, _K, _A,
+        _gelu_tanh_bwd_kernel[(cdiv(n, cfg["BLOCK"]),)](dy.contiguous(), x, dx, n, _K, _A,
                                                                BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     return dx

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .._cache_rows import check_offset, check_rows_contiguous, host_offset, write_rows_masked
-from .._common import FP8_DTYPE, empty, kernels_interpreted
+from .._common import FP8_DTYPE, call, custom_op, empty, kernels_interpreted
 from . import reference as ref
 
 __all__ = ["qk_norm_rope_kv_write", "kv_cache_write", "resolve_backend", "BACKENDS", "ACT_DTYPES", "CACHE_DTYPES"]
@@ -220,7 +220,7 @@ def _check_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("dz::qk_norm_rope_kv_write", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+@custom_op("dz::qk_norm_rope_kv_write", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def _qk_norm_rope_kv_write_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
     cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -259,7 +259,7 @@ def _(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v_cache, k_scale, v_sc
     return q.new_empty((B, L, num_heads, C // num_heads))
 
 
-@torch.library.custom_op("dz::kv_cache_write", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+@custom_op("dz::kv_cache_write", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def _kv_cache_write_op(
     k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], pos: torch.Tensor, backend: str,
@@ -319,8 +319,8 @@ def qk_norm_rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq:
     _check_no_grad(q, k, v, wq, wk)
     resolve_backend(q.device, backend)
     _host_range_check(pos, q.shape[1], k_cache.shape[1], check, q.device)
-    return torch.ops.dz.qk_norm_rope_kv_write(q, k, v, wq, wk, float(eps), cos, sin, int(num_heads), k_cache,
-                                               v_cache, k_scale, v_scale, pos, backend)
+    return call(_qk_norm_rope_kv_write_op, q, k, v, wq, wk, float(eps), cos, sin, int(num_heads), k_cache,
+                v_cache, k_scale, v_scale, pos, backend)
 
 
 def kv_cache_write(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -334,4 +334,4 @@ def kv_cache_write(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tens
     _check_no_grad(k_new, v_new)
     resolve_backend(k_new.device, backend)
     _host_range_check(pos, k_new.shape[1], k_cache.shape[1], check, k_new.device)
-    torch.ops.dz.kv_cache_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos, backend)
+    call(_kv_cache_write_op, k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos, backend)

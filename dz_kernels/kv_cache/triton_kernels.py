@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import FP8_AMAX_FLOOR, FP8_DTYPE, cast_rne, fp8_scale_tl, kernels_interpreted, nan_amax, round_to
+from .._common import (FP8_AMAX_FLOOR, FP8_DTYPE, cast_rne, cdiv, fp8_scale_tl, kernels_interpreted, nan_amax,
+                       next_pow2, round_to)
 
 __all__ = ["launch_qk_norm_rope_kv", "launch_kv_write"]
 
@@ -203,7 +204,7 @@ def _launch_params(kind: str, n_rows: int, tile: int, H: int, D: int, cache_dtyp
         rows = int(cfg["block_rows"]) or max(1, int(cfg["tile_elems"]) // tile)
         warps = int(cfg["num_warps"])
     rows = 1 << (rows.bit_length() - 1)        # a power of two <= rows
-    rows = max(1, min(triton.next_power_of_2(n_rows), rows))
+    rows = max(1, min(next_pow2(n_rows), rows))
     return rows, (warps or _warps(rows * tile))
 
 
@@ -219,12 +220,12 @@ def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v
     D = C // H
     T = k_cache.shape[1]
     fp8 = k_cache.dtype == FP8_DTYPE
-    block_h = triton.next_power_of_2(H)
-    block_d = triton.next_power_of_2(D)
+    block_h = next_pow2(H)
+    block_d = next_pow2(D)
     block_r, warps = _launch_params("epilogue", N, block_h * block_d, H, D, k_cache.dtype, q.device)
     ks, vs = (k_scale, v_scale) if fp8 else (pos, pos)     # dummies: never dereferenced without FP8
     ssb, sst = (k_scale.stride(0), k_scale.stride(1)) if fp8 else (0, 0)
-    _qk_norm_rope_kv_kernel[(triton.cdiv(N, block_r),)](
+    _qk_norm_rope_kv_kernel[(cdiv(N, block_r),)](
         q, q.stride(0), q.stride(1),
         k, k.stride(0), k.stride(1),
         v, v.stride(0), v.stride(1),
@@ -249,12 +250,12 @@ def launch_kv_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos) -> No
         return
     T = k_cache.shape[1]
     fp8 = k_cache.dtype == FP8_DTYPE
-    block_h = triton.next_power_of_2(H)
-    block_d = triton.next_power_of_2(D)
+    block_h = next_pow2(H)
+    block_d = next_pow2(D)
     block_r, warps = _launch_params("write", N, block_h * block_d, H, D, k_cache.dtype, k_new.device)
     ks, vs = (k_scale, v_scale) if fp8 else (pos, pos)
     ssb, sst = (k_scale.stride(0), k_scale.stride(1)) if fp8 else (0, 0)
-    _kv_write_kernel[(triton.cdiv(N, block_r),)](
+    _kv_write_kernel[(cdiv(N, block_r),)](
         k_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new, v_new.stride(0), v_new.stride(1), v_new.stride(2),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),

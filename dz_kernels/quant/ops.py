@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from .._common import call, custom_op
 from . import _common as cm
 from . import triton_fp8, triton_nvfp4
 from .reference import (
@@ -47,7 +48,7 @@ __all__ = ["quantize_fp8_rowwise", "quantize_fp8_blockwise", "dequantize_fp8", "
 
 # ================================================================================================================ FP8
 # -------------------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dz::fp8_quantize_rowwise", mutates_args=())
+@custom_op("dz::fp8_quantize_rowwise", mutates_args=())
 def _op_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if cm.triton_runs_on(x):
         return triton_fp8.launch_fp8_quant_rows(x)
@@ -60,7 +61,7 @@ def _(x):
     return x.new_empty((M, K), dtype=cm.FP8_DTYPE), x.new_empty((M, 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("dz::fp8_quantize_blockwise", mutates_args=())
+@custom_op("dz::fp8_quantize_blockwise", mutates_args=())
 def _op_quant_blocks(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if cm.triton_runs_on(x):
         return triton_fp8.launch_fp8_quant_blocks(x, per_row)
@@ -74,7 +75,7 @@ def _(x, per_row):
     return x.new_empty((R, C), dtype=cm.FP8_DTYPE), x.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("dz::fp8_dequantize", mutates_args=())
+@custom_op("dz::fp8_dequantize", mutates_args=())
 def _op_dequant(q: torch.Tensor, scale: torch.Tensor, granularity: str, out_dtype: torch.dtype) -> torch.Tensor:
     if cm.triton_runs_on(q):
         return triton_fp8.launch_fp8_dequant(q, scale, granularity, out_dtype)
@@ -86,7 +87,7 @@ def _(q, scale, granularity, out_dtype):
     return q.new_empty(q.shape, dtype=out_dtype)
 
 
-@torch.library.custom_op("dz::fp8_gemm", mutates_args=())
+@custom_op("dz::fp8_gemm", mutates_args=())
 def _op_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, block_scaled: bool,
              bias: Optional[torch.Tensor], activation: str, gate: Optional[torch.Tensor],
              residual: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
@@ -117,7 +118,7 @@ def quantize_fp8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = max(rowmax|x|, 1e-12) / 448."""
     _check_quant_input(x)
     x2 = cm.as_rows(x)
-    q, s = torch.ops.dz.fp8_quantize_rowwise(x2)
+    q, s = call(_op_quant_rows, x2)
     return q.view(x.shape), s.view(*x.shape[:-1], 1)
 
 
@@ -136,7 +137,7 @@ def quantize_fp8_blockwise(x: torch.Tensor, block: str = "1x128") -> tuple[torch
     if block == "128x128" and x.dim() != 2:
         raise ValueError(f"128x128 block scaling takes a 2-D weight [N, K], got shape {tuple(x.shape)}")
     x2 = cm.as_rows(x)
-    q, s = torch.ops.dz.fp8_quantize_blockwise(x2, block == "1x128")
+    q, s = call(_op_quant_blocks, x2, block == "1x128")
     if block == "1x128":
         return q.view(x.shape), s.view(*x.shape[:-1], K // FP8_BLOCK)
     return q, s
@@ -156,7 +157,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, granularity: str = "row
         scale = scale.view(R, 1)
     cm.check_shape("scale", scale, fp8_scale_shape(granularity, R, C))
     cm.check_same_device({"scale": scale}, q, "q")
-    return torch.ops.dz.fp8_dequantize(q.contiguous(), scale.contiguous(), granularity, out_dtype)
+    return call(_op_dequant, q.contiguous(), scale.contiguous(), granularity, out_dtype)
 
 
 def _check_gemm_args(a, a_scale, b, b_scale, block_scaled, bias, out_dtype):
@@ -211,8 +212,8 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         if t is not None:
             cm.broadcast_rows(name, t, M, N, (M,))  # validates shape and dtype
             cm.check_same_device({name: t}, a, "a")
-    return torch.ops.dz.fp8_gemm(a, a_scale, b, b_scale, block_scaled, bias, activation or "none", gate, residual,
-                                 out_dtype)
+    return call(_op_gemm, a, a_scale, b, b_scale, block_scaled, bias, activation or "none", gate, residual,
+                out_dtype)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -262,7 +263,7 @@ def w4a16_path(M: int, N: int, K: int, device) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dz::nvfp4_quantize", mutates_args=())
+@custom_op("dz::nvfp4_quantize", mutates_args=())
 def _op_nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if cm.triton_runs_on(x):
         return triton_nvfp4.launch_nvfp4_quant(x, global_scale)
@@ -276,7 +277,7 @@ def _(x, global_scale):
     return x.new_empty((R, C // 2), dtype=torch.uint8), x.new_empty((R, C // NVFP4_BLOCK), dtype=cm.FP8_DTYPE)
 
 
-@torch.library.custom_op("dz::nvfp4_dequantize", mutates_args=())
+@custom_op("dz::nvfp4_dequantize", mutates_args=())
 def _op_nvfp4_dequant(q: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
     if cm.triton_runs_on(q):
@@ -289,7 +290,7 @@ def _(q, scale, global_scale, out_dtype):
     return q.new_empty((q.shape[0], 2 * q.shape[1]), dtype=out_dtype)
 
 
-@torch.library.custom_op("dz::nvfp4_gemm_w4a16", mutates_args=())
+@custom_op("dz::nvfp4_gemm_w4a16", mutates_args=())
 def _op_w4a16(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global: torch.Tensor,
               bias: Optional[torch.Tensor], activation: str, gate: Optional[torch.Tensor],
               residual: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
@@ -306,7 +307,7 @@ def _(x, w, w_scale, w_global, bias, activation, gate, residual, out_dtype):
     return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("dz::nvfp4_gemm_w4a4", mutates_args=())
+@custom_op("dz::nvfp4_gemm_w4a4", mutates_args=())
 def _op_w4a4(a: torch.Tensor, a_scale: torch.Tensor, a_global: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
              w_global: torch.Tensor, bias: Optional[torch.Tensor], activation: str, gate: Optional[torch.Tensor],
              residual: Optional[torch.Tensor], out_dtype: torch.dtype, use_dot_scaled: bool) -> torch.Tensor:
@@ -347,7 +348,7 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: Optional[torch.Tensor] = None
         raise ValueError(f"NVFP4 needs K (the last dim) to be a multiple of {NVFP4_BLOCK}, got {K}")
     g = nvfp4_global_scale(x) if global_scale is None else _check_global("global_scale", global_scale, x)
     x2 = cm.as_rows(x)
-    q, s = torch.ops.dz.nvfp4_quantize(x2, g)
+    q, s = call(_op_nvfp4_quant, x2, g)
     return q.view(*x.shape[:-1], K // 2), s.view(*x.shape[:-1], K // NVFP4_BLOCK), g
 
 
@@ -366,7 +367,7 @@ def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: to
     cm.check_same_device({"scale": scale}, packed, "packed")
     q2 = packed.reshape(-1, K // 2).contiguous()
     s2 = scale.reshape(-1, K // NVFP4_BLOCK).contiguous()
-    out = torch.ops.dz.nvfp4_dequantize(q2, s2, g, out_dtype)
+    out = call(_op_nvfp4_dequant, q2, s2, g, out_dtype)
     return out.view(*packed.shape[:-1], K)
 
 
@@ -416,7 +417,7 @@ def nvfp4_gemm_w4a16(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_
         raise ValueError(f"x must be contiguous along K (stride {x.stride(1)}); call .contiguous()")
     cm.check_same_device({"w": w, "w_scale": w_scale}, x, "x")
     _check_epilogue(bias, gate, residual, M, N, x, out_dtype, activation)
-    return torch.ops.dz.nvfp4_gemm_w4a16(x, w, w_scale, g, bias, activation or "none", gate, residual, out_dtype)
+    return call(_op_w4a16, x, w, w_scale, g, bias, activation or "none", gate, residual, out_dtype)
 
 
 def nvfp4_gemm_w4a4(a: torch.Tensor, a_scale: torch.Tensor, a_global: torch.Tensor, w: torch.Tensor,
@@ -450,8 +451,8 @@ def nvfp4_gemm_w4a4(a: torch.Tensor, a_scale: torch.Tensor, a_global: torch.Tens
         raise ValueError("use_dot_scaled=True needs a CUDA device of compute capability 10.x (sm_100, Blackwell); "
                          f"tensors are on {a.device}. The Triton interpreter cannot emulate NVFP4 dot_scaled (it "
                          "decodes scales as E8M0); use use_dot_scaled=None for the register-dequantization path")
-    return torch.ops.dz.nvfp4_gemm_w4a4(a, a_scale, ag, w, w_scale, wg, bias, activation or "none", gate, residual,
-                                        out_dtype, bool(use_dot_scaled))
+    return call(_op_w4a4, a, a_scale, ag, w, w_scale, wg, bias, activation or "none", gate, residual,
+                out_dtype, bool(use_dot_scaled))
 
 
 def nvfp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global: torch.Tensor,

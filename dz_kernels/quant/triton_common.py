@@ -17,7 +17,7 @@ shared by all tokens is passed with row stride 0.
 import triton
 import triton.language as tl
 
-from .._common import cast_rne, e4m3_value
+from .._common import cast_rne, cdiv, e4m3_value
 
 # Fixed tiles for the CPU interpreter (autotuning would run every config there); the GPU uses the config table's
 # tiles for the shape where a sweep measured them, else the autotuned kernel.
@@ -31,15 +31,15 @@ def launch_gemm(kernel, tuned, M: int, N: int, args: tuple, flags: dict, interpr
     num_warps, num_stages) when one is given and it does not say autotune, else the autotuned wrapper `tuned`."""
     if interpreting:
         cfg = INTERPRET_GEMM
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
         kernel[grid](*args, **flags, **cfg, num_warps=1)
     elif config is not None and not config.get("autotune", False):
         tiles = {k: int(config[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
+        grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(N, tiles["BLOCK_N"]),)
         kernel[grid](*args, **flags, **tiles, num_warps=int(config["num_warps"]),
                      num_stages=int(config["num_stages"]))
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         tuned[grid](*args, **flags)
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cast_rne, e4m3_bits, e4m3_value, fp8_scale_tl, nan_amax
+from .._common import cast_rne, cdiv, e4m3_bits, e4m3_value, fp8_scale_tl, nan_amax, next_pow2
 from . import _common as cm
 from .reference import FP8_AMAX_FLOOR, FP8_BLOCK, fp8_gemm_reference, fp8_scale_shape
 from .triton_common import _epilogue_store, _grouped_pid, activation_code, launch_gemm
@@ -179,8 +179,8 @@ def launch_fp8_quant_rows(x2: torch.Tensor):
     else:
         cfg = cm.launch_config("fp8", "quant_rows", x2.device, k=K)
         block_m, warps = int(cfg["BLOCK_M"]), int(cfg["num_warps"])
-        block_k = min(int(cfg["BLOCK_K"]), triton.next_power_of_2(K))
-    _fp8_quant_rows_kernel[(triton.cdiv(M, block_m),)](
+        block_k = min(int(cfg["BLOCK_K"]), next_pow2(K))
+    _fp8_quant_rows_kernel[(cdiv(M, block_m),)](
         x2, q.view(torch.uint8), s, M, K, x2.stride(0), q.stride(0), FP8_AMAX_FLOOR,
         BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=warps)
     return q, s
@@ -195,7 +195,7 @@ def launch_fp8_quant_blocks(x2: torch.Tensor, per_row: bool):
         return q, s
     tile_r = (4 if cm.kernels_interpreted() else 16) if per_row else FP8_BLOCK
     warps = 1 if cm.kernels_interpreted() else (4 if per_row else 8)
-    _fp8_quant_blocks_kernel[(triton.cdiv(R, tile_r), C // FP8_BLOCK)](
+    _fp8_quant_blocks_kernel[(cdiv(R, tile_r), C // FP8_BLOCK)](
         x2, q.view(torch.uint8), s, R, C, x2.stride(0), q.stride(0), s.stride(0), FP8_AMAX_FLOOR,
         TILE_R=tile_r, BLOCK_C=FP8_BLOCK, PER_ROW=per_row, num_warps=warps)
     return q, s
@@ -214,7 +214,7 @@ def launch_fp8_dequant(q: torch.Tensor, scale: torch.Tensor, granularity: str, o
     s2 = scale.reshape(1, 1) if scale.dim() == 0 else scale
     br, bc = _granularity_blocks(granularity, R, C)
     BR, BC = (16, 128) if cm.kernels_interpreted() else (32, 128)
-    _fp8_dequant_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC))](
+    _fp8_dequant_kernel[(cdiv(R, BR), cdiv(C, BC))](
         q, s2, out, R, C, q.stride(0), s2.stride(0), s2.stride(1), out.stride(0), br, bc,
         BLOCK_R=BR, BLOCK_C=BC, num_warps=1 if cm.kernels_interpreted() else 4)
     return out

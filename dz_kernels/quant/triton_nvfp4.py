@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cast_rne, e4m3_bits, e4m3_round, e4m3_value, nan_amax
+from .._common import cast_rne, cdiv, e4m3_bits, e4m3_round, e4m3_value, nan_amax
 from . import _common as cm
 from .reference import NVFP4_BLOCK
 from .triton_common import (
@@ -216,7 +216,7 @@ def launch_nvfp4_quant(x2: torch.Tensor, g: torch.Tensor):
     s = cm.empty((R, C // NVFP4_BLOCK), cm.FP8_DTYPE, x2.device)
     if R and C:
         BR, NB = (4, 2) if cm.kernels_interpreted() else (16, 8)
-        _nvfp4_quant_kernel[(triton.cdiv(R, BR), triton.cdiv(C // NVFP4_BLOCK, NB))](
+        _nvfp4_quant_kernel[(cdiv(R, BR), cdiv(C // NVFP4_BLOCK, NB))](
             x2, g, q, s, R, C, x2.stride(0), q.stride(0), s.stride(0),
             BLOCK_R=BR, NB=NB, num_warps=1 if cm.kernels_interpreted() else 4)
     return q, s
@@ -227,7 +227,7 @@ def launch_nvfp4_dequant(q, s, g, out_dtype):
     out = cm.empty((R, C), out_dtype, q.device)
     if R and C:
         BR, NB = (4, 2) if cm.kernels_interpreted() else (16, 8)
-        _nvfp4_dequant_kernel[(triton.cdiv(R, BR), triton.cdiv(C // NVFP4_BLOCK, NB))](
+        _nvfp4_dequant_kernel[(cdiv(R, BR), cdiv(C // NVFP4_BLOCK, NB))](
             q, s, g, out, R, C, q.stride(0), s.stride(0), out.stride(0),
             BLOCK_R=BR, NB=NB, num_warps=1 if cm.kernels_interpreted() else 4)
     return out

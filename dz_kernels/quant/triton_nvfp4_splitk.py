@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import cdiv
+
 from . import _common as cm
 from .triton_common import _epilogue_store, _w4a16_tile_dot
 
@@ -86,14 +88,14 @@ def splitk_plan(M: int, N: int, K: int, config: dict, n_sm: int) -> tuple[int, i
     """(split_k, k_per_split) for a config table entry: SPLIT_K when it is > 0, else enough K slices that the grid
     holds about waves x n_sm programs; every slice a whole number of BLOCK_K steps, none empty."""
     bk = int(config["BLOCK_K"])
-    k_steps = triton.cdiv(K, bk)
+    k_steps = cdiv(K, bk)
     split = int(config.get("SPLIT_K", 0))
     if split <= 0:
-        tiles = triton.cdiv(N, int(config["BLOCK_N"])) * triton.cdiv(M, int(config["BLOCK_M"]))
-        split = triton.cdiv(int(config.get("waves", 4)) * n_sm, tiles)
+        tiles = cdiv(N, int(config["BLOCK_N"])) * cdiv(M, int(config["BLOCK_M"]))
+        split = cdiv(int(config.get("waves", 4)) * n_sm, tiles)
     split = max(1, min(split, k_steps))
-    k_per_split = triton.cdiv(k_steps, split) * bk
-    return triton.cdiv(K, k_per_split), k_per_split
+    k_per_split = cdiv(k_steps, split) * bk
+    return cdiv(K, k_per_split), k_per_split
 
 
 def launch_w4a16_splitk(x, w, ws, wg, bias, act_code: int, epilogue: tuple, has_gate: bool, has_res: bool,
@@ -113,7 +115,7 @@ def launch_w4a16_splitk(x, w, ws, wg, bias, act_code: int, epilogue: tuple, has_
     part = out if single else cm.empty((split, M, N), torch.float32, x.device)
     launch = {} if interp else {"num_warps": int(config["num_warps"]), "num_stages": int(config["num_stages"])}
     bias_t = bias if bias is not None else out
-    grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
+    grid = (cdiv(N, bn), split, cdiv(M, bm))
     _nvfp4_w4a16_splitk_kernel[grid](
         x, w, ws, wg, part, bias_t, G, Rz, out, M, N, K, k_per_split,
         x.stride(0), w.stride(0), ws.stride(0), part.stride(0) if not single else 0,
@@ -129,7 +131,7 @@ def _launch_reduce(part, split: int, stride_s: int, wg, bias, act_code: int, epi
     M, N = out.shape
     G, sgm, sgn, Rz, srm, srn = epilogue
     rm, rn = 16, 128
-    _splitk_reduce_kernel[(triton.cdiv(N, rn), triton.cdiv(M, rm))](
+    _splitk_reduce_kernel[(cdiv(N, rn), cdiv(M, rm))](
         part, wg, bias if bias is not None else out, G, Rz, out, M, N, split, stride_s, part.stride(-2),
         sgm, sgn, srm, srn, out.stride(0), HAS_BIAS=bias is not None, ACT=act_code, HAS_GATE=has_gate,
         HAS_RES=has_res, BLOCK_M=rm, BLOCK_N=rn, **({} if cm.kernels_interpreted() else {"num_warps": 4}))
