@@ -327,6 +327,15 @@ def producer_off(monkeypatch):
     monkeypatch.setattr(dw, "_fp8_rows", lambda x, *linears: False)
 
 
+def undo_and_compare(hooks, handle, got, want):
+    """Remove the input hooks, undo apply_, and check the producer's output is finite and the per-linear path's."""
+    for h in hooks:
+        h.remove()
+    handle.undo()
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+
+
 def test_fp8_producer_quantizes_once_per_norm_and_changes_no_bit(monkeypatch):
     """Per-token FP8 linears under apply_: norm1 hands one Float8Rows to attn1's q, k and v, norm2 to attn2's q,
     norm3 to the FFN's first linear; attn2's k and v share one quantization of the text context; every other linear
@@ -363,11 +372,7 @@ def test_fp8_producer_quantizes_once_per_norm_and_changes_no_bit(monkeypatch):
         want = run(m, x)
     assert all(set(v) == {"Tensor"} for v in seen.values()) and norms["fp8 norm"] == 0
     assert sum(len(v) for v in seen.values()) == floats + 7 * n
-    for h in hooks:
-        h.remove()
-    handle.undo()
-    assert torch.isfinite(got).all()
-    assert torch.equal(got, want)
+    undo_and_compare(hooks, handle, got, want)
 
 
 def test_fp8_i2v_image_context_quantized_once(monkeypatch):
@@ -387,11 +392,7 @@ def test_fp8_i2v_image_context_quantized_once(monkeypatch):
     with torch.no_grad():
         want = run(m, x)
     assert all(seen[k] == ["Tensor"] for k in shared)
-    for h in hooks:
-        h.remove()
-    handle.undo()
-    assert torch.isfinite(got).all()
-    assert torch.equal(got, want)
+    undo_and_compare(hooks, handle, got, want)
 
 
 def test_fp8_producer_bf16_as_accurate_as_per_linear(monkeypatch):
