@@ -34,9 +34,7 @@ import triton.language as tl
 __all__ = [
     "FP8_DTYPE", "E4M3_MAX", "FP8_AMAX_FLOOR", "kernels_interpreted", "triton_runs_on", "empty", "poisoned",
     "fp8_scale", "quantize_e4m3", "nan_amax", "fp8_scale_tl", "e4m3_bits", "e4m3_round", "e4m3_value",
-    "round_bf16", "round_fp16",
-    "round_to", "cast_rne", "custom_op", "call", "plain_eager", "cdiv",
-    "next_pow2",
+    "round_bf16", "round_fp16", "round_to", "cast_rne", "custom_op", "call", "plain_eager", "cdiv", "next_pow2",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
