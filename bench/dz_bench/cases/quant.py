@@ -40,9 +40,13 @@ Cases:
                           before the producer path)
     "bf16-cublas"         the fused norm in bf16, then three F.linear in bf16
     "bf16-compile"        torch.compile(fullgraph) of the plain chain (reference norm + three F.linear), one shape
-  Forward, timed by CUDA graph replay on the GPU (eager elsewhere). Full: C = 5120, M = 1785 and 3570; small: C =
-  128, M = 16. check = max abs error of the three outputs against the float32 chain of the unquantized operands.
+  Full: C = 5120, M = 1785 and 3570; small: C = 128, M = 16. check = max abs error of the three outputs against the float32 chain of the unquantized operands.
   bytes: x, shift and scale read once, the three FP8 weights with their scales and biases, the three outputs.
+Timing: every case is a forward at an inference shape, and every impl is replayed from a CUDA graph on the GPU
+(params["timed"]; eager elsewhere), as the model's captured step runs it: at M <= 16 a linear takes 10-30 us, where
+an eager timing measures the host (Python, argument checks, launches) more than the kernels; an impl that cannot be
+captured is timed eagerly and named in params["eager_timed"]. The host time of our ops is its own figure:
+python -m dz_bench.host.
 flops = 2 M N K. bytes = the bf16 activation read, the quantized (or bf16) weight and its scales read, the bf16
 output written. check = max abs error against the float32 product of the unquantized operands (so it shows each
 format's quantization error; bf16-cublas shows bf16's own).
@@ -121,7 +125,7 @@ def _fp8_case(ctx, M, K, N):
     data = lazy(lambda: _inputs(M, K, N, ctx.device))
     expected = lazy(lambda: data()[0].float() @ data()[1].float().t() + data()[2].float())
 
-    params = {"M": M, "K": K, "N": N, "dtype": "bfloat16"}
+    params = {"M": M, "K": K, "N": N, "dtype": "bfloat16", **_timed_by(ctx)}
 
     def dz(block=False):
         def factory():
@@ -132,7 +136,8 @@ def _fp8_case(ctx, M, K, N):
                 qw, sw = q.quantize_fp8_blockwise(w, "128x128")
             else:
                 qw, sw = q.quantize_fp8_rowwise(w)
-            return lambda: q.fp8_linear(x, qw, sw, b, block_scaled=block)
+            return graphed(lambda: q.fp8_linear(x, qw, sw, b, block_scaled=block), ctx, params,
+                           "dz-block" if block else "dz-triton")
         return factory
 
     def dz_auto():
@@ -144,11 +149,11 @@ def _fp8_case(ctx, M, K, N):
         qw, sw = q.quantize_fp8_rowwise(w)
         sw = sw.reshape(-1)
         params["path"] = fp8_linear_path(M, K, N, x.device, has_bf16_weight=True)
-        return lambda: fp8_linear_dispatch(x, qw, sw, b, bf16_weight=w)
+        return graphed(lambda: fp8_linear_dispatch(x, qw, sw, b, bf16_weight=w), ctx, params, "dz")
 
     def bf16():
         x, w, b = data()
-        return lambda: F.linear(x, w, b)
+        return graphed(lambda: F.linear(x, w, b), ctx, params, "bf16-cublas")
 
     def scaled_mm_rowwise():
         if not hasattr(torch, "_scaled_mm"):
@@ -160,7 +165,7 @@ def _fp8_case(ctx, M, K, N):
         def run():
             qa, sa = _torch_quant_rows(x)
             return torch._scaled_mm(qa, wt, scale_a=sa, scale_b=sw_t, bias=b, out_dtype=DTYPE)
-        return _try_first_call(run)
+        return graphed(_try_first_call(run), ctx, params, "scaled_mm-rowwise")
 
     def scaled_mm_blockwise():
         if not hasattr(torch, "_scaled_mm"):
@@ -178,7 +183,7 @@ def _fp8_case(ctx, M, K, N):
             sa_outer = sa.t().contiguous().t()  # [M, K/128], M-major, as cuBLAS's 1x128 scales expect
             y = torch._scaled_mm(qa, wt, scale_a=sa_outer, scale_b=sw_t, out_dtype=DTYPE)
             return y + b
-        return _try_first_call(run)
+        return graphed(_try_first_call(run), ctx, params, "scaled_mm-blockwise")
 
     def te(recipe_name):
         def factory():
@@ -203,7 +208,7 @@ def _fp8_case(ctx, M, K, N):
             def run():
                 with torch.no_grad(), te.fp8_autocast(enabled=True, fp8_recipe=recipe):
                     return lin(x)
-            return _try_first_call(run)
+            return graphed(_try_first_call(run), ctx, params, f"te {recipe_name}")
         return factory
 
     return Case(case=f"fp8-linear/{_shape(M, K, N)}", params=params,
@@ -212,6 +217,10 @@ def _fp8_case(ctx, M, K, N):
                        "scaled_mm-rowwise": scaled_mm_rowwise, "scaled_mm-blockwise": scaled_mm_blockwise,
                        "te-linear": te("Float8CurrentScaling"), "te-linear-block": te("Float8BlockScaling")},
                 check=lambda out: _max_err(expected(), out))
+
+
+def _timed_by(ctx) -> dict:
+    return {"timed": "CUDA graph replay" if ctx.device == "cuda" else "eager"}
 
 
 def _shape(M, K, N) -> str:
@@ -235,22 +244,23 @@ def _nvfp4_case(ctx, M, K, N, act_quant):
                   "dequant": "the weight dequantized once, then the dense GEMM"}[w4a16_path(M, N, K, ctx.device)]
         path = f"bf16 weight-only dequantization, {kernel}"
 
+    params = {"M": M, "K": K, "N": N, "dtype": "bfloat16", "path": path, "weight_bytes_nvfp4": nvfp4_weight_bytes,
+              "weight_bytes_bf16": 2 * N * K, **_timed_by(ctx)}
+
     def dz():
         _need_kernels(ctx)
         q = _q()
         x, w, b = data()
         qw, sw, gw = q.quantize_nvfp4(w)
-        return lambda: q.nvfp4_linear(x, qw, sw, gw, b, act_quant=act_quant)
+        return graphed(lambda: q.nvfp4_linear(x, qw, sw, gw, b, act_quant=act_quant), ctx, params, "dz")
 
     def bf16():
         x, w, b = data()
-        return lambda: F.linear(x, w, b)
+        return graphed(lambda: F.linear(x, w, b), ctx, params, "bf16-cublas")
 
     name = ("nvfp4-w4a4-emulation" if emulation else "nvfp4-w4a4") if act_quant else "nvfp4-w4a16"
     impls = {"dz": dz} if emulation else {"dz": dz, "bf16-cublas": bf16}
-    return Case(case=f"{name}/{_shape(M, K, N)}",
-                params={"M": M, "K": K, "N": N, "dtype": "bfloat16", "path": path,
-                        "weight_bytes_nvfp4": nvfp4_weight_bytes, "weight_bytes_bf16": 2 * N * K},
+    return Case(case=f"{name}/{_shape(M, K, N)}", params=params,
                 flops=2.0 * M * N * K, bytes=2.0 * M * K + nvfp4_weight_bytes + 2.0 * M * N,
                 impls=impls, check=lambda out: _max_err(expected(), out))
 
@@ -286,8 +296,7 @@ def _qkv_case(ctx, M, C):
         h = F.layer_norm(x.float(), (C,), eps=EPS) * (1 + scale.float()) + shift.float()
         return [h @ lin.weight.float().t() + lin.bias.float() for lin in lins]
     expected = lazy(expected)
-    params = {"M": M, "K": C, "N": C, "dtype": "bfloat16", "linears": 3,
-              "timed": "CUDA graph replay" if ctx.device == "cuda" else "eager"}
+    params = {"M": M, "K": C, "N": C, "dtype": "bfloat16", "linears": 3, **_timed_by(ctx)}
 
     def quantized():
         import copy
