@@ -40,12 +40,12 @@ def record_launches():
         launches.append((self, args, dict(kwargs), grid))
 
     def record_all(self, *args, grid=None, warmup=False, **kwargs):
-        self.nargs = dict(zip(self.arg_names, args))
+        named = self.nargs = dict(zip(self.arg_names, args))
         configs = self.prune_configs(kwargs)
         self.nargs = None
         for cfg in configs:
             kw = {**kwargs, **cfg.all_kwargs()}
-            g = grid(dict(zip(self.arg_names, args)) | kw) if callable(grid) else grid
+            g = grid(named | kw) if callable(grid) else grid
             launches.append((self.fn, args, kw, g))
 
     saved = JITFunction.run, Autotuner.run

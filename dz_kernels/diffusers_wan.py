@@ -257,10 +257,9 @@ def _norm_out(out, rows: bool, x: torch.Tensor):
     return Float8Rows(*out, x.dtype) if rows else out
 
 
-def _ffn(ffn: nn.Module, h) -> torch.Tensor:
-    """diffusers' FeedForward, with the fused GELU-tanh when its activation is GELU(approximate="tanh") (then h may
-    be the FP8 rows of its input, for its first linear)."""
-    act = _fused_gelu(ffn)
+def _ffn(ffn: nn.Module, h, act) -> torch.Tensor:
+    """diffusers' FeedForward, with the fused GELU-tanh when its activation is GELU(approximate="tanh") (`act`,
+    _fused_gelu(ffn); then h may be the FP8 rows of its input, for its first linear)."""
     if act is not None:
         y = fused.gelu_tanh(act.proj(h))
         for m in list(ffn.net)[1:]:
@@ -309,7 +308,7 @@ def fused_wan_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_st
     x, h = fused.gated_residual_layernorm_modulate(x, attn_output, None, c_shift_msa, c_scale_msa, eps3, w3, b3,
                                                    fp8=rows)
     h = _norm_out(h, rows, x)
-    ff_output = _ffn(self.ffn, h)
+    ff_output = _ffn(self.ffn, h, act)
     return fused.gated_residual(x, ff_output, c_gate_msa)
 
 

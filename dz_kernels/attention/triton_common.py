@@ -104,8 +104,7 @@ def _row_flags_kernel(X, FLAGS, TILES, stride_b, stride_l, stride_h, H, L,
     h = (bh % H).to(tl.int64)
     offs = t * BLOCK + tl.arange(0, BLOCK)
     ok = offs < L
-    x = tl.load(X + b * stride_b + h * stride_h + offs[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :],
-                mask=ok[:, None], other=0.0)
+    x = _load_rows(X + b * stride_b + h * stride_h, offs, stride_l, ok, HEAD_DIM)
     tl.store(FLAGS + bh.to(tl.int64) * L + offs, _nonfinite(x, 1).to(tl.int8), mask=ok)
 
 

@@ -208,6 +208,17 @@ def _launch_params(kind: str, n_rows: int, tile: int, H: int, D: int, cache_dtyp
     return rows, (warps or _warps(rows * tile))
 
 
+def _cache_launch(kind: str, N: int, H: int, D: int, k_cache, k_scale, v_scale, pos) -> tuple:
+    """What both launchers pass about the cache: (grid, BLOCK_R, BLOCK_H, BLOCK_D, num_warps, fp8, k scale, v scale,
+    scale batch stride, scale token stride); without FP8 the scale pointers are dummies (pos), never dereferenced."""
+    fp8 = k_cache.dtype == FP8_DTYPE
+    block_h, block_d = next_pow2(H), next_pow2(D)
+    block_r, warps = _launch_params(kind, N, block_h * block_d, H, D, k_cache.dtype, k_cache.device)
+    ks, vs = (k_scale, v_scale) if fp8 else (pos, pos)
+    ssb, sst = (k_scale.stride(0), k_scale.stride(1)) if fp8 else (0, 0)
+    return (cdiv(N, block_r),), block_r, block_h, block_d, warps, fp8, ks, vs, ssb, sst
+
+
 def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v_cache, k_scale, v_scale, pos,
                            q_out) -> None:
     """Launch the fused kernel (arguments already checked by ops.py). q, k, v [B, L, C] with contiguous rows;
@@ -219,13 +230,9 @@ def launch_qk_norm_rope_kv(q, k, v, wq, wk, eps, cos, sin, num_heads, k_cache, v
     H = num_heads
     D = C // H
     T = k_cache.shape[1]
-    fp8 = k_cache.dtype == FP8_DTYPE
-    block_h = next_pow2(H)
-    block_d = next_pow2(D)
-    block_r, warps = _launch_params("epilogue", N, block_h * block_d, H, D, k_cache.dtype, q.device)
-    ks, vs = (k_scale, v_scale) if fp8 else (pos, pos)     # dummies: never dereferenced without FP8
-    ssb, sst = (k_scale.stride(0), k_scale.stride(1)) if fp8 else (0, 0)
-    _qk_norm_rope_kv_kernel[(cdiv(N, block_r),)](
+    grid, block_r, block_h, block_d, warps, fp8, ks, vs, ssb, sst = _cache_launch("epilogue", N, H, D, k_cache,
+                                                                                   k_scale, v_scale, pos)
+    _qk_norm_rope_kv_kernel[grid](
         q, q.stride(0), q.stride(1),
         k, k.stride(0), k.stride(1),
         v, v.stride(0), v.stride(1),
@@ -249,13 +256,9 @@ def launch_kv_write(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos) -> No
     if N == 0:
         return
     T = k_cache.shape[1]
-    fp8 = k_cache.dtype == FP8_DTYPE
-    block_h = next_pow2(H)
-    block_d = next_pow2(D)
-    block_r, warps = _launch_params("write", N, block_h * block_d, H, D, k_cache.dtype, k_new.device)
-    ks, vs = (k_scale, v_scale) if fp8 else (pos, pos)
-    ssb, sst = (k_scale.stride(0), k_scale.stride(1)) if fp8 else (0, 0)
-    _kv_write_kernel[(cdiv(N, block_r),)](
+    grid, block_r, block_h, block_d, warps, fp8, ks, vs, ssb, sst = _cache_launch("write", N, H, D, k_cache,
+                                                                                   k_scale, v_scale, pos)
+    _kv_write_kernel[grid](
         k_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new, v_new.stride(0), v_new.stride(1), v_new.stride(2),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),

@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from .._common import cdiv
-
 from . import _common as cm
 from .triton_common import _epilogue_store, _w4a16_tile_dot
 
